@@ -1,0 +1,134 @@
+"""Command-line flags shared by every train.py, their checks, and the error contract: a user error
+ends with exit code 2 and one line `error: ...` naming the file or flag (a traceback only with --debug)."""
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Bad input from the user (a flag, a file, a folder): reported in one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+# what `--synthetic` changes unless the flag is given: a run that learns in about two minutes on a
+# 2-core CPU (the phantoms are easy; the published sizes are for the real data on a GPU)
+QUICK = dict(width=0.25, image_size=128, epochs=10, lr=1e-3)
+# flags that define the network: stored in checkpoints, taken from them by --eval-only and --resume
+MODEL_FLAGS = ("width", "encoder", "image_size")
+
+
+def make_parser(model, description, **defaults):
+    p = Parser(prog=f"{model}/train.py", description=description,
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.set_defaults(model=model)
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LGG_DATA_DIR", "data/kaggle_3m")),
+                   help="the kaggle_3m folder (one sub-folder per patient); default $LGG_DATA_DIR")
+    d.add_argument("--synthetic", action="store_true",
+                   help=f"train on a generated phantom dataset (written once into the cache); also sets {QUICK} unless given")
+    d.add_argument("--cache-dir", type=Path,
+                   default=Path(os.environ.get("LGG_CACHE_DIR", Path.home() / ".cache" / "lgg-seg")),
+                   help="where decoded slices (and the phantoms) are kept; default $LGG_CACHE_DIR")
+    d.add_argument("--image-size", type=int, default=256, help="resize slices to this many pixels (multiple of 32)")
+    d.add_argument("--split", choices=("patient", "slice"), default="patient",
+                   help="'slice' reproduces the original's leaky split: for comparison only")
+    d.add_argument("--val-frac", type=float, default=0.2, help="share of patients (or slices) for validation")
+    d.add_argument("--test-frac", type=float, default=0.1, help="share held out for the final test")
+    d.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
+    a = p.add_argument_group("augmentation (on the training device, training batches only)")
+    a.add_argument("--flip", type=float, default=0.5, help="probability of a horizontal flip")
+    a.add_argument("--rotate", type=float, default=15.0, help="max rotation in degrees")
+    a.add_argument("--scale", type=float, default=0.05, help="max relative zoom")
+    t = p.add_argument_group("training")
+    t.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the published model)")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--batch-size", type=int, default=16, help="per process; the global batch is this x processes")
+    t.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--loss", choices=("bce+dice", "bce", "dice"), default="bce+dice")
+    t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="default: the accelerate config's")
+    t.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("run")
+    r.add_argument("--output-dir", type=Path, default=None, help="run folder; default runs/<model>-<time>")
+    r.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint (its saved flags, unless given again)")
+    r.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the validation and test sets")
+    r.add_argument("--checkpoint", type=Path, default=None, help="a best.pt file, or a run folder holding one")
+    r.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(encoder=None, **defaults)
+    return p
+
+
+def explicit_flags(parser, argv):
+    """The flags the user actually gave, with their values (defaults left out)."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return vars(quiet.parse_args(argv))
+
+
+def parse(parser, argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    given = explicit_flags(parser, argv)
+    if args.synthetic:
+        for k, v in QUICK.items():
+            if k not in given:
+                setattr(args, k, v)
+    args.given = sorted(given)
+    check(args)
+    return args
+
+
+def check(args):
+    def need(ok, flag, msg):
+        if not ok:
+            raise UserError(f"argument {flag}: {msg}")
+
+    need(args.epochs >= 1, "--epochs", f"must be at least 1, got {args.epochs}")
+    need(args.batch_size >= 1, "--batch-size", f"must be at least 1, got {args.batch_size}")
+    need(args.width > 0, "--width", f"must be positive, got {args.width}")
+    need(args.lr > 0, "--lr", f"must be positive, got {args.lr}")
+    need(args.num_workers >= 0, "--num-workers", f"must be 0 or more, got {args.num_workers}")
+    need(args.image_size >= 32 and args.image_size % 32 == 0, "--image-size",
+         f"must be a positive multiple of 32 (five 2x poolings), got {args.image_size}")
+    for flag in ("val_frac", "test_frac"):
+        v = getattr(args, flag)
+        need(0 <= v < 1, "--" + flag.replace("_", "-"), f"must be in [0, 1), got {v}")
+    need(args.val_frac > 0, "--val-frac", "must be above 0: the best epoch is chosen on validation")
+    need(args.val_frac + args.test_frac < 1, "--val-frac/--test-frac",
+         f"leave something to train on: {args.val_frac} + {args.test_frac} >= 1")
+    need(0 <= args.flip <= 1, "--flip", f"is a probability, got {args.flip}")
+    need(args.rotate >= 0 and 0 <= args.scale < 1, "--rotate/--scale", "must be non-negative (and --scale below 1)")
+    if args.eval_only:
+        need(args.checkpoint is not None, "--checkpoint", "is required with --eval-only")
+    if args.checkpoint is not None:
+        need(args.checkpoint.exists(), "--checkpoint", f"not found: {args.checkpoint}")
+    if args.resume is not None:
+        need(args.resume.is_dir(), "--resume", f"not a run folder: {args.resume}")
+    if args.output_dir is not None:
+        need(not args.output_dir.exists() or args.output_dir.is_dir(), "--output-dir",
+             f"exists and is not a folder: {args.output_dir}")
+
+
+def main(parser, build_model, argv=None):
+    """Entry point of every train.py: parse, run, and turn user errors into one line and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse(parser, argv)
+        from common import loop  # after parsing, so that --help and flag errors stay fast
+
+        loop.evaluate_checkpoint(args, build_model) if args.eval_only else loop.train(args, build_model)
+    except UserError as e:
+        if "--debug" in argv:
+            raise
+        if os.environ.get("RANK", "0") == "0":  # one line per job, not one per process
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

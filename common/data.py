@@ -1,0 +1,207 @@
+"""The kaggle_3m layout, its decoded cache, the patient split, and batches prepared on the device.
+
+Every TIFF is decoded once into a uint8 cache (images N x H x W x 3, masks N x H x W in {0, 1}),
+keyed by the file list, sizes, modification times and image size; later runs and every DDP rank
+memory-map it. A DataLoader batch is one fancy-indexing read of that cache; normalisation and
+augmentation then run on the whole batch on the training device.
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from common.cli import UserError
+
+CACHE_VERSION = 1
+NAME = re.compile(r"^(?P<stem>.+_(?P<n>\d+))(?P<mask>_mask)?\.tif$")
+
+
+@dataclass(frozen=True)
+class Slice:
+    patient: str
+    n: int
+    image: Path
+    mask: Path
+
+
+def discover(data_dir):
+    """All image/mask pairs of a kaggle_3m folder, sorted by patient then slice number."""
+    data_dir = Path(data_dir)
+    hint = "--data-dir (default $LGG_DATA_DIR)"
+    if not data_dir.exists():
+        raise UserError(f"data folder not found: {data_dir} (set {hint}, or use --synthetic)")
+    if not data_dir.is_dir():
+        raise UserError(f"data folder is not a folder: {data_dir} ({hint})")
+    patients = sorted(p for p in data_dir.iterdir() if p.is_dir())
+    if not patients:
+        raise UserError(f"no patient folders in {data_dir}: expected <patient>/<patient>_<n>.tif ({hint})")
+    slices = []
+    for folder in patients:
+        images, masks = {}, {}
+        for f in folder.iterdir():
+            m = NAME.match(f.name)
+            if m and f.name.startswith(folder.name + "_"):
+                (masks if m["mask"] else images)[m["stem"]] = (int(m["n"]), f)
+        for stem in sorted(set(images) | set(masks)):
+            if stem not in masks:
+                raise UserError(f"image without mask: {images[stem][1]} (expected {stem}_mask.tif beside it)")
+            if stem not in images:
+                raise UserError(f"mask without image: {masks[stem][1]} (expected {stem}.tif beside it)")
+            n, image = images[stem]
+            slices.append(Slice(folder.name, n, image, masks[stem][1]))
+    if not slices:
+        raise UserError(f"no slices in {data_dir}: patient folders hold no <patient>_<n>.tif files")
+    return sorted(slices, key=lambda s: (s.patient, s.n))
+
+
+def read_tiff(path, modes):
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in modes:
+                raise UserError(f"{path}: expected a {'/'.join(modes)} TIFF, got mode {im.mode}")
+            return np.asarray(im.convert(modes[0]))
+    except UserError:
+        raise
+    except PermissionError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from e
+    except Exception as e:  # PIL raises many types for broken files
+        raise UserError(f"cannot decode {path}: {e}") from e
+
+
+def read_pair(s, size):
+    """One slice as uint8 arrays (size x size x 3, size x size in {0, 1}), checked."""
+    image = read_tiff(s.image, ("RGB",))
+    mask = read_tiff(s.mask, ("L", "1"))
+    if mask.shape != image.shape[:2]:
+        raise UserError(f"{s.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {image.shape[1]}x{image.shape[0]}")
+    values = np.unique(mask)
+    if not (set(values) <= {0, 255} or set(values) <= {0, 1}):
+        raise UserError(f"{s.mask}: mask values must be 0/255 (or 0/1), found {values[:8].tolist()}")
+    mask = (mask > 0).astype(np.uint8)
+    if image.shape[0] != size or image.shape[1] != size:
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+        mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
+    return image, mask
+
+
+def cache_key(slices, data_dir, size):
+    items = []
+    for s in slices:
+        for f in (s.image, s.mask):
+            st = f.stat()
+            items.append((str(f.relative_to(data_dir)), st.st_size, st.st_mtime_ns))
+    blob = json.dumps([CACHE_VERSION, size, items]).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def load_cache(slices, data_dir, cache_dir, size, progress=False):
+    """Decoded arrays for `slices`, memory-mapped from the cache; built first if absent or stale."""
+    folder = Path(cache_dir) / f"lgg-{size}px-{cache_key(slices, data_dir, size)}"
+    if not (folder / "meta.json").is_file():
+        build_cache(slices, folder, size, progress)
+    return np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r")
+
+
+def build_cache(slices, folder, size, progress):
+    from rich.progress import track
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (len(slices), size, size, 3))
+        masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (len(slices), size, size))
+        for i, s in enumerate(track(slices, f"decoding {len(slices)} slices", disable=not progress)):
+            images[i], masks[i] = read_pair(s, size)
+        images.flush(), masks.flush()
+        del images, masks
+        (tmp / "meta.json").write_text(json.dumps({"version": CACHE_VERSION, "size": size, "slices": len(slices)}))
+        os.rename(tmp, folder)  # atomic: a reader sees a whole cache or none
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "meta.json").is_file():  # not just a concurrent build that won the rename
+            raise UserError(f"cannot write the cache in {folder.parent} (--cache-dir): {e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def split(slices, how, val_frac, test_frac, seed):
+    """Indices of the train/val/test slices. By patient (default): no patient on two sides;
+    the same seed gives the same split on every rank and machine (Python's seeded shuffle)."""
+    keys = sorted({s.patient for s in slices}) if how == "patient" else list(range(len(slices)))
+    random.Random(seed).shuffle(keys)
+    n_test = max(1, round(test_frac * len(keys))) if test_frac > 0 else 0
+    n_val = max(1, round(val_frac * len(keys)))
+    if len(keys) - n_test - n_val < 1:
+        unit = "patients" if how == "patient" else "slices"
+        raise UserError(f"--val-frac/--test-frac: {len(keys)} {unit} leave none to train on")
+    groups = {"test": keys[:n_test], "val": keys[n_test:n_test + n_val], "train": keys[n_test + n_val:]}
+    side = {k: name for name, ks in groups.items() for k in ks}
+    out = {name: [] for name in ("train", "val", "test")}
+    for i, s in enumerate(slices):
+        out[side[s.patient if how == "patient" else i]].append(i)
+    return out
+
+
+class Slices(torch.utils.data.Dataset):
+    """A subset of the cached slices. The DataLoader fetches a whole batch with one call to
+    `__getitems__` (one fancy-indexing read, no per-item Python)."""
+
+    def __init__(self, images, masks, indices):
+        self.images, self.masks, self.indices = images, masks, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitems__(self, batch):
+        sel = np.sort(self.indices[batch])  # sorted reads are sequential in the memory map
+        return torch.from_numpy(self.images[sel]), torch.from_numpy(self.masks[sel]), torch.from_numpy(sel)
+
+    def __getitem__(self, i):
+        return tuple(t[0] for t in self.__getitems__([i]))
+
+
+def keep_batch(batch):
+    """collate_fn: `__getitems__` already returns stacked tensors."""
+    return batch
+
+
+def loader(dataset, batch_size, shuffle, num_workers, pin_memory):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                                       collate_fn=keep_batch, pin_memory=pin_memory,
+                                       persistent_workers=num_workers > 0)
+
+
+def to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0):
+    """uint8 batches (B,H,W,3), (B,H,W) on the device -> normalised float inputs (B,3,H,W) and
+    targets (B,1,H,W). With flip/rotate/scale (training only) each slice gets its own random
+    flip, rotation and zoom, applied to image and mask by one affine resampling."""
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    y = masks.unsqueeze(1).float()
+    if flip or rotate or scale:
+        b, dev = x.shape[0], x.device
+        angle = (torch.rand(b, device=dev) * 2 - 1) * math.radians(rotate)
+        zoom = 1 + (torch.rand(b, device=dev) * 2 - 1) * scale
+        mirror = torch.where(torch.rand(b, device=dev) < flip, -1.0, 1.0)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        zero = torch.zeros_like(cos)
+        theta = torch.stack([torch.stack([cos * mirror, -sin, zero], 1), torch.stack([sin * mirror, cos, zero], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", align_corners=False)  # outside: 0, the MRI background
+        y = F.grid_sample(y, grid, mode="nearest", align_corners=False)
+    # per-slice, per-channel z-score: scanners differ in intensity scale, and it needs no stored statistics
+    mean, std = x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)
+    return (x - mean) / (std + 1e-5), y

@@ -1,0 +1,317 @@
+"""The loop every model shares: Accelerate for devices, processes and precision; each epoch trains,
+then validates on the validation patients; the best epoch (validation Dice) is tested at the end.
+
+Run folder: args.json, split.json, metrics.jsonl (a line per epoch), summary.json, best.pt (weights
+of the best epoch) and last/ (Accelerate state of the last epoch, for --resume).
+"""
+import json
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import broadcast_object_list, set_seed
+
+from common import data, metrics, report, synthetic
+from common.cli import MODEL_FLAGS, UserError
+from common.timing import Stopwatch
+
+PATH_FLAGS = ("data_dir", "cache_dir", "output_dir", "resume", "checkpoint")
+
+
+def loss_terms(logits, target):
+    """Per slice (B, 4): mean BCE, and the soft-Dice sums (sum p*t, sum p, sum t)."""
+    logits, dims = logits.float(), (1, 2, 3)
+    p = torch.sigmoid(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dims)
+    return torch.stack([bce, (p * target).sum(dims), p.sum(dims), target.sum(dims)], 1)
+
+
+def loss_from_terms(terms, kind):
+    """BCE (mean over slices) and/or soft Dice pooled over all slices of the batch or set: a slice
+    without tumour then counts through its false positives, not as a Dice of its own (which would
+    be ~1 for any probability mass and drown the signal)."""
+    loss = terms.new_zeros(())
+    if "bce" in kind:
+        loss = loss + terms[:, 0].mean()
+    if "dice" in kind:
+        inter, p, t = terms[:, 1:].sum(0)
+        loss = loss + 1 - (2 * inter + 1) / (p + t + 1)
+    return loss
+
+
+class RunState:
+    """Where a run stands; saved in every checkpoint so that --resume continues from it."""
+
+    def __init__(self):
+        self.epoch, self.best_dice, self.best_epoch, self.train_time_s = 0, -1.0, 0, 0.0
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
+
+
+def on_main_first(accelerator, fn):
+    """fn() on the main process, then on the others (which find its cache in place). A failure on the
+    main process is raised on every process, rather than leaving them waiting at a barrier."""
+    result, failure, error = None, None, [None]
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except Exception as e:
+            failure, error = e, [str(e) if isinstance(e, UserError) else f"main process failed: {e!r}"]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error)
+    if failure is not None:
+        raise failure
+    if error[0] is not None:
+        raise UserError(error[0])
+    return result if accelerator.is_main_process else fn()
+
+
+def main_value(accelerator, value):
+    """The main process's value, on every process."""
+    box = [value]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box)
+    return box[0]
+
+
+def make_accelerator(args):
+    # cpu=True where there is no accelerator: torchrun-started CPU processes (accelerate launch with
+    # MULTI_GPU + use_cpu) are told nothing else, and would otherwise not join a gloo group
+    return Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=args.mixed_precision,
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+
+
+def load_data(args, accelerator):
+    """Slices, their cached arrays, and the split (identical on every process)."""
+
+    def prepare():
+        if args.synthetic:
+            args.data_dir = synthetic.ensure_phantoms(args.cache_dir)
+        slices = data.discover(args.data_dir)
+        return slices, *data.load_cache(slices, args.data_dir, args.cache_dir, args.image_size,
+                                        progress=accelerator.is_main_process)
+
+    slices, images, masks = on_main_first(accelerator, prepare)
+    parts = data.split(slices, args.split, args.val_frac, args.test_frac, args.seed)
+    pin = accelerator.device.type == "cuda"
+    loaders = {name: data.loader(data.Slices(images, masks, idx), args.batch_size, name == "train",
+                                 args.num_workers, pin) if idx else None
+               for name, idx in parts.items()}
+    return slices, parts, loaders
+
+
+def split_record(args, slices, parts):
+    name = (lambda s: s.patient) if args.split == "patient" else (lambda s: f"{s.patient}_{s.n}")
+    record = {"split": args.split, "seed": args.seed, "val_frac": args.val_frac, "test_frac": args.test_frac}
+    for side, idx in parts.items():
+        record[side] = sorted({name(slices[i]) for i in idx})
+        record[f"{side}_slices"] = len(idx)
+    return record
+
+
+def make_run_dir(args, accelerator, tag=""):
+    if args.output_dir is None:
+        base = Path("runs") / f"{args.model}{tag}-{datetime.now():%Y%m%d-%H%M%S}"
+        out, k = base, 1
+        while out.exists():
+            k += 1
+            out = base.with_name(f"{base.name}-{k}")
+    else:
+        out = args.output_dir
+        if (out / "args.json").exists() and args.resume is None:
+            raise UserError(f"--output-dir {out} already holds a run: continue it with --resume {out}, or pick another")
+    out = Path(main_value(accelerator, str(out)))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resumed_args(args):
+    """The flags saved in the run folder, except those given again on the command line."""
+    saved = args.resume / "args.json"
+    if not saved.is_file() or not ((args.resume / "last").is_dir() or (args.resume / "last.old").is_dir()):
+        raise UserError(f"--resume {args.resume}: no checkpoint there (expected args.json and last/)")
+    values = json.loads(saved.read_text())
+    for key, value in values.items():
+        if key not in args.given and key not in ("resume", "given"):
+            setattr(args, key, Path(value) if key in PATH_FLAGS and value is not None else value)
+    args.output_dir = args.resume
+    return args
+
+
+def save_last(accelerator, out):
+    """Accelerate state (model, optimiser, scaler, RNG, RunState) into last/, atomically: a new state
+    goes to last.tmp, then replaces last; a kill at any moment leaves a whole last/ (or last.old/)."""
+    tmp, last, old = out / "last.tmp", out / "last", out / "last.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if last.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            last.rename(old)
+        tmp.rename(last)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, loss_kind, title=None):
+    """Metrics over the whole loader, exact under DDP (gather_for_metrics drops the padding)."""
+    model.eval()
+    counts, terms = [], []
+    with report.bar(accelerator.is_main_process and title is not None) as bar:
+        for images, masks, _ in bar.track(loader, description=title or ""):
+            x, y = data.to_inputs(images, masks)
+            logits = model(x)
+            c, t = accelerator.gather_for_metrics((metrics.confusion(logits, y), loss_terms(logits, y)))
+            counts.append(c), terms.append(t)
+    counts, terms = torch.cat(counts).cpu(), torch.cat(terms).cpu()
+    return {**metrics.summarize(counts), "loss": loss_from_terms(terms, loss_kind).item(), "slices": len(counts)}
+
+
+def model_config(args):
+    return {"model": args.model, **{k: getattr(args, k) for k in MODEL_FLAGS}}
+
+
+def train(args, build_model):
+    if args.resume is not None:
+        args = resumed_args(args)
+    accelerator = make_accelerator(args)
+    main = accelerator.is_main_process
+    set_seed(args.seed, device_specific=True)  # rank 0 = a 1-process run; DDP copies its weights to the others
+    model = build_model(args)
+    slices, parts, loaders = load_data(args, accelerator)
+    out = make_run_dir(args, accelerator)
+    if main and args.resume is None:
+        report.write_json(out / "args.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+        report.write_json(out / "split.json", split_record(args, slices, parts))
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, loaders["train"], loaders["val"], loaders["test"])
+    state = RunState()
+    accelerator.register_for_checkpointing(state)
+    if args.resume is not None:
+        last = out / "last" if (out / "last").is_dir() else out / "last.old"
+        try:
+            accelerator.load_state(last)
+        except Exception as e:
+            raise UserError(f"--resume {out}: cannot load {last} with these flags: {e}") from e
+        if main:  # drop epochs that ran after the last checkpoint
+            rows = [r for r in report.read_jsonl(out / "metrics.jsonl") if r["epoch"] <= state.epoch]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    global_batch = args.batch_size * accelerator.num_processes
+    if main:
+        report.console.print(f"[bold]{args.model}[/] width {args.width}: {n_params / 1e6:.2f} M parameters | "
+                             f"{accelerator.num_processes} process(es) on {accelerator.device.type} | "
+                             f"global batch {global_batch} | precision {accelerator.mixed_precision}\n"
+                             f"{', '.join(f'{k} {len(v)}' for k, v in parts.items())} slices | run folder {out}")
+        report.epoch_header()
+
+    for epoch in range(state.epoch + 1, args.epochs + 1):
+        train_loader.set_epoch(epoch)
+        model.train()
+        clock = Stopwatch(accelerator.device)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        seen = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        with report.bar(main) as bar:  # the loss stays on the device: no host sync per step
+            for images, masks, _ in bar.track(train_loader, description=f"epoch {epoch}/{args.epochs}"):
+                x, y = data.to_inputs(images, masks, args.flip, args.rotate, args.scale)
+                loss = loss_from_terms(loss_terms(model(x), y), args.loss)
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                optimizer.step()
+                loss_sum += loss.detach() * len(x)
+                seen += len(x)
+        train_time = clock.elapsed()
+        loss_sum, seen = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(seen, "sum")
+        val = evaluate(model, val_loader, accelerator, args.loss, title="validating" if main else None)
+        row = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen.item(), 1), "val_loss": val["loss"],
+               **{f"val_{k}": v for k, v in val.items() if k != "loss"},
+               "epoch_time_s": clock.elapsed(), "train_time_s": train_time, "images_per_s": seen.item() / train_time}
+        state.epoch, state.train_time_s = epoch, state.train_time_s + train_time
+        if main:
+            report.append_jsonl(out / "metrics.jsonl", row)
+            report.epoch_line(row)
+        if val["dice"] > state.best_dice:
+            state.best_dice, state.best_epoch = val["dice"], epoch
+            weights = accelerator.get_state_dict(model)
+            if main:
+                report.save_torch({"model": weights, "config": model_config(args), "epoch": epoch, "val": val},
+                                  out / "best.pt")
+        save_last(accelerator, out)
+
+    accelerator.wait_for_everyone()
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    accelerator.unwrap_model(model).load_state_dict(best["model"])
+    test = evaluate(model, test_loader, accelerator, args.loss, "testing" if main else None) if test_loader else None
+    rows = report.read_jsonl(out / "metrics.jsonl") if main else []
+    summary = {**model_config(args), "parameters": n_params, "device": accelerator.device.type,
+               "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+               "batch_size_per_process": args.batch_size, "global_batch_size": global_batch, "epochs": state.epoch,
+               "train_time_s": state.train_time_s,
+               "images_per_s": sum(r["images_per_s"] for r in rows[-3:]) / max(len(rows[-3:]), 1),
+               "best_epoch": state.best_epoch, "best_val": best["val"], "test": test,
+               "split": {k: len(v) for k, v in parts.items()}}
+    if main:
+        report.write_json(out / "summary.json", summary)
+        results = {f"val (epoch {state.best_epoch})": best["val"]}
+        if test:
+            results["test"] = test
+        report.results_table(f"{args.model}: {n_params / 1e6:.2f} M parameters, {state.epoch} epochs, "
+                             f"{state.train_time_s:.0f} s training", results)
+        report.console.print(f"wrote {out}/: args.json split.json metrics.jsonl summary.json best.pt last/")
+    accelerator.end_training()
+    return summary
+
+
+def load_checkpoint(path, model_name):
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        config = ckpt["config"]
+    except Exception as e:
+        raise UserError(f"--checkpoint {path}: not a checkpoint of this repository ({e})") from e
+    if config["model"] != model_name:
+        raise UserError(f"--checkpoint {path} holds a {config['model']} model, not {model_name}")
+    return ckpt
+
+
+def evaluate_checkpoint(args, build_model):
+    """--eval-only: the checkpoint's network on the validation and test sets of this split."""
+    ckpt = load_checkpoint(args.checkpoint, args.model)
+    for key in MODEL_FLAGS:
+        if key != "image_size" or key not in args.given:
+            setattr(args, key, ckpt["config"][key])
+    accelerator = make_accelerator(args)
+    model = build_model(args)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"--checkpoint {args.checkpoint}: weights do not fit the model ({e})") from e
+    slices, parts, loaders = load_data(args, accelerator)
+    model = accelerator.prepare(model)
+    prepared = {k: accelerator.prepare(v) for k, v in loaders.items() if v is not None and k != "train"}
+    results = {name: evaluate(model, dl, accelerator, args.loss, f"evaluating {name}" if accelerator.is_main_process else None)
+               for name, dl in prepared.items()}
+    out = make_run_dir(args, accelerator, tag="-eval")
+    if accelerator.is_main_process:
+        report.write_json(out / "eval.json", {"checkpoint": str(args.checkpoint), **model_config(args),
+                                              "split": split_record(args, slices, parts), **results})
+        report.results_table(f"{args.model} from {args.checkpoint}", results)
+        report.console.print(f"wrote {out / 'eval.json'}")
+    accelerator.end_training()
+    return results

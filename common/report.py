@@ -1,0 +1,74 @@
+"""What a run prints and writes: the per-epoch lines, the final table, and the run folder's files
+(each written to a temporary name and renamed, so an interrupted run never leaves half a file)."""
+import json
+import os
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(highlight=False)
+
+# (key in metrics.jsonl, column title, format)
+EPOCH_COLUMNS = [("epoch", "epoch", "{:d}"), ("train_loss", "train loss", "{:.4f}"), ("val_loss", "val loss", "{:.4f}"),
+                 ("val_miou_bg", "val mIoU+bg", "{:.4f}"), ("val_iou_tumor", "val IoU", "{:.4f}"),
+                 ("val_dice", "val Dice", "{:.4f}"), ("epoch_time_s", "time s", "{:.1f}"),
+                 ("images_per_s", "img/s", "{:.1f}")]
+METRICS = [("miou_bg", "mIoU incl. background"), ("iou_tumor", "tumour IoU"), ("dice", "Dice"), ("loss", "loss")]
+
+
+def tmp_name(path):
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_json(path, obj):
+    path = Path(path)
+    tmp = tmp_name(path)
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_torch(obj, path):
+    path = Path(path)
+    tmp = tmp_name(path)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path):
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def bar(enabled):
+    """A progress bar on a terminal, for the main process only (other processes stay silent); cleared
+    when done. Logs (Slurm, CI) get the per-epoch lines instead."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True,
+                    disable=not (enabled and console.is_terminal))
+
+
+def epoch_header():
+    console.print(" ".join(f"{title:>{max(len(title), 8)}}" for _, title, _ in EPOCH_COLUMNS), style="bold")
+
+
+def epoch_line(row):
+    console.print(" ".join(f"{fmt.format(row[key]):>{max(len(title), 8)}}" for key, title, fmt in EPOCH_COLUMNS))
+
+
+def results_table(title, results):
+    """results: {"val (epoch 7)": {metric: value}, "test": {...}}."""
+    table = Table(title=title)
+    table.add_column("set")
+    for _, name in METRICS:
+        table.add_column(name, justify="right")
+    for name, values in results.items():
+        table.add_row(name, *(f"{values[k]:.4f}" for k, _ in METRICS))
+    console.print(table)

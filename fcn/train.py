@@ -1,0 +1,28 @@
+"""Train FCN-8s (VGG16-BN encoder) on the LGG brain-MRI slices (kaggle_3m), or on phantoms with --synthetic.
+
+    python fcn/train.py --synthetic
+    accelerate launch --config_file accelerate_configs/4gpu.yaml fcn/train.py --data-dir data/kaggle_3m
+
+The original study started from ImageNet weights: pass torchvision's vgg16_bn weights as a local
+file with --pretrained (width 1.0); without it the encoder is randomly initialised (no download).
+"""
+from common.cli import UserError, main, make_parser
+from fcn.model import FCN8s
+
+
+def build_model(args):
+    if args.pretrained is not None and not args.pretrained.is_file():
+        raise UserError(f"--pretrained: file not found: {args.pretrained}")
+    try:
+        return FCN8s(out_channels=1, width=args.width, weights_path=args.pretrained)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UserError(f"--pretrained {args.pretrained}: {e}") from e
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    parser = make_parser("fcn", __doc__)
+    parser.add_argument("--pretrained", type=Path, default=None,
+                        help="local torchvision vgg16_bn state dict (ImageNet weights) for the encoder")
+    main(parser, build_model)

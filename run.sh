@@ -1,0 +1,55 @@
+#!/bin/bash
+# Train a model through `accelerate launch` on every GPU of the job's node(s).
+#
+#   sbatch run.sh unet --data-dir data/kaggle_3m            # one node, its GPUs
+#   sbatch --nodes=2 --gres=gpu:4 run.sh fcn --epochs 30     # two nodes: srun + c10d rendezvous
+#   sbatch --partition=gpu --account=me --time=4:00:00 run.sh segnet
+#   bash run.sh unet --synthetic                             # no Slurm: the GPUs here, or the CPU
+#
+# Any #SBATCH line below is a default that the sbatch command line overrides.
+#SBATCH --job-name=lgg-seg
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:4
+#SBATCH --cpus-per-task=16
+#SBATCH --mem=64G
+#SBATCH --time=02:00:00
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+model=${1:-}
+case "$model" in
+  unet|fcn|segnet) shift ;;
+  *) echo "error: first argument must be the model: unet, fcn or segnet (got '${model}')" >&2; exit 2 ;;
+esac
+# sbatch runs a copy of this script from a spool folder: the repository is where the job was submitted
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$(readlink -f "$0")")}"
+
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+nodes=${SLURM_NNODES:-1}
+if [ "$gpus" -gt 0 ]; then
+  procs=$gpus
+  device_flags=(--mixed_precision no)
+  [ $((nodes * gpus)) -gt 1 ] && device_flags+=(--multi_gpu)
+else
+  procs=1  # CPU: one process using every core (several CPU processes just split the same cores)
+  device_flags=(--cpu --mixed_precision no)
+  if [ "$nodes" -gt 1 ]; then echo "error: several nodes need GPUs; none found on $(hostname)" >&2; exit 2; fi
+fi
+echo "run.sh: $model on $nodes node(s) x $procs process(es) ($gpus GPU(s) per node)"
+
+if [ "$nodes" -gt 1 ]; then
+  # one launcher per node; all meet at the first node of the job (c10d rendezvous)
+  head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  port=${MASTER_PORT:-29500}
+  export model procs nodes head port
+  srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+    exec accelerate launch --multi_gpu --mixed_precision no --num_machines "$nodes" \
+      --num_processes $((nodes * procs)) --machine_rank "$SLURM_NODEID" \
+      --main_process_ip "$head" --main_process_port "$port" --rdzv_backend c10d --same_network \
+      "$model/train.py" "$@"' bash "$@"
+else
+  exec accelerate launch "${device_flags[@]}" --num_machines 1 --num_processes "$procs" \
+    --dynamo_backend no "$model/train.py" "$@"
+fi

@@ -1,0 +1,191 @@
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common import data
+from common.cli import UserError
+from common.synthetic import write_phantoms
+
+
+def fake_slices(patients, per_patient):
+    return [data.Slice(f"P{p:02d}", n, None, None) for p in range(patients) for n in range(1, per_patient + 1)]
+
+
+def test_discover_reads_the_kaggle_layout(phantoms):
+    (phantoms / "data.csv").write_text("ignored\n")
+    (phantoms / phantoms.iterdir().__next__().name / "notes.txt").write_text("ignored\n")
+    slices = data.discover(phantoms)
+    assert len(slices) == 4 * 6
+    assert len({s.patient for s in slices}) == 4
+    first = [s.n for s in slices if s.patient == slices[0].patient]
+    assert first == sorted(first)  # numeric order: 2 before 10
+    assert all(s.mask.name == s.image.name.replace(".tif", "_mask.tif") for s in slices)
+
+
+def test_numeric_slice_order(tmp_path):
+    root = write_phantoms(tmp_path / "kaggle_3m", patients=1, slices=11, size=32)
+    assert [s.n for s in data.discover(root)] == list(range(1, 12))
+
+
+def test_patient_split_keeps_patients_on_one_side_and_is_stable():
+    slices = fake_slices(20, 5)
+    a = data.split(slices, "patient", 0.2, 0.1, seed=7)
+    assert a == data.split(slices, "patient", 0.2, 0.1, seed=7)
+    assert a != data.split(slices, "patient", 0.2, 0.1, seed=8)
+    sides = {name: {slices[i].patient for i in idx} for name, idx in a.items()}
+    assert not (sides["train"] & sides["val"] or sides["train"] & sides["test"] or sides["val"] & sides["test"])
+    assert [len(sides[k]) for k in ("train", "val", "test")] == [14, 4, 2]
+    assert sorted(i for idx in a.values() for i in idx) == list(range(len(slices)))
+
+
+def test_slice_split_leaks_patients_as_the_original_did():
+    slices = fake_slices(10, 20)
+    s = data.split(slices, "slice", 0.2, 0.0, seed=233)
+    assert len(s["val"]) == 40 and not s["test"]
+    assert {slices[i].patient for i in s["train"]} & {slices[i].patient for i in s["val"]}
+
+
+def test_split_needs_patients_left_to_train():
+    with pytest.raises(UserError, match="--val-frac"):
+        data.split(fake_slices(2, 3), "patient", 0.2, 0.1, seed=0)
+
+
+def test_cache_is_reused_then_rebuilt_when_a_file_changes(tmp_path):
+    root = write_phantoms(tmp_path / "kaggle_3m", patients=2, slices=3, size=64)
+    cache = tmp_path / "cache"
+    slices = data.discover(root)
+    images, masks = data.load_cache(slices, root, cache, 64)
+    assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
+    assert set(np.unique(masks)) <= {0, 1} and masks.any()
+    first = next(cache.iterdir())
+    stamp = (first / "images.npy").stat().st_mtime_ns
+    data.load_cache(slices, root, cache, 64)
+    assert [p.name for p in cache.iterdir()] == [first.name] and (first / "images.npy").stat().st_mtime_ns == stamp
+
+    mask_file = slices[0].mask
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask_file)
+    os.utime(mask_file, ns=(1, 1))
+    _, masks2 = data.load_cache(data.discover(root), root, cache, 64)
+    assert len(list(cache.iterdir())) == 2 and not masks2[0].any()
+
+
+def test_cache_resizes(tmp_path):
+    root = write_phantoms(tmp_path / "kaggle_3m", patients=1, slices=2, size=64)
+    images, masks = data.load_cache(data.discover(root), root, tmp_path / "cache", 32)
+    assert images.shape == (2, 32, 32, 3) and masks.shape == (2, 32, 32)
+
+
+def broken(kind, root):
+    """Make a copy of the phantoms broken in one way; return the path the error must name."""
+    patient = next(p for p in sorted(root.iterdir()) if p.is_dir())
+    image = patient / f"{patient.name}_2.tif"
+    mask = patient / f"{patient.name}_2_mask.tif"
+    if kind == "image without mask":
+        mask.unlink()
+        return image
+    if kind == "mask without image":
+        image.unlink()
+        return mask
+    if kind == "zero-byte tiff":
+        image.write_bytes(b"")
+        return image
+    if kind == "truncated tiff":
+        image.write_bytes(image.read_bytes()[:300])
+        return image
+    if kind == "not a tiff":
+        image.write_text("hello")
+        return image
+    if kind == "mask of another size":
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask)
+        return mask
+    if kind == "mask values":
+        Image.fromarray(np.full((64, 64), 7, np.uint8)).save(mask)
+        return mask
+    if kind == "one-channel image":
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(image)
+        return image
+    raise ValueError(kind)
+
+
+KINDS = ["image without mask", "mask without image", "zero-byte tiff", "truncated tiff", "not a tiff",
+         "mask of another size", "mask values", "one-channel image"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_data_is_named(kind, phantoms, tmp_path):
+    root = tmp_path / "kaggle_3m"
+    shutil.copytree(phantoms, root)
+    path = broken(kind, root)
+    with pytest.raises(UserError, match=path.name):
+        data.load_cache(data.discover(root), root, tmp_path / "cache", 64)
+    assert list((tmp_path / "cache").glob("*")) == []  # no cache, not even half of one
+
+
+@pytest.mark.parametrize("layout", ["missing", "file", "empty", "no patient folders", "empty patient folders"])
+def test_bad_folders(layout, tmp_path):
+    root = tmp_path / "kaggle_3m"
+    if layout == "file":
+        root.write_text("")
+    elif layout != "missing":
+        root.mkdir()
+    if layout == "no patient folders":
+        (root / "data.csv").write_text("")
+    if layout == "empty patient folders":
+        (root / "TCGA_XX_0000_20000101").mkdir()
+    with pytest.raises(UserError, match="kaggle_3m"):
+        data.discover(root)
+
+
+def test_batches_are_read_whole_and_stay_uint8(tmp_path):
+    images = np.arange(5 * 4 * 4 * 3, dtype=np.uint8).reshape(5, 4, 4, 3)
+    masks = np.zeros((5, 4, 4), np.uint8)
+    ds = data.Slices(images, masks, [4, 0, 2])
+    x, y, idx = ds.__getitems__([0, 2])
+    assert idx.tolist() == [2, 4] and x.dtype == torch.uint8 and torch.equal(x[1], torch.from_numpy(images[4]))
+    batches = list(data.loader(ds, 2, False, 0, False))
+    assert [b[2].tolist() for b in batches] == [[0, 4], [2]]
+
+
+def test_inputs_are_normalised_per_slice_and_channel():
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    masks = torch.randint(0, 2, (3, 32, 32), dtype=torch.uint8)
+    x, y = data.to_inputs(images, masks)
+    assert x.shape == (3, 3, 32, 32) and y.shape == (3, 1, 32, 32)
+    assert torch.allclose(x.mean((2, 3)), torch.zeros(3, 3), atol=1e-5)
+    assert torch.equal(y[:, 0], masks.float())
+
+
+def test_augmentation_moves_image_and_mask_together():
+    images = torch.zeros((8, 32, 32, 3), dtype=torch.uint8)
+    images[:, 8:16, 4:12] = 255  # bright square, and its mask, off-centre
+    masks = (images[..., 0] > 0).to(torch.uint8)
+    torch.manual_seed(0)
+    x, y = data.to_inputs(images, masks, flip=0.5, rotate=15, scale=0.05)
+    assert set(y.unique().tolist()) <= {0.0, 1.0}
+    bright = x[:, 0] > x[:, 0].mean((1, 2), keepdim=True)
+    overlap = (bright & (y[:, 0] > 0)).sum((1, 2)) / y[:, 0].sum((1, 2))
+    assert (overlap > 0.8).all()
+    flipped = x[:, :, :, 16:].sum((1, 2, 3)) > x[:, :, :, :16].sum((1, 2, 3))
+    assert 0 < flipped.sum() < 8  # some slices flipped, not all
+
+
+def test_no_augmentation_changes_nothing_but_scale():
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    masks = torch.randint(0, 2, (2, 32, 32), dtype=torch.uint8)
+    plain, _ = data.to_inputs(images, masks)
+    same, _ = data.to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0)
+    assert torch.equal(plain, same)
+
+
+def test_phantoms_look_like_the_dataset(tmp_path):
+    root = write_phantoms(tmp_path / "kaggle_3m", patients=3, slices=12, size=64, seed=3)
+    slices = data.discover(root)
+    images, masks = data.load_cache(slices, root, tmp_path / "cache", 64)
+    has_tumour = masks.reshape(len(masks), -1).any(1)
+    assert 0.2 < has_tumour.mean() < 0.9  # some slices without tumour
+    flair = images[..., 1].astype(float)
+    assert flair[masks == 1].mean() > flair[(masks == 0) & (flair > 20)].mean() + 40  # tumour bright in FLAIR

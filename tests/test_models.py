@@ -1,0 +1,50 @@
+import pytest
+import torch
+from torchvision.models import vgg16_bn
+
+from fcn.model import FCN8s
+from segnet.model import SegNet
+from unet.model import UNet
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("model", [UNet, FCN8s, SegNet])
+def test_one_logit_per_pixel_at_width_0125(model):
+    net = model(width=0.125)
+    assert net(torch.randn(2, 3, 64, 96)).shape == (2, 1, 64, 96)
+
+
+@pytest.mark.parametrize("model, millions", [(UNet, 34.52), (FCN8s, 20.10), (SegNet, 29.44)])
+def test_parameters_at_width_1(model, millions):
+    assert n_params(model(width=1.0)) / 1e6 == pytest.approx(millions, abs=0.01)
+
+
+def test_width_shrinks_the_model():
+    assert n_params(UNet(width=0.25)) < n_params(UNet(width=0.5)) / 3
+
+
+def test_fcn_loads_local_vgg16_bn_weights(tmp_path):
+    reference = vgg16_bn(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "vgg16_bn.pth")
+    net = FCN8s(weights_path=tmp_path / "vgg16_bn.pth")
+    first_conv = net.stages[0][0]
+    assert torch.equal(first_conv.weight, reference.features[0].weight)
+
+
+def test_fcn_refuses_weights_at_another_width(tmp_path):
+    torch.save(vgg16_bn(weights=None).state_dict(), tmp_path / "vgg16_bn.pth")
+    with pytest.raises(ValueError, match="width 1.0"):
+        FCN8s(width=0.5, weights_path=tmp_path / "vgg16_bn.pth")
+
+
+def test_unet_with_an_smp_encoder_builds_without_download():
+    pytest.importorskip("segmentation_models_pytorch")
+    from argparse import Namespace
+
+    from unet.train import build_model
+
+    net = build_model(Namespace(encoder="resnet18", width=1.0))
+    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)

@@ -1,0 +1,134 @@
+"""The train.py scripts run as a user runs them: as subprocesses, on tiny phantoms."""
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY, run, train
+
+FILES = ["args.json", "split.json", "metrics.jsonl", "summary.json", "best.pt", "last"]
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model", ["unet", "fcn", "segnet"])
+def test_tiny_run_writes_the_run_folder(model, phantoms, tmp_path, env):
+    out = tmp_path / "run"
+    p = train(model, "--data-dir", str(phantoms), *TINY, "--output-dir", str(out), env=env)
+    assert all((out / f).exists() for f in FILES)
+    assert [r["epoch"] for r in rows(out)] == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == model and summary["world_size"] == 1 and summary["global_batch_size"] == 4
+    assert summary["epochs"] == 2 and summary["best_epoch"] in (1, 2) and summary["test"]["slices"] == 6
+    assert {"miou_bg", "iou_tumor", "dice"} <= set(summary["best_val"])
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["train"]) == 2 and len(split["val"]) == 1 and len(split["test"]) == 1
+    assert not set(split["train"]) & set(split["val"] + split["test"])
+    assert "test" in p.stdout and "error" not in p.stderr
+
+
+def test_resume_continues_as_if_never_stopped(phantoms, tmp_path, env):
+    args = ["--data-dir", str(phantoms), *TINY, "--epochs", "3"]
+    train("unet", *args, "--output-dir", str(tmp_path / "whole"), env=env)
+    train("unet", *args[:-2], "--epochs", "1", "--output-dir", str(tmp_path / "cut"), env=env)
+    train("unet", "--resume", str(tmp_path / "cut"), "--epochs", "3", env=env)
+    whole, cut = rows(tmp_path / "whole"), rows(tmp_path / "cut")
+    assert [r["epoch"] for r in cut] == [1, 2, 3]
+    for a, b in zip(whole, cut):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["val_dice"] == pytest.approx(b["val_dice"], abs=1e-6)
+
+
+def test_resume_needs_a_checkpoint(tmp_path, env):
+    (tmp_path / "empty").mkdir()
+    p = run([sys.executable, "unet/train.py", "--resume", str(tmp_path / "empty")], env)
+    assert p.returncode == 2 and p.stderr.startswith("error:") and "--resume" in p.stderr
+
+
+def test_eval_only_reproduces_the_test_metrics(phantoms, tmp_path, env):
+    out = tmp_path / "run"
+    train("segnet", "--data-dir", str(phantoms), *TINY, "--output-dir", str(out), env=env)
+    train("segnet", "--data-dir", str(phantoms), "--eval-only", "--checkpoint", str(out / "best.pt"),
+          "--output-dir", str(tmp_path / "eval"), env=env)
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert evaluated["width"] == 0.125 and evaluated["image_size"] == 64  # taken from the checkpoint
+    for k in ("miou_bg", "iou_tumor", "dice"):
+        assert evaluated["test"][k] == pytest.approx(summary["test"][k], abs=1e-6)
+        assert evaluated["val"][k] == pytest.approx(summary["best_val"][k], abs=1e-6)
+
+
+def test_eval_only_refuses_another_models_checkpoint(phantoms, tmp_path, env):
+    out = tmp_path / "run"
+    train("segnet", "--data-dir", str(phantoms), *TINY, "--epochs", "1", "--output-dir", str(out), env=env)
+    p = run([sys.executable, "fcn/train.py", "--data-dir", str(phantoms), "--eval-only", "--checkpoint", str(out)], env)
+    assert p.returncode == 2 and p.stderr.strip() == f"error: --checkpoint {out / 'best.pt'} holds a segnet model, not fcn"
+
+
+def test_two_gloo_processes_through_accelerate_launch(phantoms, tmp_path, env):
+    out = tmp_path / "run"
+    # 6 validation and 6 test slices over 2 processes x batch 4: the second process's batch is padded
+    train("unet", "--data-dir", str(phantoms), *TINY, "--batch-size", "4", "--output-dir", str(out), env=env,
+          launcher=["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 8
+    assert summary["best_val"]["slices"] == 6 and summary["test"]["slices"] == 6  # no padded duplicates counted
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--epochs", "-1"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--val-frac", "0.6", "--test-frac", "0.5"], "--val-frac"),
+    (["--image-size", "100"], "--image-size"),
+    (["--bogus"], "--bogus"),
+    (["--split", "volume"], "--split"),
+    (["--eval-only"], "--checkpoint"),
+    (["--checkpoint", "nowhere.pt"], "nowhere.pt"),
+    (["--data-dir", "no/such/folder"], "no/such/folder"),
+])
+def test_user_errors_end_in_one_line_and_exit_code_2(flags, named, env):
+    p = run([sys.executable, "unet/train.py", *flags], env)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("error:") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert named in p.stderr and "Traceback" not in p.stderr
+
+
+def test_debug_shows_the_traceback(env):
+    p = run([sys.executable, "unet/train.py", "--data-dir", "no/such/folder", "--debug"], env)
+    assert p.returncode != 0 and "Traceback" in p.stderr and "no/such/folder" in p.stderr
+
+
+def test_output_dir_holding_a_run_is_not_overwritten(phantoms, tmp_path, env):
+    out = tmp_path / "run"
+    train("unet", "--data-dir", str(phantoms), *TINY, "--epochs", "1", "--output-dir", str(out), env=env)
+    p = run([sys.executable, "unet/train.py", "--data-dir", str(phantoms), *TINY, "--output-dir", str(out)], env)
+    assert p.returncode == 2 and "--resume" in p.stderr
+
+
+def test_synthetic_run_through_run_sh_without_slurm(tmp_path, env):
+    out = tmp_path / "run"
+    p = run(["bash", "run.sh", "fcn", "--synthetic", "--image-size", "64", "--width", "0.125", "--epochs", "1",
+             "--output-dir", str(out)], env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "1 process" in p.stdout and (out / "summary.json").exists()
+
+
+def test_run_sh_wants_a_model(env):
+    p = run(["bash", "run.sh", "vgg"], env)
+    assert p.returncode == 2 and p.stderr.startswith("error:")
+
+
+def test_a_few_real_patients(real_data, tmp_path, env):
+    root = tmp_path / "kaggle_3m"
+    root.mkdir()
+    for patient in sorted(p for p in real_data.iterdir() if p.is_dir())[:4]:
+        (root / patient.name).symlink_to(patient)
+    out = tmp_path / "run"
+    train("unet", "--data-dir", str(root), *TINY, "--epochs", "1", "--output-dir", str(out), env=env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["split"]["train"] > 0 and summary["best_val"]["slices"] > 0
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["config"] == {"model": "unet", "width": 0.125, "encoder": None, "image_size": 64}

@@ -1,0 +1,26 @@
+"""Train U-Net on the LGG brain-MRI slices (kaggle_3m), or on generated phantoms with --synthetic.
+
+    python unet/train.py --synthetic                      # quick CPU check, about two minutes
+    accelerate launch --config_file accelerate_configs/4gpu.yaml unet/train.py --data-dir data/kaggle_3m
+
+The original U-Net (64..1024 channels, 34.5 M parameters at --width 1.0) trained from scratch, or,
+with --encoder, segmentation-models-pytorch's U-Net on that encoder (resnet34, or a timm encoder
+such as tu-convnext_tiny), randomly initialised: nothing is downloaded.
+"""
+from common.cli import main, make_parser
+from unet.model import UNet
+
+
+def build_model(args):
+    if args.encoder:
+        import segmentation_models_pytorch as smp  # only this variant needs it
+
+        return smp.Unet(args.encoder, encoder_weights=None, in_channels=3, classes=1)
+    return UNet(in_channels=3, out_channels=1, width=args.width)
+
+
+if __name__ == "__main__":
+    parser = make_parser("unet", __doc__)
+    parser.add_argument("--encoder", default=None,
+                        help="segmentation-models-pytorch encoder (e.g. resnet34); --width then does not apply")
+    main(parser, build_model)
