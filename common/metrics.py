@@ -1,9 +1,14 @@
-"""Segmentation metrics from per-slice confusion counts.
+"""Segmentation metrics from per-slice confusion counts (and, for 3-D ones, the predicted masks).
 
 Each slice gives (tp, fp, fn, tn) pixel counts of the tumour class (prediction: logit > 0). The
 counts are computed on the device, gathered across processes without the padding duplicates, and
-pooled over the whole set, so a metric does not depend on batch size or number of processes.
+pooled over the whole set, so no metric depends on batch size or number of processes.
+An empty mask with an empty prediction is a perfect agreement (1.0); a metric with nothing to
+average over (say, slice Dice on a set without tumour) is None.
 """
+import random
+
+import numpy as np
 import torch
 
 TP, FP, FN, TN = range(4)
@@ -25,14 +30,102 @@ def ratio(num, den):
     return 1.0 if den == 0 else num / den
 
 
-def summarize(counts):
-    """Metrics pooled over all slices of `counts` (N, 4).
+def mean(values):
+    return float(np.mean(values)) if len(values) else None
 
-    iou_tumor, dice: of the tumour class over all pixels of the set.
-    miou_bg: mean of background IoU and tumour IoU, background included as in the original study
-    (background IoU is ~0.99, so miou_bg ~= 0.5 + iou_tumor / 2): reported as such, never alone.
-    """
-    tp, fp, fn, tn = (int(v) for v in counts.sum(0).tolist()) if len(counts) else (0, 0, 0, 0)
-    iou_tumor = ratio(tp, tp + fp + fn)
-    iou_bg = ratio(tn, tn + fn + fp)
+
+def median(values):
+    return float(np.median(values)) if len(values) else None
+
+
+def pooled(c):
+    """miou_bg, iou_tumor, dice of one (tp, fp, fn, tn) sum."""
+    tp, fp, fn, tn = (int(v) for v in c)
+    iou_tumor, iou_bg = ratio(tp, tp + fp + fn), ratio(tn, tn + fn + fp)
     return {"miou_bg": (iou_tumor + iou_bg) / 2, "iou_tumor": iou_tumor, "dice": ratio(2 * tp, 2 * tp + fp + fn)}
+
+
+def miou_bg_seed(counts, batch=4, seed=233):
+    """The original study's protocol, for comparison only: slices shuffled into batches of 4, a
+    confusion matrix per batch, background and tumour IoU averaged per batch (a batch with no
+    tumour in truth or prediction scores 0.5), then averaged over batches."""
+    order = list(range(len(counts)))
+    random.Random(seed).shuffle(order)
+    scores = []
+    for k in range(0, len(order), batch):
+        tp, fp, fn, tn = counts[order[k:k + batch]].sum(0).tolist()
+        scores.append(0.5 if tp + fp + fn == 0 else (tp / (tp + fp + fn) + ratio(tn, tn + fp + fn)) / 2)
+    return mean(scores)
+
+
+def summarize(counts, patients=None):
+    """Metrics of a set from its per-slice counts (N, 4).
+
+    miou_bg, iou_tumor, dice: pooled over all pixels of the set (miou_bg averages background IoU,
+      ~0.99, in: miou_bg ~= 0.5 + iou_tumor / 2, so it is never reported alone).
+    miou_bg_seed: the original's per-batch protocol on the same predictions.
+    dice_slice: mean Dice over the slices that have tumour; empty_fp_rate: share of tumour-free
+      slices where anything is predicted.
+    dice_patient_mean/median: Dice of each patient's volume (patients: a name per slice).
+    """
+    counts = counts.long().cpu() if len(counts) else torch.zeros((0, 4), dtype=torch.long)
+    out = pooled(counts.sum(0))
+    out["miou_bg_seed"] = miou_bg_seed(counts)
+    tp, fp, fn = counts[:, TP], counts[:, FP], counts[:, FN]
+    tumour = (tp + fn) > 0
+    out["dice_slice"] = mean((2 * tp / (2 * tp + fp + fn))[tumour].tolist())
+    out["empty_fp_rate"] = mean(((tp + fp) > 0)[~tumour].float().tolist())
+    if patients is not None:
+        per = {}
+        for p, c in zip(patients, counts):
+            per[p] = per.get(p, 0) + c
+        dices = [pooled(c)["dice"] for c in per.values()]
+        out["dice_patient_mean"], out["dice_patient_median"] = mean(dices), median(dices)
+    return out
+
+
+def largest_component(volume):
+    """The largest 3-D connected component (6-connectivity) of a boolean volume."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(volume)
+    if n <= 1:
+        return volume
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (np.argmax(sizes) + 1)
+
+
+def hd95(pred, truth):
+    """95th-percentile Hausdorff distance between the surfaces of two non-empty boolean volumes, in
+    voxels (in-plane pixels, slice spacing counted as 1): the larger of the two directed 95th
+    percentiles, as MONAI computes it."""
+    from scipy import ndimage
+
+    def surface(v):
+        return v & ~ndimage.binary_erosion(v)
+
+    sp, st = surface(pred), surface(truth)
+    d_to_truth = ndimage.distance_transform_edt(~st)[sp]
+    d_to_pred = ndimage.distance_transform_edt(~sp)[st]
+    return float(max(np.percentile(d_to_truth, 95), np.percentile(d_to_pred, 95)))
+
+
+def volume_metrics(pred, truth, patients):
+    """Per-patient 3-D metrics from predicted and true masks (N, H, W) bool, slices of a patient in
+    order. dice_patient_lcc: Dice after keeping the largest connected component of the prediction
+    (the dataset author's post-processing). hd95_patient: over patients whose prediction and truth
+    are both non-empty; the others are counted apart (hd95_excluded), not averaged in."""
+    names = list(dict.fromkeys(patients))
+    patients = np.asarray(patients)
+    lcc, hd, excluded = [], [], 0
+    for name in names:
+        p, t = pred[patients == name], truth[patients == name]
+        q = largest_component(p)
+        lcc.append(ratio(2 * (q & t).sum(), q.sum() + t.sum()))
+        if p.any() and t.any():
+            hd.append(hd95(p, t))
+        else:
+            excluded += 1
+    return {"dice_patient_lcc_mean": mean(lcc), "dice_patient_lcc_median": median(lcc),
+            "hd95_patient_mean": mean(hd), "hd95_patient_median": median(hd),
+            "hd95_patients": len(hd), "hd95_excluded": excluded}
