@@ -16,9 +16,13 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-# what `--synthetic` changes unless the flag is given: a run that learns in about two minutes on a
-# 2-core CPU (the phantoms are easy; the published sizes are for the real data on a GPU)
-QUICK = dict(width=0.25, image_size=128, epochs=10, lr=1e-3)
+# presets: flag values applied unless the flag is given. The published sizes are for a GPU.
+PRESETS = {
+    # --synthetic's default: learns the phantoms in about two minutes on a 2-core CPU
+    "quick": dict(width=0.25, image_size=128, epochs=10, lr=1e-3),
+    # real patients on a 2-core CPU in under 20 minutes per model (22 patients, 722 slices)
+    "cpu": dict(width=0.25, image_size=128, epochs=20, lr=1e-3, test_frac=0.2),
+}
 # flags that define the network: stored in checkpoints, taken from them by --eval-only and --resume
 MODEL_FLAGS = ("width", "encoder", "image_size")
 
@@ -31,7 +35,7 @@ def make_parser(model, description, **defaults):
     d.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LGG_DATA_DIR", "data/kaggle_3m")),
                    help="the kaggle_3m folder (one sub-folder per patient); default $LGG_DATA_DIR")
     d.add_argument("--synthetic", action="store_true",
-                   help=f"train on a generated phantom dataset (written once into the cache); also sets {QUICK} unless given")
+                   help="train on a generated phantom dataset (written once into the cache); implies --preset quick")
     d.add_argument("--cache-dir", type=Path,
                    default=Path(os.environ.get("LGG_CACHE_DIR", Path.home() / ".cache" / "lgg-seg")),
                    help="where decoded slices (and the phantoms) are kept; default $LGG_CACHE_DIR")
@@ -40,17 +44,23 @@ def make_parser(model, description, **defaults):
                    help="'slice' reproduces the original's leaky split: for comparison only")
     d.add_argument("--val-frac", type=float, default=0.2, help="share of patients (or slices) for validation")
     d.add_argument("--test-frac", type=float, default=0.1, help="share held out for the final test")
+    d.add_argument("--folds", type=int, default=0,
+                   help="cross-validation: split the non-test patients into this many folds (stratified by tumour slices)")
+    d.add_argument("--fold", type=int, default=0, help="with --folds: the fold that validates")
     d.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
     a = p.add_argument_group("augmentation (on the training device, training batches only)")
     a.add_argument("--flip", type=float, default=0.5, help="probability of a horizontal flip")
     a.add_argument("--rotate", type=float, default=15.0, help="max rotation in degrees")
     a.add_argument("--scale", type=float, default=0.05, help="max relative zoom")
     t = p.add_argument_group("training")
+    t.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="; ".join(f"{k}: {' '.join(f'--{f} {v}'.replace('_', '-') for f, v in d.items())}"
+                                  for k, d in PRESETS.items()) + " (flags given explicitly win)")
     t.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the published model)")
-    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--epochs", type=int, default=30, help="epochs in all (with --resume: up to this one)")
     t.add_argument("--batch-size", type=int, default=16, help="per process; the global batch is this x processes")
     t.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     t.add_argument("--loss", choices=("bce+dice", "bce", "dice"), default="bce+dice")
     t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                    help="default: the accelerate config's")
@@ -61,6 +71,8 @@ def make_parser(model, description, **defaults):
                    help="continue the run in RUN_DIR from its last checkpoint (its saved flags, unless given again)")
     r.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the validation and test sets")
     r.add_argument("--checkpoint", type=Path, default=None, help="a best.pt file, or a run folder holding one")
+    r.add_argument("--log-with", choices=("tensorboard",), default=None,
+                   help="also log the per-epoch metrics with this Accelerate tracker (into the run folder)")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(encoder=None, **defaults)
     return p
@@ -78,10 +90,10 @@ def parse(parser, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
-    if args.synthetic:
-        for k, v in QUICK.items():
-            if k not in given:
-                setattr(args, k, v)
+    preset = args.preset or ("quick" if args.synthetic else None)
+    for k, v in PRESETS.get(preset, {}).items():
+        if k not in given:
+            setattr(args, k, v)
     args.given = sorted(given)
     check(args)
     return args
@@ -103,6 +115,8 @@ def check(args):
         v = getattr(args, flag)
         need(0 <= v < 1, "--" + flag.replace("_", "-"), f"must be in [0, 1), got {v}")
     need(args.val_frac > 0, "--val-frac", "must be above 0: the best epoch is chosen on validation")
+    need(args.folds == 0 or args.folds >= 2, "--folds", f"must be 0 (no folds) or at least 2, got {args.folds}")
+    need(args.folds == 0 or 0 <= args.fold < args.folds, "--fold", f"must be in 0..{args.folds - 1}, got {args.fold}")
     need(args.val_frac + args.test_frac < 1, "--val-frac/--test-frac",
          f"leave something to train on: {args.val_frac} + {args.test_frac} >= 1")
     need(0 <= args.flip <= 1, "--flip", f"is a probability, got {args.flip}")

@@ -22,7 +22,7 @@ from PIL import Image
 
 from common.cli import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 NAME = re.compile(r"^(?P<stem>.+_(?P<n>\d+))(?P<mask>_mask)?\.tif$")
 
 
@@ -106,11 +106,13 @@ def cache_key(slices, data_dir, size):
 
 
 def load_cache(slices, data_dir, cache_dir, size, progress=False):
-    """Decoded arrays for `slices`, memory-mapped from the cache; built first if absent or stale."""
+    """Decoded arrays for `slices` (images, masks memory-mapped; tumour pixels per slice), from the
+    cache; built first if absent or stale."""
     folder = Path(cache_dir) / f"lgg-{size}px-{cache_key(slices, data_dir, size)}"
     if not (folder / "meta.json").is_file():
         build_cache(slices, folder, size, progress)
-    return np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r")
+    return (np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r"),
+            np.load(folder / "tumour_pixels.npy"))
 
 
 def build_cache(slices, folder, size, progress):
@@ -126,6 +128,7 @@ def build_cache(slices, folder, size, progress):
         for i, s in enumerate(track(slices, f"decoding {len(slices)} slices", disable=not progress)):
             images[i], masks[i] = read_pair(s, size)
         images.flush(), masks.flush()
+        np.save(tmp / "tumour_pixels.npy", masks.reshape(len(slices), -1).sum(1, dtype=np.int64))
         del images, masks
         (tmp / "meta.json").write_text(json.dumps({"version": CACHE_VERSION, "size": size, "slices": len(slices)}))
         os.rename(tmp, folder)  # atomic: a reader sees a whole cache or none
@@ -138,21 +141,40 @@ def build_cache(slices, folder, size, progress):
         raise
 
 
-def split(slices, how, val_frac, test_frac, seed):
-    """Indices of the train/val/test slices. By patient (default): no patient on two sides;
-    the same seed gives the same split on every rank and machine (Python's seeded shuffle)."""
+def split(slices, how, val_frac, test_frac, seed, tumour_pixels=None, folds=0, fold=0):
+    """Indices of the train/val/test slices. By patient (default): no patient on two sides; the
+    same seed gives the same split on every rank and machine (Python's seeded shuffle).
+
+    With folds > 1, the test set is held out first, as without folds; the other patients are dealt
+    into `folds` folds by their number of tumour slices (largest first, in turn forwards and
+    backwards), so each fold gets a similar share of tumour; fold `fold` validates, the rest train.
+    """
     keys = sorted({s.patient for s in slices}) if how == "patient" else list(range(len(slices)))
+    key_of = (lambda i: slices[i].patient) if how == "patient" else (lambda i: i)
+    unit = "patients" if how == "patient" else "slices"
     random.Random(seed).shuffle(keys)
     n_test = max(1, round(test_frac * len(keys))) if test_frac > 0 else 0
-    n_val = max(1, round(val_frac * len(keys)))
-    if len(keys) - n_test - n_val < 1:
-        unit = "patients" if how == "patient" else "slices"
+    test, rest = keys[:n_test], keys[n_test:]
+    if folds > 1:
+        if folds > len(rest):
+            raise UserError(f"--folds {folds}: only {len(rest)} {unit} outside the test set")
+        tumour = {k: 0 for k in rest}
+        for i in range(len(slices)):
+            if key_of(i) in tumour and tumour_pixels[i] > 0:
+                tumour[key_of(i)] += 1
+        ranked = sorted(rest, key=lambda k: -tumour[k])  # stable: ties keep the seeded order
+        turn = [j % folds if (j // folds) % 2 == 0 else folds - 1 - j % folds for j in range(len(ranked))]
+        val = [k for k, t in zip(ranked, turn) if t == fold]
+    else:
+        val = rest[:max(1, round(val_frac * len(keys)))]
+    in_val = set(val)
+    train = [k for k in rest if k not in in_val]
+    if not train:
         raise UserError(f"--val-frac/--test-frac: {len(keys)} {unit} leave none to train on")
-    groups = {"test": keys[:n_test], "val": keys[n_test:n_test + n_val], "train": keys[n_test + n_val:]}
-    side = {k: name for name, ks in groups.items() for k in ks}
+    side = {k: name for name, ks in (("test", test), ("val", val), ("train", train)) for k in ks}
     out = {name: [] for name in ("train", "val", "test")}
-    for i, s in enumerate(slices):
-        out[side[s.patient if how == "patient" else i]].append(i)
+    for i in range(len(slices)):
+        out[side[key_of(i)]].append(i)
     return out
 
 

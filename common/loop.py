@@ -6,17 +6,19 @@ of the best epoch) and last/ (Accelerate state of the last epoch, for --resume).
 """
 import json
 import shutil
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, is_tensorboard_available, set_seed
 
 from common import data, metrics, report, synthetic
 from common.cli import MODEL_FLAGS, UserError
-from common.timing import Stopwatch
+from common.timing import Stopwatch, device_name, gflops, peak_memory
 
 PATH_FLAGS = ("data_dir", "cache_dir", "output_dir", "resume", "checkpoint")
 
@@ -88,8 +90,16 @@ def make_accelerator(args):
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
 
 
+@dataclass
+class Data:
+    slices: list  # data.Slice per cached slice, sorted by patient then slice number
+    masks: np.ndarray  # (N, H, W) uint8, memory-mapped
+    parts: dict  # "train"/"val"/"test" -> slice indices
+    loaders: dict  # "train"/"val"/"test" -> DataLoader, or None for an empty part
+
+
 def load_data(args, accelerator):
-    """Slices, their cached arrays, and the split (identical on every process)."""
+    """Slices, their cached arrays, the split and the loaders (identical on every process)."""
 
     def prepare():
         if args.synthetic:
@@ -98,20 +108,22 @@ def load_data(args, accelerator):
         return slices, *data.load_cache(slices, args.data_dir, args.cache_dir, args.image_size,
                                         progress=accelerator.is_main_process)
 
-    slices, images, masks = on_main_first(accelerator, prepare)
-    parts = data.split(slices, args.split, args.val_frac, args.test_frac, args.seed)
+    slices, images, masks, tumour_pixels = on_main_first(accelerator, prepare)
+    parts = data.split(slices, args.split, args.val_frac, args.test_frac, args.seed, tumour_pixels,
+                       args.folds, args.fold)
     pin = accelerator.device.type == "cuda"
     loaders = {name: data.loader(data.Slices(images, masks, idx), args.batch_size, name == "train",
                                  args.num_workers, pin) if idx else None
                for name, idx in parts.items()}
-    return slices, parts, loaders
+    return Data(slices, masks, parts, loaders)
 
 
-def split_record(args, slices, parts):
+def split_record(args, d):
     name = (lambda s: s.patient) if args.split == "patient" else (lambda s: f"{s.patient}_{s.n}")
-    record = {"split": args.split, "seed": args.seed, "val_frac": args.val_frac, "test_frac": args.test_frac}
-    for side, idx in parts.items():
-        record[side] = sorted({name(slices[i]) for i in idx})
+    record = {"split": args.split, "seed": args.seed, "val_frac": args.val_frac, "test_frac": args.test_frac,
+              "folds": args.folds, "fold": args.fold}
+    for side, idx in d.parts.items():
+        record[side] = sorted({name(d.slices[i]) for i in idx})
         record[f"{side}_slices"] = len(idx)
     return record
 
@@ -164,40 +176,65 @@ def save_last(accelerator, out):
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, loss_kind, title=None):
-    """Metrics over the whole loader, exact under DDP (gather_for_metrics drops the padding)."""
+def evaluate(model, loader, accelerator, args, d, title=None, volumes=False):
+    """Metrics of the whole loader, exact under DDP (gather_for_metrics drops the padding). Slice and
+    patient metrics from per-slice counts; with volumes, also the 3-D ones (largest-component Dice,
+    HD95) from the gathered predicted masks, computed on the main process only."""
     model.eval()
-    counts, terms = [], []
+    counts, terms, index, preds = [], [], [], []
     with report.bar(accelerator.is_main_process and title is not None) as bar:
-        for images, masks, _ in bar.track(loader, description=title or ""):
+        for images, masks, idx in bar.track(loader, description=title or ""):
             x, y = data.to_inputs(images, masks)
             logits = model(x)
-            c, t = accelerator.gather_for_metrics((metrics.confusion(logits, y), loss_terms(logits, y)))
-            counts.append(c), terms.append(t)
-    counts, terms = torch.cat(counts).cpu(), torch.cat(terms).cpu()
-    return {**metrics.summarize(counts), "loss": loss_from_terms(terms, loss_kind).item(), "slices": len(counts)}
+            out = (metrics.confusion(logits, y), loss_terms(logits, y), idx) + ((logits[:, 0] > 0,) if volumes else ())
+            out = accelerator.gather_for_metrics(out)
+            counts.append(out[0]), terms.append(out[1]), index.append(out[2])
+            if volumes:
+                preds.append(out[3].cpu())
+    index = torch.cat(index).cpu()
+    order = torch.argsort(index)  # slice order: patient, then slice number
+    index, counts, terms = index[order].numpy(), torch.cat(counts).cpu()[order], torch.cat(terms).cpu()
+    patients = [d.slices[i].patient for i in index]
+    result = {**metrics.summarize(counts, patients), "loss": loss_from_terms(terms, args.loss).item(),
+              "slices": len(counts), "patients": len(set(patients))}
+    if volumes and accelerator.is_main_process:
+        result.update(metrics.volume_metrics(torch.cat(preds)[order].numpy(), d.masks[index] > 0, patients))
+    return result
 
 
 def model_config(args):
     return {"model": args.model, **{k: getattr(args, k) for k in MODEL_FLAGS}}
 
 
+def open_tracker(args, out, accelerator):
+    """Accelerate's TensorBoard tracker in the run folder (main process), or None."""
+    if args.log_with is None or not accelerator.is_main_process:
+        return None
+    from accelerate.tracking import TensorBoardTracker
+
+    tracker = TensorBoardTracker("tensorboard", out)
+    tracker.store_init_configuration({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    return tracker
+
+
 def train(args, build_model):
     if args.resume is not None:
         args = resumed_args(args)
+    if args.log_with == "tensorboard" and not is_tensorboard_available():
+        raise UserError("--log-with tensorboard: tensorboard is not installed (pip install tensorboard)")
     accelerator = make_accelerator(args)
     main = accelerator.is_main_process
     set_seed(args.seed, device_specific=True)  # rank 0 = a 1-process run; DDP copies its weights to the others
     model = build_model(args)
-    slices, parts, loaders = load_data(args, accelerator)
+    d = load_data(args, accelerator)
     out = make_run_dir(args, accelerator)
     if main and args.resume is None:
         report.write_json(out / "args.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
-        report.write_json(out / "split.json", split_record(args, slices, parts))
+        report.write_json(out / "split.json", split_record(args, d))
 
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, loaders["train"], loaders["val"], loaders["test"])
+        model, optimizer, d.loaders["train"], d.loaders["val"], d.loaders["test"])
     state = RunState()
     accelerator.register_for_checkpointing(state)
     if args.resume is not None:
@@ -209,6 +246,7 @@ def train(args, build_model):
         if main:  # drop epochs that ran after the last checkpoint
             rows = [r for r in report.read_jsonl(out / "metrics.jsonl") if r["epoch"] <= state.epoch]
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tracker = open_tracker(args, out, accelerator)
 
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     global_batch = args.batch_size * accelerator.num_processes
@@ -216,7 +254,7 @@ def train(args, build_model):
         report.console.print(f"[bold]{args.model}[/] width {args.width}: {n_params / 1e6:.2f} M parameters | "
                              f"{accelerator.num_processes} process(es) on {accelerator.device.type} | "
                              f"global batch {global_batch} | precision {accelerator.mixed_precision}\n"
-                             f"{', '.join(f'{k} {len(v)}' for k, v in parts.items())} slices | run folder {out}")
+                             f"{', '.join(f'{k} {len(v)}' for k, v in d.parts.items())} slices | run folder {out}")
         report.epoch_header()
 
     for epoch in range(state.epoch + 1, args.epochs + 1):
@@ -236,7 +274,7 @@ def train(args, build_model):
                 seen += len(x)
         train_time = clock.elapsed()
         loss_sum, seen = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(seen, "sum")
-        val = evaluate(model, val_loader, accelerator, args.loss, title="validating" if main else None)
+        val = evaluate(model, val_loader, accelerator, args, d, title="validating" if main else None)
         row = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen.item(), 1), "val_loss": val["loss"],
                **{f"val_{k}": v for k, v in val.items() if k != "loss"},
                "epoch_time_s": clock.elapsed(), "train_time_s": train_time, "images_per_s": seen.item() / train_time}
@@ -244,6 +282,8 @@ def train(args, build_model):
         if main:
             report.append_jsonl(out / "metrics.jsonl", row)
             report.epoch_line(row)
+            if tracker:
+                tracker.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
         if val["dice"] > state.best_dice:
             state.best_dice, state.best_epoch = val["dice"], epoch
             weights = accelerator.get_state_dict(model)
@@ -251,32 +291,37 @@ def train(args, build_model):
                 report.save_torch({"model": weights, "config": model_config(args), "epoch": epoch, "val": val},
                                   out / "best.pt")
         save_last(accelerator, out)
+    if tracker:
+        tracker.finish()
 
+    # the best epoch, once more on validation and once on test, with the 3-D metrics too
     accelerator.wait_for_everyone()
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     accelerator.unwrap_model(model).load_state_dict(best["model"])
-    test = evaluate(model, test_loader, accelerator, args.loss, "testing" if main else None) if test_loader else None
+    results = {f"val (epoch {state.best_epoch})": evaluate(model, val_loader, accelerator, args, d, volumes=True)}
+    if test_loader:
+        results["test"] = evaluate(model, test_loader, accelerator, args, d, "testing" if main else None, volumes=True)
     rows = report.read_jsonl(out / "metrics.jsonl") if main else []
-    summary = {**model_config(args), "parameters": n_params, "device": accelerator.device.type,
-               "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-               "batch_size_per_process": args.batch_size, "global_batch_size": global_batch, "epochs": state.epoch,
-               "train_time_s": state.train_time_s,
+    summary = {**model_config(args), "parameters": n_params, "gflops_per_image": gflops(build_model, args),
+               "device": device_name(accelerator.device), "world_size": accelerator.num_processes,
+               "mixed_precision": accelerator.mixed_precision, "batch_size_per_process": args.batch_size,
+               "global_batch_size": global_batch, "epochs": state.epoch, "train_time_s": state.train_time_s,
                "images_per_s": sum(r["images_per_s"] for r in rows[-3:]) / max(len(rows[-3:]), 1),
-               "best_epoch": state.best_epoch, "best_val": best["val"], "test": test,
-               "split": {k: len(v) for k, v in parts.items()}}
+               **peak_memory(accelerator.device), "best_epoch": state.best_epoch,
+               "best_val": results[f"val (epoch {state.best_epoch})"], "test": results.get("test"),
+               "split": {k: len(v) for k, v in d.parts.items()}}
     if main:
         report.write_json(out / "summary.json", summary)
-        results = {f"val (epoch {state.best_epoch})": best["val"]}
-        if test:
-            results["test"] = test
         report.results_table(f"{args.model}: {n_params / 1e6:.2f} M parameters, {state.epoch} epochs, "
                              f"{state.train_time_s:.0f} s training", results)
-        report.console.print(f"wrote {out}/: args.json split.json metrics.jsonl summary.json best.pt last/")
+        report.console.print(f"wrote {out}/: args.json split.json metrics.jsonl summary.json best.pt last/"
+                             + (" tensorboard/" if tracker else ""))
     accelerator.end_training()
     return summary
 
 
-def load_checkpoint(path, model_name):
+def load_checkpoint(path, model_name=None):
+    """A best.pt (or the one in a run folder), checked to be of `model_name`."""
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
@@ -285,7 +330,7 @@ def load_checkpoint(path, model_name):
         config = ckpt["config"]
     except Exception as e:
         raise UserError(f"--checkpoint {path}: not a checkpoint of this repository ({e})") from e
-    if config["model"] != model_name:
+    if model_name is not None and config["model"] != model_name:
         raise UserError(f"--checkpoint {path} holds a {config['model']} model, not {model_name}")
     return ckpt
 
@@ -302,15 +347,16 @@ def evaluate_checkpoint(args, build_model):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"--checkpoint {args.checkpoint}: weights do not fit the model ({e})") from e
-    slices, parts, loaders = load_data(args, accelerator)
+    d = load_data(args, accelerator)
     model = accelerator.prepare(model)
-    prepared = {k: accelerator.prepare(v) for k, v in loaders.items() if v is not None and k != "train"}
-    results = {name: evaluate(model, dl, accelerator, args.loss, f"evaluating {name}" if accelerator.is_main_process else None)
-               for name, dl in prepared.items()}
+    main = accelerator.is_main_process
+    results = {name: evaluate(model, accelerator.prepare(dl), accelerator, args, d,
+                              f"evaluating {name}" if main else None, volumes=True)
+               for name, dl in d.loaders.items() if dl is not None and name != "train"}
     out = make_run_dir(args, accelerator, tag="-eval")
-    if accelerator.is_main_process:
+    if main:
         report.write_json(out / "eval.json", {"checkpoint": str(args.checkpoint), **model_config(args),
-                                              "split": split_record(args, slices, parts), **results})
+                                              "split": split_record(args, d), **results})
         report.results_table(f"{args.model} from {args.checkpoint}", results)
         report.console.print(f"wrote {out / 'eval.json'}")
     accelerator.end_training()

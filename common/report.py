@@ -16,7 +16,9 @@ EPOCH_COLUMNS = [("epoch", "epoch", "{:d}"), ("train_loss", "train loss", "{:.4f
                  ("val_miou_bg", "val mIoU+bg", "{:.4f}"), ("val_iou_tumor", "val IoU", "{:.4f}"),
                  ("val_dice", "val Dice", "{:.4f}"), ("epoch_time_s", "time s", "{:.1f}"),
                  ("images_per_s", "img/s", "{:.1f}")]
-METRICS = [("miou_bg", "mIoU incl. background"), ("iou_tumor", "tumour IoU"), ("dice", "Dice"), ("loss", "loss")]
+METRICS = [("miou_bg", "mIoU+bg"), ("miou_bg_seed", "mIoU+bg per batch (original)"), ("iou_tumor", "tumour IoU"),
+           ("dice", "Dice"), ("dice_slice", "Dice/slice"), ("dice_patient_mean", "Dice/patient"),
+           ("hd95_patient_mean", "HD95 px")]
 
 
 def tmp_name(path):
@@ -70,5 +72,5 @@ def results_table(title, results):
     for _, name in METRICS:
         table.add_column(name, justify="right")
     for name, values in results.items():
-        table.add_row(name, *(f"{values[k]:.4f}" for k, _ in METRICS))
+        table.add_row(name, *("-" if values.get(k) is None else f"{values[k]:.4f}" for k, _ in METRICS))
     console.print(table)

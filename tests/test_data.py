@@ -189,3 +189,22 @@ def test_phantoms_look_like_the_dataset(tmp_path):
     assert 0.2 < has_tumour.mean() < 0.9  # some slices without tumour
     flair = images[..., 1].astype(float)
     assert flair[masks == 1].mean() > flair[(masks == 0) & (flair > 20)].mean() + 40  # tumour bright in FLAIR
+
+
+def test_folds_partition_the_non_test_patients_with_balanced_tumour():
+    slices = fake_slices(23, 4)
+    tumour = np.array([(i // 4) % 3 != 0 for i in range(len(slices))], np.int64) * (np.arange(len(slices)) % 4)
+    runs = [data.split(slices, "patient", 0.2, 0.1, 5, tumour, folds=4, fold=f) for f in range(4)]
+    tests = {tuple(r["test"]) for r in runs}
+    assert len(tests) == 1  # the test set is chosen before the folds, the same for every fold
+    assert runs[0]["test"] == data.split(slices, "patient", 0.2, 0.1, 5)["test"]
+    vals = [{slices[i].patient for i in r["val"]} for r in runs]
+    assert set().union(*vals) == {slices[i].patient for r in runs[:1] for i in r["train"] + r["val"]}
+    assert sum(len(v) for v in vals) == len(set().union(*vals))  # each patient validates once
+    tumour_slices = [int((tumour[r["val"]] > 0).sum()) for r in runs]
+    assert max(tumour_slices) - min(tumour_slices) <= 3
+
+
+def test_more_folds_than_patients_is_refused():
+    with pytest.raises(UserError, match="--folds 9"):
+        data.split(fake_slices(8, 2), "patient", 0.2, 0.1, 0, np.zeros(16), folds=9, fold=0)

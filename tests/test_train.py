@@ -132,3 +132,17 @@ def test_a_few_real_patients(real_data, tmp_path, env):
     assert summary["split"]["train"] > 0 and summary["best_val"]["slices"] > 0
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["config"] == {"model": "unet", "width": 0.125, "encoder": None, "image_size": 64}
+
+
+def test_cross_validation_runs_every_fold_and_reports_mean_and_std(phantoms, tmp_path, env):
+    out = tmp_path / "cv"
+    p = run([sys.executable, "-m", "common.folds", "unet", "--folds", "3", "--output-dir", str(out), "--",
+             "--data-dir", str(phantoms), *TINY, "--epochs", "1"], env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    folds = [json.loads((out / f"fold-{i}" / "split.json").read_text()) for i in range(3)]
+    assert sorted(sum((f["val"] for f in folds), [])) == sorted(folds[0]["train"] + folds[0]["val"])
+    assert len({tuple(f["test"]) for f in folds}) == 1
+    cv = json.loads((out / "cv.json").read_text())
+    dice = [json.loads((out / f"fold-{i}" / "summary.json").read_text())["test"]["dice"] for i in range(3)]
+    assert cv["test"]["dice"][0] == pytest.approx(sum(dice) / 3)
+    assert "+-" in (out / "cv.md").read_text()
