@@ -58,9 +58,10 @@ def test_cache_is_reused_then_rebuilt_when_a_file_changes(tmp_path):
     root = write_phantoms(tmp_path / "kaggle_3m", patients=2, slices=3, size=64)
     cache = tmp_path / "cache"
     slices = data.discover(root)
-    images, masks = data.load_cache(slices, root, cache, 64)
+    images, masks, tumour_pixels = data.load_cache(slices, root, cache, 64)
     assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
     assert set(np.unique(masks)) <= {0, 1} and masks.any()
+    assert tumour_pixels.tolist() == masks.reshape(6, -1).sum(1).tolist()
     first = next(cache.iterdir())
     stamp = (first / "images.npy").stat().st_mtime_ns
     data.load_cache(slices, root, cache, 64)
@@ -69,13 +70,13 @@ def test_cache_is_reused_then_rebuilt_when_a_file_changes(tmp_path):
     mask_file = slices[0].mask
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask_file)
     os.utime(mask_file, ns=(1, 1))
-    _, masks2 = data.load_cache(data.discover(root), root, cache, 64)
+    _, masks2, _ = data.load_cache(data.discover(root), root, cache, 64)
     assert len(list(cache.iterdir())) == 2 and not masks2[0].any()
 
 
 def test_cache_resizes(tmp_path):
     root = write_phantoms(tmp_path / "kaggle_3m", patients=1, slices=2, size=64)
-    images, masks = data.load_cache(data.discover(root), root, tmp_path / "cache", 32)
+    images, masks, _ = data.load_cache(data.discover(root), root, tmp_path / "cache", 32)
     assert images.shape == (2, 32, 32, 3) and masks.shape == (2, 32, 32)
 
 
@@ -184,7 +185,7 @@ def test_no_augmentation_changes_nothing_but_scale():
 def test_phantoms_look_like_the_dataset(tmp_path):
     root = write_phantoms(tmp_path / "kaggle_3m", patients=3, slices=12, size=64, seed=3)
     slices = data.discover(root)
-    images, masks = data.load_cache(slices, root, tmp_path / "cache", 64)
+    images, masks, _ = data.load_cache(slices, root, tmp_path / "cache", 64)
     has_tumour = masks.reshape(len(masks), -1).any(1)
     assert 0.2 < has_tumour.mean() < 0.9  # some slices without tumour
     flair = images[..., 1].astype(float)
