@@ -79,20 +79,29 @@ def read_tiff(path, modes):
         raise UserError(f"cannot decode {path}: {e}") from e
 
 
+def read_mask(path, shape):
+    """A mask as uint8 {0, 1}, checked against its image's (height, width)."""
+    mask = read_tiff(path, ("L", "1"))
+    if mask.shape != tuple(shape):
+        raise UserError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {shape[1]}x{shape[0]}")
+    values = np.unique(mask)
+    if not (set(values) <= {0, 255} or set(values) <= {0, 1}):
+        raise UserError(f"{path}: mask values must be 0/255 (or 0/1), found {values[:8].tolist()}")
+    return (mask > 0).astype(np.uint8)
+
+
 def read_pair(s, size):
     """One slice as uint8 arrays (size x size x 3, size x size in {0, 1}), checked."""
     image = read_tiff(s.image, ("RGB",))
-    mask = read_tiff(s.mask, ("L", "1"))
-    if mask.shape != image.shape[:2]:
-        raise UserError(f"{s.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {image.shape[1]}x{image.shape[0]}")
-    values = np.unique(mask)
-    if not (set(values) <= {0, 255} or set(values) <= {0, 1}):
-        raise UserError(f"{s.mask}: mask values must be 0/255 (or 0/1), found {values[:8].tolist()}")
-    mask = (mask > 0).astype(np.uint8)
-    if image.shape[0] != size or image.shape[1] != size:
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-        mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
-    return image, mask
+    mask = read_mask(s.mask, image.shape[:2])
+    return resize(image, (size, size), Image.BILINEAR), resize(mask, (size, size), Image.NEAREST)
+
+
+def resize(array, shape, resample):
+    """A uint8 image or mask at shape (height, width); the same array if it is that size already."""
+    if array.shape[:2] == tuple(shape):
+        return array
+    return np.asarray(Image.fromarray(array).resize((shape[1], shape[0]), resample))
 
 
 def cache_key(slices, data_dir, size):

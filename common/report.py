@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import track as progress_track
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # long paths stay on one line in logs
 
 # (key in metrics.jsonl, column title, format)
 EPOCH_COLUMNS = [("epoch", "epoch", "{:d}"), ("train_loss", "train loss", "{:.4f}"), ("val_loss", "val loss", "{:.4f}"),
@@ -55,6 +56,12 @@ def bar(enabled):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=console, transient=True,
                     disable=not (enabled and console.is_terminal))
+
+
+def track(items, description):
+    """Progress over items for the commands (predict, results), on a terminal."""
+    return progress_track(items, description=description, console=console, transient=True,
+                          disable=not console.is_terminal)
 
 
 def epoch_header():

@@ -1,9 +1,12 @@
 """The train.py scripts run as a user runs them: as subprocesses, on tiny phantoms."""
+import csv
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import TINY, run, train
 
@@ -146,3 +149,46 @@ def test_cross_validation_runs_every_fold_and_reports_mean_and_std(phantoms, tmp
     dice = [json.loads((out / f"fold-{i}" / "summary.json").read_text())["test"]["dice"] for i in range(3)]
     assert cv["test"]["dice"][0] == pytest.approx(sum(dice) / 3)
     assert "+-" in (out / "cv.md").read_text()
+
+
+def test_predict_and_results_from_two_runs(phantoms, tmp_path, env):
+    runs = tmp_path / "runs"
+    for model in ("unet", "segnet"):
+        train(model, "--data-dir", str(phantoms), *TINY, "--epochs", "1", "--output-dir", str(runs / model), env=env)
+    patient = sorted(p for p in phantoms.iterdir() if p.is_dir())[0]
+    pred = tmp_path / "pred"
+    p = run([sys.executable, "-m", "common.predict", "--checkpoint", str(runs / "unet"), "--checkpoint",
+             str(runs / "segnet" / "best.pt"), "--data-dir", str(patient), "--output-dir", str(pred)], env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for model in ("unet", "segnet"):
+        masks = sorted((pred / model / "masks").glob("*_pred.tif"))
+        assert len(masks) == 6 and len(list((pred / model / "figures").glob("*.png"))) == 6
+        m = np.asarray(Image.open(masks[0]))
+        assert m.shape == (64, 64) and set(np.unique(m)) <= {0, 255}
+    assert (pred / "comparison.png").stat().st_size > 0 and "comparison.png" in p.stdout
+
+    res = tmp_path / "results"
+    p = run([sys.executable, "-m", "common.results", str(runs), "--output-dir", str(res)], env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    md = (res / "results.md").read_text()
+    assert "| unet | unet |" in md and "| segnet | segnet |" in md and "0.8340" in md
+    assert (res / "curves-unet.png").exists() and (res / "curves-segnet.png").exists()
+    rows = list(csv.DictReader(open(res / "results.csv")))
+    assert [r["run"] for r in rows] == ["segnet", "unet", "original-fcn", "original-unet", "original-segnet"]
+    summary = json.loads((runs / "unet" / "summary.json").read_text())
+    assert float(rows[1]["test_dice"]) == pytest.approx(summary["test"]["dice"])
+
+
+def test_predict_names_a_bad_folder(env, tmp_path):
+    p = run([sys.executable, "-m", "common.predict", "--checkpoint", str(tmp_path), "--data-dir", str(tmp_path)], env)
+    assert p.returncode == 2 and p.stderr.startswith("error:") and str(tmp_path) in p.stderr
+
+
+def test_tensorboard_missing_is_a_clear_error(phantoms, env):
+    pytest.importorskip("accelerate")
+    from accelerate.utils import is_tensorboard_available
+
+    if is_tensorboard_available():
+        pytest.skip("tensorboard is installed here")
+    p = run([sys.executable, "unet/train.py", "--data-dir", str(phantoms), *TINY, "--log-with", "tensorboard"], env)
+    assert p.returncode == 2 and "pip install tensorboard" in p.stderr
