@@ -47,7 +47,13 @@ def make_parser(model, description, **defaults):
     d.add_argument("--folds", type=int, default=0,
                    help="cross-validation: split the non-test patients into this many folds (stratified by tumour slices)")
     d.add_argument("--fold", type=int, default=0, help="with --folds: the fold that validates")
-    d.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
+    d.add_argument("--data-pipeline", choices=("decode", "cached", "device"), default="cached",
+                   help="decode: read and decode each TIFF per item (the original's design, a baseline); "
+                        "cached: one read of the decoded cache per batch; device: the whole uint8 cache on the "
+                        "training device")
+    d.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process (decode, cached)")
+    d.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="pinned host memory for batches (decode, cached); default: on with CUDA")
     a = p.add_argument_group("augmentation (on the training device, training batches only)")
     a.add_argument("--flip", type=float, default=0.5, help="probability of a horizontal flip")
     a.add_argument("--rotate", type=float, default=15.0, help="max rotation in degrees")
@@ -59,12 +65,24 @@ def make_parser(model, description, **defaults):
     t.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the published model)")
     t.add_argument("--epochs", type=int, default=30, help="epochs in all (with --resume: up to this one)")
     t.add_argument("--batch-size", type=int, default=16, help="per process; the global batch is this x processes")
-    t.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="sgd: with momentum 0.9")
+    t.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--loss", choices=("bce+dice", "bce", "dice"), default="bce+dice")
     t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                    help="default: the accelerate config's")
     t.add_argument("--seed", type=int, default=0)
+    f = p.add_argument_group("speed")
+    f.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
+    f.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+    f.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over all processes")
+    f.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per process; 0: the cores this process may use / processes on this machine")
+    f.add_argument("--max-steps", type=int, default=0,
+                   help="stop each epoch after this many steps (benchmarks; 0: whole epochs)")
+    f.add_argument("--step-timing", action="store_true",
+                   help="synchronise the device around every step to split data wait from compute "
+                        "(free on a CPU, which is always timed so; costs a little on a GPU)")
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", type=Path, default=None, help="run folder; default runs/<model>-<time>")
     r.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
@@ -109,6 +127,10 @@ def check(args):
     need(args.width > 0, "--width", f"must be positive, got {args.width}")
     need(args.lr > 0, "--lr", f"must be positive, got {args.lr}")
     need(args.num_workers >= 0, "--num-workers", f"must be 0 or more, got {args.num_workers}")
+    need(args.data_pipeline != "device" or args.num_workers == 0, "--num-workers",
+         "must be 0 with --data-pipeline device (batches are cut on the training device)")
+    need(args.threads >= 0, "--threads", f"must be 0 (automatic) or more, got {args.threads}")
+    need(args.max_steps >= 0, "--max-steps", f"must be 0 (whole epochs) or more, got {args.max_steps}")
     need(args.image_size >= 32 and args.image_size % 32 == 0, "--image-size",
          f"must be a positive multiple of 32 (five 2x poolings), got {args.image_size}")
     for flag in ("val_frac", "test_frac"):

@@ -188,16 +188,23 @@ def split(slices, how, val_frac, test_frac, seed, tumour_pixels=None, folds=0, f
 
 
 class Slices(torch.utils.data.Dataset):
-    """A subset of the cached slices. The DataLoader fetches a whole batch with one call to
-    `__getitems__` (one fancy-indexing read, no per-item Python)."""
+    """A subset of the cached slices (pipeline `cached`, or `device` when the arrays are tensors on
+    the training device). The DataLoader fetches a whole batch with one call to `__getitems__`: one
+    fancy-indexing read, no per-item Python."""
 
     def __init__(self, images, masks, indices):
         self.images, self.masks, self.indices = images, masks, np.asarray(indices, dtype=np.int64)
+        self.on_device = isinstance(images, torch.Tensor)
+        if self.on_device:
+            self.device_indices = torch.from_numpy(self.indices).to(images.device)
 
     def __len__(self):
         return len(self.indices)
 
     def __getitems__(self, batch):
+        if self.on_device:
+            sel = self.device_indices[torch.as_tensor(batch, device=self.images.device)]
+            return self.images[sel], self.masks[sel], sel
         sel = np.sort(self.indices[batch])  # sorted reads are sequential in the memory map
         return torch.from_numpy(self.images[sel]), torch.from_numpy(self.masks[sel]), torch.from_numpy(sel)
 
@@ -205,18 +212,47 @@ class Slices(torch.utils.data.Dataset):
         return tuple(t[0] for t in self.__getitems__([i]))
 
 
+class DecodedSlices(torch.utils.data.Dataset):
+    """Pipeline `decode`, the original study's design and the baseline of the speed study: every item
+    reads and decodes its two TIFFs (in the DataLoader workers), every epoch."""
+
+    def __init__(self, slices, indices, size):
+        self.slices, self.indices, self.size = slices, list(indices), size
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        k = self.indices[i]
+        image, mask = read_pair(self.slices[k], self.size)
+        return torch.from_numpy(image), torch.from_numpy(mask), torch.tensor(k)
+
+
 def keep_batch(batch):
     """collate_fn: `__getitems__` already returns stacked tensors."""
     return batch
 
 
-def loader(dataset, batch_size, shuffle, num_workers, pin_memory):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                                       collate_fn=keep_batch, pin_memory=pin_memory,
-                                       persistent_workers=num_workers > 0)
+def loaders(parts, pipeline, slices, images, masks, size, batch_size, num_workers, pin_memory, device):
+    """A DataLoader per part ("train" shuffled), or None for an empty part."""
+    if pipeline == "device":  # once, the whole uint8 dataset onto the training device
+        images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        masks = torch.from_numpy(np.ascontiguousarray(masks)).to(device)
+        num_workers, pin_memory = 0, False
+    out = {}
+    for name, idx in parts.items():
+        if not idx:
+            out[name] = None
+            continue
+        decoded = pipeline == "decode"
+        dataset = DecodedSlices(slices, idx, size) if decoded else Slices(images, masks, idx)
+        out[name] = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=name == "train",
+                                                num_workers=num_workers, collate_fn=None if decoded else keep_batch,
+                                                pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    return out
 
 
-def to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0):
+def to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0, channels_last=False):
     """uint8 batches (B,H,W,3), (B,H,W) on the device -> normalised float inputs (B,3,H,W) and
     targets (B,1,H,W). With flip/rotate/scale (training only) each slice gets its own random
     flip, rotation and zoom, applied to image and mask by one affine resampling."""
@@ -235,4 +271,5 @@ def to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0):
         y = F.grid_sample(y, grid, mode="nearest", align_corners=False)
     # per-slice, per-channel z-score: scanners differ in intensity scale, and it needs no stored statistics
     mean, std = x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)
-    return (x - mean) / (std + 1e-5), y
+    x = (x - mean) / (std + 1e-5)
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y

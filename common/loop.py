@@ -5,7 +5,9 @@ Run folder: args.json, split.json, metrics.jsonl (a line per epoch), summary.jso
 of the best epoch) and last/ (Accelerate state of the last epoch, for --resume).
 """
 import json
+import os
 import shutil
+import statistics
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,9 +20,13 @@ from accelerate.utils import broadcast_object_list, is_tensorboard_available, se
 
 from common import data, metrics, report, synthetic
 from common.cli import MODEL_FLAGS, UserError
-from common.timing import Stopwatch, device_name, gflops, peak_memory
+from common.blocks import sync_batchnorm
+from common.timing import StepTimes, Stopwatch, default_threads, device_name, gflops, peak_memory
 
 PATH_FLAGS = ("data_dir", "cache_dir", "output_dir", "resume", "checkpoint")
+# what decides speed, recorded in summary.json beside the figures
+SPEED_FLAGS = ("data_pipeline", "num_workers", "channels_last", "compile", "sync_bn", "threads", "max_steps",
+               "step_timing")
 
 
 def loss_terms(logits, target):
@@ -86,8 +92,12 @@ def main_value(accelerator, value):
 def make_accelerator(args):
     # cpu=True where there is no accelerator: torchrun-started CPU processes (accelerate launch with
     # MULTI_GPU + use_cpu) are told nothing else, and would otherwise not join a gloo group
-    return Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=args.mixed_precision,
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=args.mixed_precision,
+                              dynamo_backend="inductor" if args.compile else None,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    args.threads = args.threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    torch.set_num_threads(args.threads)
+    return accelerator
 
 
 @dataclass
@@ -111,10 +121,9 @@ def load_data(args, accelerator):
     slices, images, masks, tumour_pixels = on_main_first(accelerator, prepare)
     parts = data.split(slices, args.split, args.val_frac, args.test_frac, args.seed, tumour_pixels,
                        args.folds, args.fold)
-    pin = accelerator.device.type == "cuda"
-    loaders = {name: data.loader(data.Slices(images, masks, idx), args.batch_size, name == "train",
-                                 args.num_workers, pin) if idx else None
-               for name, idx in parts.items()}
+    pin = accelerator.device.type == "cuda" if args.pin_memory is None else args.pin_memory
+    loaders = data.loaders(parts, args.data_pipeline, slices, images, masks, args.image_size, args.batch_size,
+                           args.num_workers, pin, accelerator.device)
     return Data(slices, masks, parts, loaders)
 
 
@@ -184,7 +193,7 @@ def evaluate(model, loader, accelerator, args, d, title=None, volumes=False):
     counts, terms, index, preds = [], [], [], []
     with report.bar(accelerator.is_main_process and title is not None) as bar:
         for images, masks, idx in bar.track(loader, description=title or ""):
-            x, y = data.to_inputs(images, masks)
+            x, y = data.to_inputs(images, masks, channels_last=args.channels_last)
             logits = model(x)
             out = (metrics.confusion(logits, y), loss_terms(logits, y), idx) + ((logits[:, 0] > 0,) if volumes else ())
             out = accelerator.gather_for_metrics(out)
@@ -232,7 +241,14 @@ def train(args, build_model):
         report.write_json(out / "args.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
         report.write_json(out / "split.json", split_record(args, d))
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.sync_bn and accelerator.num_processes > 1:
+        model = sync_batchnorm(model, accelerator.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, d.loaders["train"], d.loaders["val"], d.loaders["test"])
     state = RunState()
@@ -257,28 +273,49 @@ def train(args, build_model):
                              f"{', '.join(f'{k} {len(v)}' for k, v in d.parts.items())} slices | run folder {out}")
         report.epoch_header()
 
+    sync_steps = args.step_timing or accelerator.device.type == "cpu"
     for epoch in range(state.epoch + 1, args.epochs + 1):
         train_loader.set_epoch(epoch)
         model.train()
+        if accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
         clock = Stopwatch(accelerator.device)
+        times = StepTimes(clock, sync_steps)
         loss_sum = torch.zeros((), device=accelerator.device)
         seen = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        steps = min(len(train_loader), args.max_steps or len(train_loader))
         with report.bar(main) as bar:  # the loss stays on the device: no host sync per step
-            for images, masks, _ in bar.track(train_loader, description=f"epoch {epoch}/{args.epochs}"):
-                x, y = data.to_inputs(images, masks, args.flip, args.rotate, args.scale)
+            task = bar.add_task(f"epoch {epoch}/{args.epochs}", total=steps)
+            for step, (images, masks, _) in enumerate(train_loader, 1):
+                times.waited()
+                x, y = data.to_inputs(images, masks, args.flip, args.rotate, args.scale, args.channels_last)
                 loss = loss_from_terms(loss_terms(model(x), y), args.loss)
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 optimizer.step()
+                times.computed()
                 loss_sum += loss.detach() * len(x)
                 seen += len(x)
+                bar.advance(task)
+                times.done()
+                if step == steps:
+                    break
         train_time = clock.elapsed()
+        timing = times.summary()
+        # the slowest process sets the pace: its times stand for the epoch
+        per_rank = accelerator.gather(torch.tensor([[train_time, timing["data_wait_s"], timing["compute_s"],
+                                                     timing["rest_s"], peak_memory(accelerator.device)["peak_memory_mb"]]],
+                                                   dtype=torch.float64, device=accelerator.device)).cpu()
+        slowest = per_rank[per_rank[:, 0].argmax()].tolist()
         loss_sum, seen = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(seen, "sum")
         val = evaluate(model, val_loader, accelerator, args, d, title="validating" if main else None)
         row = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen.item(), 1), "val_loss": val["loss"],
                **{f"val_{k}": v for k, v in val.items() if k != "loss"},
-               "epoch_time_s": clock.elapsed(), "train_time_s": train_time, "images_per_s": seen.item() / train_time}
-        state.epoch, state.train_time_s = epoch, state.train_time_s + train_time
+               "epoch_time_s": clock.elapsed(), "train_time_s": slowest[0], "images_per_s": seen.item() / slowest[0],
+               "data_wait_s": slowest[1], "compute_s": slowest[2], "rest_s": slowest[3],
+               "data_wait_share": slowest[1] / slowest[0], "peak_memory_mb": per_rank[:, 4].max().item(),
+               **{k: timing[k] for k in ("step_data_median_s", "step_compute_median_s", "steps", "step_timing_synced")}}
+        state.epoch, state.train_time_s = epoch, state.train_time_s + slowest[0]
         if main:
             report.append_jsonl(out / "metrics.jsonl", row)
             report.epoch_line(row)
@@ -302,12 +339,16 @@ def train(args, build_model):
     if test_loader:
         results["test"] = evaluate(model, test_loader, accelerator, args, d, "testing" if main else None, volumes=True)
     rows = report.read_jsonl(out / "metrics.jsonl") if main else []
+    last_rows = rows[-3:]
     summary = {**model_config(args), "parameters": n_params, "gflops_per_image": gflops(build_model, args),
+               **{k: getattr(args, k) for k in SPEED_FLAGS}, "pin_memory": d.loaders["train"].pin_memory,
                "device": device_name(accelerator.device), "world_size": accelerator.num_processes,
                "mixed_precision": accelerator.mixed_precision, "batch_size_per_process": args.batch_size,
                "global_batch_size": global_batch, "epochs": state.epoch, "train_time_s": state.train_time_s,
-               "images_per_s": sum(r["images_per_s"] for r in rows[-3:]) / max(len(rows[-3:]), 1),
-               **peak_memory(accelerator.device), "best_epoch": state.best_epoch,
+               **{k: statistics.median(r[k] for r in last_rows) if last_rows else None
+                  for k in ("images_per_s", "data_wait_share", "step_data_median_s", "step_compute_median_s")},
+               "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
+               "peak_memory_of": peak_memory(accelerator.device)["peak_memory_of"], "best_epoch": state.best_epoch,
                "best_val": results[f"val (epoch {state.best_epoch})"], "test": results.get("test"),
                "split": {k: len(v) for k, v in d.parts.items()}}
     if main:

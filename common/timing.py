@@ -1,5 +1,6 @@
 """Clocks that tell the truth on accelerators: kernels run asynchronously, so the device is
 synchronised before every reading."""
+import statistics
 import time
 
 import torch
@@ -17,14 +18,48 @@ def synchronize(device):
 class Stopwatch:
     def __init__(self, device):
         self.device = device
-        self.start = self.now()
+        self.start = self.last = self.now()
 
-    def now(self):
-        synchronize(self.device)
+    def now(self, sync=True):
+        if sync:
+            synchronize(self.device)
         return time.perf_counter()
 
     def elapsed(self):
         return self.now() - self.start
+
+    def lap(self, sync=True):
+        """Seconds since the previous lap (or the start)."""
+        now = self.now(sync)
+        lap, self.last = now - self.last, now
+        return lap
+
+
+class StepTimes:
+    """Per-step data wait (until the batch is on the device), compute (inputs, forward, backward,
+    optimiser) and rest, of one epoch. Synchronised steps (always on a CPU, with --step-timing on an
+    accelerator) split the time truly; unsynchronised ones only tell when the host waited for data."""
+
+    def __init__(self, clock, sync):
+        self.clock, self.sync = clock, sync
+        self.data, self.compute, self.rest = [], [], []
+
+    def waited(self):
+        self.data.append(self.clock.lap(self.sync))
+
+    def computed(self):
+        self.compute.append(self.clock.lap(self.sync))
+
+    def done(self):
+        self.rest.append(self.clock.lap(self.sync))
+
+    def summary(self, warmup=5):
+        """Sums over the epoch and medians over the steps after a warm-up."""
+        skip = min(warmup, len(self.data) // 5)
+        med = (lambda v: statistics.median(v[skip:]) if v[skip:] else 0.0)
+        return {"data_wait_s": sum(self.data), "compute_s": sum(self.compute), "rest_s": sum(self.rest),
+                "step_data_median_s": med(self.data), "step_compute_median_s": med(self.compute),
+                "steps": len(self.data), "step_timing_synced": self.sync}
 
 
 def device_name(device):
@@ -34,7 +69,8 @@ def device_name(device):
 
 
 def peak_memory(device):
-    """Peak memory of this process: allocated tensors on a GPU, resident set size on the host."""
+    """Peak memory of this process: allocated tensors on a GPU (since the last reset), resident set
+    size on the host (since the start)."""
     if device.type == "cuda":
         return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_of": "cuda tensors"}
     import resource
@@ -52,3 +88,11 @@ def gflops(build_model, args):
     with FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() / 1e9
+
+
+def default_threads(local_processes):
+    """CPU threads per process that do not oversubscribe: the cores this process may use, shared
+    among the processes of this machine."""
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_processes))

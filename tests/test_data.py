@@ -147,8 +147,25 @@ def test_batches_are_read_whole_and_stay_uint8(tmp_path):
     ds = data.Slices(images, masks, [4, 0, 2])
     x, y, idx = ds.__getitems__([0, 2])
     assert idx.tolist() == [2, 4] and x.dtype == torch.uint8 and torch.equal(x[1], torch.from_numpy(images[4]))
-    batches = list(data.loader(ds, 2, False, 0, False))
+    parts = {"train": [], "val": [4, 0, 2], "test": []}
+    batches = list(data.loaders(parts, "cached", None, images, masks, 4, 2, 0, False, torch.device("cpu"))["val"])
     assert [b[2].tolist() for b in batches] == [[0, 4], [2]]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_three_pipelines_give_the_same_batches(phantoms, tmp_path, workers):
+    slices = data.discover(phantoms)
+    images, masks, _ = data.load_cache(slices, phantoms, tmp_path / "cache", 32)
+    parts = {"train": [], "val": list(range(1, 24, 2)), "test": []}
+    batches = {}
+    for pipeline in ("decode", "cached", "device"):
+        w = 0 if pipeline == "device" else workers
+        batches[pipeline] = list(data.loaders(parts, pipeline, slices, images, masks, 32, 5, w, False,
+                                              torch.device("cpu"))["val"])
+    assert [len(b[0]) for b in batches["decode"]] == [5, 5, 2]
+    for pipeline in ("cached", "device"):
+        for a, b in zip(batches["decode"], batches[pipeline]):
+            assert all(torch.equal(u, v) for u, v in zip(a, b)), pipeline
 
 
 def test_inputs_are_normalised_per_slice_and_channel():
