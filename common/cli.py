@@ -72,6 +72,8 @@ def make_parser(model, description, **defaults):
     t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                    help="default: the accelerate config's")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--time-limit", type=float, default=0,
+                   help="seconds: start no epoch that would end past this (0: none); for job and lease limits")
     f = p.add_argument_group("speed")
     f.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
     f.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
@@ -80,6 +82,8 @@ def make_parser(model, description, **defaults):
                    help="CPU threads per process; 0: the cores this process may use / processes on this machine")
     f.add_argument("--max-steps", type=int, default=0,
                    help="stop each epoch after this many steps (benchmarks; 0: whole epochs)")
+    f.add_argument("--no-eval", action="store_true",
+                   help="timing runs: no validation, test or checkpoint (summary.json and metrics.jsonl only)")
     f.add_argument("--step-timing", action="store_true",
                    help="synchronise the device around every step to split data wait from compute "
                         "(free on a CPU, which is always timed so; costs a little on a GPU)")
@@ -130,6 +134,7 @@ def check(args):
     need(args.data_pipeline != "device" or args.num_workers == 0, "--num-workers",
          "must be 0 with --data-pipeline device (batches are cut on the training device)")
     need(args.threads >= 0, "--threads", f"must be 0 (automatic) or more, got {args.threads}")
+    need(args.time_limit >= 0, "--time-limit", f"must be 0 (none) or more, got {args.time_limit}")
     need(args.max_steps >= 0, "--max-steps", f"must be 0 (whole epochs) or more, got {args.max_steps}")
     need(args.image_size >= 32 and args.image_size % 32 == 0, "--image-size",
          f"must be a positive multiple of 32 (five 2x poolings), got {args.image_size}")

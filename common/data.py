@@ -272,4 +272,6 @@ def to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0, channels_last=Fals
     # per-slice, per-channel z-score: scanners differ in intensity scale, and it needs no stored statistics
     mean, std = x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)
     x = (x - mean) / (std + 1e-5)
-    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
+    # one memory format whatever the path (the permute above leaves NHWC strides, the resampling
+    # NCHW ones), and convolution speed depends on it
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), y

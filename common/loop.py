@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import statistics
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -97,6 +98,8 @@ def make_accelerator(args):
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     args.threads = args.threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.set_num_threads(args.threads)
+    # denormal floats (from resampled inputs) slow x86 arithmetic several-fold; as values they are 0
+    torch.set_flush_denormal(True)
     return accelerator
 
 
@@ -227,6 +230,7 @@ def open_tracker(args, out, accelerator):
 
 
 def train(args, build_model):
+    started = time.perf_counter()
     if args.resume is not None:
         args = resumed_args(args)
     if args.log_with == "tensorboard" and not is_tensorboard_available():
@@ -274,7 +278,14 @@ def train(args, build_model):
         report.epoch_header()
 
     sync_steps = args.step_timing or accelerator.device.type == "cpu"
-    for epoch in range(state.epoch + 1, args.epochs + 1):
+    stopped_by, first = None, state.epoch + 1
+    for epoch in range(first, args.epochs + 1):
+        if args.time_limit and epoch > first and \
+                time.perf_counter() - started + row["epoch_time_s"] > args.time_limit:
+            stopped_by = f"--time-limit {args.time_limit:g} s before epoch {epoch}"
+            if main:
+                report.console.print(f"stopped: {stopped_by}")
+            break
         train_loader.set_epoch(epoch)
         model.train()
         if accelerator.device.type == "cuda":
@@ -308,19 +319,22 @@ def train(args, build_model):
                                                    dtype=torch.float64, device=accelerator.device)).cpu()
         slowest = per_rank[per_rank[:, 0].argmax()].tolist()
         loss_sum, seen = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(seen, "sum")
-        val = evaluate(model, val_loader, accelerator, args, d, title="validating" if main else None)
-        row = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen.item(), 1), "val_loss": val["loss"],
+        val = {} if args.no_eval else evaluate(model, val_loader, accelerator, args, d, "validating" if main else None)
+        row = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen.item(), 1), "val_loss": val.get("loss"),
                **{f"val_{k}": v for k, v in val.items() if k != "loss"},
                "epoch_time_s": clock.elapsed(), "train_time_s": slowest[0], "images_per_s": seen.item() / slowest[0],
                "data_wait_s": slowest[1], "compute_s": slowest[2], "rest_s": slowest[3],
                "data_wait_share": slowest[1] / slowest[0], "peak_memory_mb": per_rank[:, 4].max().item(),
-               **{k: timing[k] for k in ("step_data_median_s", "step_compute_median_s", "steps", "step_timing_synced")}}
+               **{k: timing[k] for k in ("step_median_s", "step_data_median_s", "step_compute_median_s", "steps",
+                                         "step_timing_synced")}}
         state.epoch, state.train_time_s = epoch, state.train_time_s + slowest[0]
         if main:
             report.append_jsonl(out / "metrics.jsonl", row)
             report.epoch_line(row)
             if tracker:
                 tracker.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
+        if args.no_eval:
+            continue
         if val["dice"] > state.best_dice:
             state.best_dice, state.best_epoch = val["dice"], epoch
             weights = accelerator.get_state_dict(model)
@@ -333,11 +347,14 @@ def train(args, build_model):
 
     # the best epoch, once more on validation and once on test, with the 3-D metrics too
     accelerator.wait_for_everyone()
-    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
-    accelerator.unwrap_model(model).load_state_dict(best["model"])
-    results = {f"val (epoch {state.best_epoch})": evaluate(model, val_loader, accelerator, args, d, volumes=True)}
-    if test_loader:
-        results["test"] = evaluate(model, test_loader, accelerator, args, d, "testing" if main else None, volumes=True)
+    results = {}
+    if not args.no_eval:
+        best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+        accelerator.unwrap_model(model).load_state_dict(best["model"])
+        results[f"val (epoch {state.best_epoch})"] = evaluate(model, val_loader, accelerator, args, d, volumes=True)
+        if test_loader:
+            results["test"] = evaluate(model, test_loader, accelerator, args, d, "testing" if main else None,
+                                       volumes=True)
     rows = report.read_jsonl(out / "metrics.jsonl") if main else []
     last_rows = rows[-3:]
     summary = {**model_config(args), "parameters": n_params, "gflops_per_image": gflops(build_model, args),
@@ -346,17 +363,20 @@ def train(args, build_model):
                "mixed_precision": accelerator.mixed_precision, "batch_size_per_process": args.batch_size,
                "global_batch_size": global_batch, "epochs": state.epoch, "train_time_s": state.train_time_s,
                **{k: statistics.median(r[k] for r in last_rows) if last_rows else None
-                  for k in ("images_per_s", "data_wait_share", "step_data_median_s", "step_compute_median_s")},
+                  for k in ("images_per_s", "data_wait_share", "step_median_s", "step_data_median_s",
+                            "step_compute_median_s")},
                "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
-               "peak_memory_of": peak_memory(accelerator.device)["peak_memory_of"], "best_epoch": state.best_epoch,
-               "best_val": results[f"val (epoch {state.best_epoch})"], "test": results.get("test"),
+               "peak_memory_of": peak_memory(accelerator.device)["peak_memory_of"], "stopped_by": stopped_by,
+               "best_epoch": state.best_epoch,
+               "best_val": results.get(f"val (epoch {state.best_epoch})"), "test": results.get("test"),
                "split": {k: len(v) for k, v in d.parts.items()}}
     if main:
         report.write_json(out / "summary.json", summary)
-        report.results_table(f"{args.model}: {n_params / 1e6:.2f} M parameters, {state.epoch} epochs, "
-                             f"{state.train_time_s:.0f} s training", results)
-        report.console.print(f"wrote {out}/: args.json split.json metrics.jsonl summary.json best.pt last/"
-                             + (" tensorboard/" if tracker else ""))
+        if results:
+            report.results_table(f"{args.model}: {n_params / 1e6:.2f} M parameters, {state.epoch} epochs, "
+                                 f"{state.train_time_s:.0f} s training", results)
+        report.console.print(f"wrote {out}/: args.json split.json metrics.jsonl summary.json"
+                             + ("" if args.no_eval else " best.pt last/") + (" tensorboard/" if tracker else ""))
     accelerator.end_training()
     return summary
 

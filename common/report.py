@@ -69,7 +69,8 @@ def epoch_header():
 
 
 def epoch_line(row):
-    console.print(" ".join(f"{fmt.format(row[key]):>{max(len(title), 8)}}" for key, title, fmt in EPOCH_COLUMNS))
+    console.print(" ".join(f"{'-' if row.get(key) is None else fmt.format(row[key]):>{max(len(title), 8)}}"
+                           for key, title, fmt in EPOCH_COLUMNS))
 
 
 def results_table(title, results):

@@ -1,9 +1,15 @@
-"""Turn run folders into a results table (markdown and CSV) and learning-curve plots.
+"""Turn run folders into a results table (markdown and CSV) and learning-curve plots; and speed
+measurements into the speed study's figures.
 
     python -m common.results runs/ --output-dir docs/results
+    python -m common.results --sweep sweeps/sweep-unet.csv --suite docs/gpu/suite.csv --output-dir docs/speed
 
-Each argument is a run folder (holding summary.json) or a folder searched for them. Writes
+Each run argument is a run folder (holding summary.json) or a folder searched for them: writes
 results.md, results.csv and curves-<model>.png (loss and validation Dice per epoch).
+--sweep (from common.sweep): sweep-time-<model>.png (the original study's figure: time per epoch
+of the 3929 slices against processes, a bar per number of workers, for each pipeline),
+sweep-breakdown.png (data wait / compute / rest per step) and sweep-scaling.png (scaling
+efficiency against processes). --suite (from common.bench suite): suite-speedup.png.
 """
 import argparse
 import csv
@@ -72,12 +78,7 @@ def write_csv(path, runs, summaries):
 
 
 def curves(path, model, runs):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.8))
+    plt, fig, (ax_loss, ax_dice) = plt_figure(1, 2, figsize=(10, 3.8))
     for run in runs:
         rows = report.read_jsonl(run / "metrics.jsonl")
         epochs = [r["epoch"] for r in rows]
@@ -92,18 +93,122 @@ def curves(path, model, runs):
     plt.close(fig)
 
 
+def plt_figure(*args, **kwargs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(*args, **kwargs)
+
+
+def bars(ax, groups, series, values, labels=None):
+    """Grouped bars: values[(group, series)], the value printed on each bar."""
+    width = 0.8 / max(len(series), 1)
+    for j, s in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        ys = [values.get((g, s), 0) for g in groups]
+        rects = ax.bar(xs, ys, width, label=str(s) if labels is None else labels[j])
+        ax.bar_label(rects, [f"{v:.3g}" if v else "" for v in ys], fontsize=6)
+    ax.set_xticks(range(len(groups)), [str(g) for g in groups])
+
+
+def sweep_figures(path, out):
+    rows = list(csv.DictReader(open(path)))
+    for r in rows:
+        for k in ("processes", "workers", "threads"):
+            r[k] = int(r[k])
+        for k in ("images_per_s", "s_per_3929", "step_ms", "step_data_ms", "step_compute_ms"):
+            r[k] = float(r[k])
+    written = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        pipelines = list(dict.fromkeys(r["pipeline"] for r in mine))
+        plt, fig, axes = plt_figure(1, len(pipelines), figsize=(5 * len(pipelines), 3.8), squeeze=False)
+        for ax, pipeline in zip(axes[0], pipelines):
+            sel = [r for r in mine if r["pipeline"] == pipeline and r["threads"] == min(x["threads"] for x in mine)]
+            procs = sorted({r["processes"] for r in sel})
+            workers = sorted({r["workers"] for r in sel})
+            bars(ax, procs, workers, {(r["processes"], r["workers"]): r["s_per_3929"] for r in sel},
+                 [f"{w} workers" for w in workers])
+            ax.set(title=f"{model}, {pipeline} pipeline", xlabel="processes", ylabel="s per epoch of 3929 slices")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{mine[0]['device']}: time per epoch (lower is better)", fontsize=9)
+        fig.tight_layout()
+        written.append(out / f"sweep-time-{model}.png")
+        fig.savefig(written[-1], dpi=90)
+        plt.close(fig)
+
+    labels = [f"{r['model']} p{r['processes']} {r['pipeline']} w{r['workers']} t{r['threads']}" for r in rows]
+    plt, fig, ax = plt_figure(figsize=(max(6, 0.45 * len(rows)), 4))
+    bottom = [0.0] * len(rows)
+    for key, name in (("step_data_ms", "data wait"), ("step_compute_ms", "compute"), ("step_ms", "rest")):
+        ys = [r[key] - (r["step_data_ms"] + r["step_compute_ms"] if key == "step_ms" else 0) for r in rows]
+        ys = [max(y, 0.0) for y in ys]
+        ax.bar(range(len(rows)), ys, bottom=bottom, label=name)
+        bottom = [b + y for b, y in zip(bottom, ys)]
+    ax.set_xticks(range(len(rows)), labels, rotation=70, ha="right", fontsize=6)
+    ax.set(ylabel="ms per step (median)", title="where a step's time goes")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out / "sweep-breakdown.png")
+    fig.savefig(written[-1], dpi=90)
+    plt.close(fig)
+
+    plt, fig, ax = plt_figure(figsize=(6, 3.8))
+    configs = dict.fromkeys((r["model"], r["pipeline"], r["workers"], r["threads"]) for r in rows)
+    for c in configs:
+        sel = sorted((r for r in rows if (r["model"], r["pipeline"], r["workers"], r["threads"]) == c),
+                     key=lambda r: r["processes"])
+        one = next((r["images_per_s"] for r in sel if r["processes"] == 1), None)
+        if one and len(sel) > 1:
+            ax.plot([r["processes"] for r in sel], [r["images_per_s"] / (one * r["processes"]) for r in sel], "o-",
+                    label=" ".join(map(str, c)))
+    ax.axhline(1, color="gray", lw=0.5)
+    ax.set(xlabel="processes", ylabel="images/s / (processes x images/s of 1)", title="scaling efficiency")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    written.append(out / "sweep-scaling.png")
+    fig.savefig(written[-1], dpi=90)
+    plt.close(fig)
+    return written
+
+
+def suite_figure(path, out):
+    rows = list(csv.DictReader(open(path)))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    settings = [s for s in dict.fromkeys(r["setting"] for r in rows) if not s.startswith("bare")]
+    plt, fig, ax = plt_figure(figsize=(8, 4))
+    bars(ax, models, settings, {(r["model"], r["setting"]): float(r["speedup_vs_fp32_decode"]) for r in rows})
+    ax.set(ylabel="images/s relative to fp32 + decode", title="speed-up of each technique (higher is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written = out / "suite-speedup.png"
+    fig.savefig(written, dpi=90)
+    plt.close(fig)
+    return [written]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m common.results", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path, help="run folders, or folders holding them")
+    p.add_argument("runs", nargs="*", type=Path, help="run folders, or folders holding them")
+    p.add_argument("--sweep", type=Path, help="a CSV from common.sweep")
+    p.add_argument("--suite", type=Path, help="a CSV from common.bench suite")
     p.add_argument("--output-dir", type=Path, default=Path("results"))
     args = p.parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    written = (sweep_figures(args.sweep, args.output_dir) if args.sweep else []) + \
+              (suite_figure(args.suite, args.output_dir) if args.suite else [])
+    if not args.runs:
+        for path in written:
+            report.console.print(f"wrote {path}")
+        return 0
     runs = find_runs(args.runs)
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    written = [args.output_dir / "results.md", args.output_dir / "results.csv"]
-    written[0].write_text(markdown(runs, summaries))
-    write_csv(written[1], runs, summaries)
+    written += [args.output_dir / "results.md", args.output_dir / "results.csv"]
+    written[-2].write_text(markdown(runs, summaries))
+    write_csv(written[-1], runs, summaries)
     for model in dict.fromkeys(s["model"] for s in summaries):
         path = args.output_dir / f"curves-{model}.png"
         curves(path, model, [r for r, s in zip(runs, summaries) if s["model"] == model])

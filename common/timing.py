@@ -57,8 +57,10 @@ class StepTimes:
         """Sums over the epoch and medians over the steps after a warm-up."""
         skip = min(warmup, len(self.data) // 5)
         med = (lambda v: statistics.median(v[skip:]) if v[skip:] else 0.0)
+        total = [a + b + c for a, b, c in zip(self.data, self.compute, self.rest)]
         return {"data_wait_s": sum(self.data), "compute_s": sum(self.compute), "rest_s": sum(self.rest),
-                "step_data_median_s": med(self.data), "step_compute_median_s": med(self.compute),
+                "step_median_s": med(total), "step_data_median_s": med(self.data),
+                "step_compute_median_s": med(self.compute),
                 "steps": len(self.data), "step_timing_synced": self.sync}
 
 
