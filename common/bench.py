@@ -146,16 +146,22 @@ def first_batch(args):
 
 
 def bench_step(args, device):
-    """Per model: bare images/s, then the loop's with each pipeline, and their ratio."""
+    """Per model: bare images/s (measured before and after the loops, averaged, so that drift in a
+    shared machine's speed does not pass for loop overhead), the loop's with each pipeline, and
+    their ratio."""
     rows, batch = [], first_batch(args)
     for model in args.models:
-        bare = bare_images_per_s(model, args, device, batch)
+        before = bare_images_per_s(model, args, device, batch)
         g = gflops(import_module(f"{model}.train").build_model, build_args(model, args.width, args.image_size))
+        mine = []
         for pipeline in args.pipelines:
             loop = loop_run(model, args, args.output_dir / f"{model}-{pipeline}", ["--data-pipeline", pipeline])
-            rows.append({"model": model, "width": args.width, "image_size": args.image_size, "gflops_per_image": g,
-                         "bare_images_per_s": bare, "pipeline": pipeline, **loop,
-                         "efficiency": loop["images_per_s"] / bare})
+            mine.append({"model": model, "width": args.width, "image_size": args.image_size, "gflops_per_image": g,
+                         "pipeline": pipeline, **loop})
+        bare = (before + bare_images_per_s(model, args, device, batch)) / 2
+        for r in mine:
+            r.update(bare_images_per_s=bare, efficiency=r["images_per_s"] / bare)
+        rows += mine
     return rows
 
 
