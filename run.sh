@@ -5,6 +5,8 @@
 #   sbatch --nodes=2 --gres=gpu:4 run.sh fcn --epochs 30     # two nodes: srun + c10d rendezvous
 #   sbatch --partition=gpu --account=me --time=4:00:00 run.sh segnet
 #   bash run.sh unet --synthetic                             # no Slurm: the GPUs here, or the CPU
+#   sbatch run.sh sweep unet --processes 1 2 4 --workers 0 1 8 -- --data-dir data/kaggle_3m
+#                                                            # the speed study's grid on one node
 #
 # Any #SBATCH line below is a default that the sbatch command line overrides.
 #SBATCH --job-name=lgg-seg
@@ -18,12 +20,13 @@
 set -euo pipefail
 
 model=${1:-}
-case "$model" in
-  unet|fcn|segnet) shift ;;
-  *) echo "error: first argument must be the model: unet, fcn or segnet (got '${model}')" >&2; exit 2 ;;
-esac
 # sbatch runs a copy of this script from a spool folder: the repository is where the job was submitted
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$(readlink -f "$0")")}"
+case "$model" in
+  unet|fcn|segnet) shift ;;
+  sweep) shift; exec python -m common.sweep "$@" ;;  # it launches each run itself
+  *) echo "error: first argument must be the model: unet, fcn or segnet, or sweep (got '${model}')" >&2; exit 2 ;;
+esac
 
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
