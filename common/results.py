@@ -123,15 +123,16 @@ def sweep_figures(path, out):
     written = []
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        pipelines = list(dict.fromkeys(r["pipeline"] for r in mine))
-        plt, fig, axes = plt_figure(1, len(pipelines), figsize=(5 * len(pipelines), 3.8), squeeze=False)
-        for ax, pipeline in zip(axes[0], pipelines):
-            sel = [r for r in mine if r["pipeline"] == pipeline and r["threads"] == min(x["threads"] for x in mine)]
+        panels = list(dict.fromkeys((r["threads_setting"], r["pipeline"]) for r in mine))
+        plt, fig, axes = plt_figure(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+        for ax, (threads, pipeline) in zip(axes[0], panels):
+            sel = [r for r in mine if (r["threads_setting"], r["pipeline"]) == (threads, pipeline)]
             procs = sorted({r["processes"] for r in sel})
             workers = sorted({r["workers"] for r in sel})
             bars(ax, procs, workers, {(r["processes"], r["workers"]): r["s_per_3929"] for r in sel},
                  [f"{w} workers" for w in workers])
-            ax.set(title=f"{model}, {pipeline} pipeline", xlabel="processes", ylabel="s per epoch of 3929 slices")
+            ax.set(title=f"{model}, {pipeline}, threads/process: {threads}", xlabel="processes",
+                   ylabel="s per epoch of 3929 slices")
             ax.legend(fontsize=7)
         fig.suptitle(f"{mine[0]['device']}: time per epoch (lower is better)", fontsize=9)
         fig.tight_layout()
@@ -156,9 +157,11 @@ def sweep_figures(path, out):
     plt.close(fig)
 
     plt, fig, ax = plt_figure(figsize=(6, 3.8))
-    configs = dict.fromkeys((r["model"], r["pipeline"], r["workers"], r["threads"]) for r in rows)
+    configs = dict.fromkeys((r["model"], r["pipeline"], f"w{r['workers']}", f"threads {r['threads_setting']}")
+                            for r in rows)
     for c in configs:
-        sel = sorted((r for r in rows if (r["model"], r["pipeline"], r["workers"], r["threads"]) == c),
+        sel = sorted((r for r in rows if (r["model"], r["pipeline"], f"w{r['workers']}",
+                                           f"threads {r['threads_setting']}") == c),
                      key=lambda r: r["processes"])
         one = next((r["images_per_s"] for r in sel if r["processes"] == 1), None)
         if one and len(sel) > 1:

@@ -67,7 +67,8 @@ def main(argv=None):
         s = json.loads((out / "summary.json").read_text())
         r = report.read_jsonl(out / "metrics.jsonl")[-1]
         rows.append({"model": args.model, "device": s["device"], "processes": procs, "pipeline": pipeline,
-                     "workers": workers, "precision": precision, "threads": s["threads"],
+                     "workers": workers, "precision": precision, "threads_setting": threads or "auto",
+                     "threads": s["threads"],
                      "global_batch": s["global_batch_size"], "images_per_s": r["images_per_s"],
                      "s_per_3929": FULL_DATASET / r["images_per_s"], "data_wait_share": r["data_wait_share"],
                      "step_ms": 1e3 * r["step_median_s"], "step_data_ms": 1e3 * r["step_data_median_s"],
