@@ -70,7 +70,7 @@ def read_tiff(path, modes):
             im.load()
             if im.mode not in modes:
                 raise UserError(f"{path}: expected a {'/'.join(modes)} TIFF, got mode {im.mode}")
-            return np.asarray(im.convert(modes[0]))
+            return np.array(im.convert(modes[0]))  # a writable copy: torch.from_numpy wants one
     except UserError:
         raise
     except PermissionError as e:

@@ -24,7 +24,7 @@ from common.cli import MODEL_FLAGS, UserError
 from common.blocks import sync_batchnorm
 from common.timing import StepTimes, Stopwatch, default_threads, device_name, gflops, peak_memory
 
-PATH_FLAGS = ("data_dir", "cache_dir", "output_dir", "resume", "checkpoint")
+PATH_FLAGS = ("data_dir", "cache_dir", "output_dir", "resume", "checkpoint", "pretrained")
 # what decides speed, recorded in summary.json beside the figures
 SPEED_FLAGS = ("data_pipeline", "num_workers", "channels_last", "compile", "sync_bn", "threads", "max_steps",
                "step_timing")
