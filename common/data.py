@@ -101,7 +101,7 @@ def resize(array, shape, resample):
     """A uint8 image or mask at shape (height, width); the same array if it is that size already."""
     if array.shape[:2] == tuple(shape):
         return array
-    return np.asarray(Image.fromarray(array).resize((shape[1], shape[0]), resample))
+    return np.array(Image.fromarray(array).resize((shape[1], shape[0]), resample))
 
 
 def cache_key(slices, data_dir, size):
