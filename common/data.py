@@ -235,9 +235,9 @@ def keep_batch(batch):
 
 def loaders(parts, pipeline, slices, images, masks, size, batch_size, num_workers, pin_memory, device):
     """A DataLoader per part ("train" shuffled), or None for an empty part."""
-    if pipeline == "device":  # once, the whole uint8 dataset onto the training device
-        images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-        masks = torch.from_numpy(np.ascontiguousarray(masks)).to(device)
+    if pipeline == "device":  # once, the whole uint8 dataset onto the training device (out of the read-only map)
+        images = torch.from_numpy(np.array(images)).to(device)
+        masks = torch.from_numpy(np.array(masks)).to(device)
         num_workers, pin_memory = 0, False
     out = {}
     for name, idx in parts.items():
