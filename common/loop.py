@@ -280,8 +280,9 @@ def train(args, build_model):
     sync_steps = args.step_timing or accelerator.device.type == "cpu"
     stopped_by, first = None, state.epoch + 1
     for epoch in range(first, args.epochs + 1):
+        # the main process decides for all: clocks differ between processes, and all must stop together
         if args.time_limit and epoch > first and \
-                time.perf_counter() - started + row["epoch_time_s"] > args.time_limit:
+                main_value(accelerator, time.perf_counter() - started + row["epoch_time_s"] > args.time_limit):
             stopped_by = f"--time-limit {args.time_limit:g} s before epoch {epoch}"
             if main:
                 report.console.print(f"stopped: {stopped_by}")

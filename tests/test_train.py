@@ -214,3 +214,12 @@ def test_sync_bn_over_two_processes_equals_one_process_on_the_whole_batch(phanto
     # the control: batch norm without --sync-bn sees half the batch; its statistics and gradients differ
     for kind in ("running", "weight"):
         assert not all(torch.allclose(one[k].double(), local[k].double(), rtol=0, atol=1e-5) for k in one if kind in k)
+
+
+def test_time_limit_stops_every_process_at_the_same_epoch(phantoms, tmp_path, env):
+    out = tmp_path / "run"
+    train("unet", "--data-dir", str(phantoms), *TINY, "--epochs", "500", "--time-limit", "6", "--output-dir", str(out),
+          env=env, launcher=["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert 1 <= summary["epochs"] < 500 and summary["stopped_by"].startswith("--time-limit 6 s before epoch")
+    assert len(rows(out)) == summary["epochs"] and summary["test"] is not None
