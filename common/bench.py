@@ -149,7 +149,7 @@ def bench_step(args, device):
     """Per model: bare images/s (measured before and after the loops, averaged, so that drift in a
     shared machine's speed does not pass for loop overhead), the loop's with each pipeline, and
     their ratio."""
-    rows, batch = [], first_batch(args)
+    rows, batch, peak = [], first_batch(args), peak_tflops(device, "no")
     for model in args.models:
         before = bare_images_per_s(model, args, device, batch)
         g = gflops(import_module(f"{model}.train").build_model, build_args(model, args.width, args.image_size))
@@ -159,8 +159,9 @@ def bench_step(args, device):
             mine.append({"model": model, "width": args.width, "image_size": args.image_size, "gflops_per_image": g,
                          "pipeline": pipeline, **loop})
         bare = (before + bare_images_per_s(model, args, device, batch)) / 2
-        for r in mine:
-            r.update(bare_images_per_s=bare, efficiency=r["images_per_s"] / bare)
+        for r in mine:  # model FLOPs utilisation: forward + backward ~ 3x forward, against the matmul peak
+            r.update(bare_images_per_s=bare, efficiency=r["images_per_s"] / bare,
+                     mfu=3 * g * r["images_per_s"] / 1e3 / peak if peak else None)
         rows += mine
     return rows
 
@@ -251,7 +252,8 @@ def main(argv=None):
         elif args.what == "step":
             rows, extra = bench_step(args, device), {}
             columns = ["model", "width", "image_size", "gflops_per_image", "bare_images_per_s", "pipeline",
-                       "images_per_s", "efficiency", "data_wait_share", "step_data_median_ms", "step_compute_median_ms"]
+                       "images_per_s", "efficiency", "mfu", "data_wait_share", "step_data_median_ms",
+                       "step_compute_median_ms"]
         else:
             rows, extra = bench_suite(args, device)
             columns = ["model", "setting", "images_per_s", "speedup_vs_fp32_decode", "mfu", "data_wait_share",
