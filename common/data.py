@@ -140,6 +140,8 @@ def build_cache(slices, folder, size, progress):
         np.save(tmp / "tumour_pixels.npy", masks.reshape(len(slices), -1).sum(1, dtype=np.int64))
         del images, masks
         (tmp / "meta.json").write_text(json.dumps({"version": CACHE_VERSION, "size": size, "slices": len(slices)}))
+        if folder.exists() and not (folder / "meta.json").is_file():
+            shutil.rmtree(folder)  # a damaged cache (meta.json is written last): replace it
         os.rename(tmp, folder)  # atomic: a reader sees a whole cache or none
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -263,6 +263,8 @@ def train(args, build_model):
             accelerator.load_state(last)
         except Exception as e:
             raise UserError(f"--resume {out}: cannot load {last} with these flags: {e}") from e
+        for group in optimizer.param_groups:  # the optimiser's state carries the old values: flags win
+            group.update(lr=args.lr, weight_decay=args.weight_decay)
         if main:  # drop epochs that ran after the last checkpoint
             rows = [r for r in report.read_jsonl(out / "metrics.jsonl") if r["epoch"] <= state.epoch]
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -295,6 +297,7 @@ def train(args, build_model):
         times = StepTimes(clock, sync_steps)
         loss_sum = torch.zeros((), device=accelerator.device)
         seen = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        first_bad = torch.zeros((), device=accelerator.device, dtype=torch.long)  # step of the first non-finite loss
         steps = min(len(train_loader), args.max_steps or len(train_loader))
         with report.bar(main) as bar:  # the loss stays on the device: no host sync per step
             task = bar.add_task(f"epoch {epoch}/{args.epochs}", total=steps)
@@ -308,6 +311,7 @@ def train(args, build_model):
                 times.computed()
                 loss_sum += loss.detach() * len(x)
                 seen += len(x)
+                first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step, first_bad)
                 bar.advance(task)
                 times.done()
                 if step == steps:
@@ -320,6 +324,12 @@ def train(args, build_model):
                                                    dtype=torch.float64, device=accelerator.device)).cpu()
         slowest = per_rank[per_rank[:, 0].argmax()].tolist()
         loss_sum, seen = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(seen, "sum")
+        bad = accelerator.gather(first_bad.view(1))
+        if bad.any():  # checked once an epoch: a check per step would stall the device every step
+            at = int(bad[bad > 0].min())
+            kept = (f"the last good checkpoint (epoch {state.epoch}) is in {out / 'last'}" if state.epoch
+                    else "no epoch had finished: there is no checkpoint")
+            raise UserError(f"non-finite loss at epoch {epoch}, step {at} (lower --lr?); {kept}")
         val = {} if args.no_eval else evaluate(model, val_loader, accelerator, args, d, "validating" if main else None)
         row = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen.item(), 1), "val_loss": val.get("loss"),
                **{f"val_{k}": v for k, v in val.items() if k != "loss"},

@@ -1,0 +1,129 @@
+"""Faults: broken files, a diverging run, kills, a dying process, concurrent caches."""
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from common import data
+from common.cli import UserError
+from common.synthetic import write_phantoms
+from conftest import ROOT, TINY, run, train
+
+
+def test_random_damage_to_tiffs_gives_a_clear_error_or_a_valid_slice(phantoms, tmp_path):
+    """Byte flips and truncations of real TIFF files: never anything but UserError naming the file."""
+    sample = data.discover(phantoms)[3]
+    image, mask = sample.image.read_bytes(), sample.mask.read_bytes()
+    rng = random.Random(0)
+    outcomes = set()
+    for k in range(150):
+        damaged = bytearray(image if k % 2 else mask)
+        if rng.random() < 0.5:
+            damaged = damaged[:rng.randrange(len(damaged))]
+        for _ in range(rng.randint(1, 20)):
+            if damaged:
+                damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        target = tmp_path / (sample.image.name if k % 2 else sample.mask.name)
+        shutil.copy(sample.image, tmp_path / sample.image.name)
+        shutil.copy(sample.mask, tmp_path / sample.mask.name)
+        target.write_bytes(bytes(damaged))
+        try:
+            img, m = data.read_pair(data.Slice("p", 1, tmp_path / sample.image.name, tmp_path / sample.mask.name), 64)
+            assert img.shape == (64, 64, 3) and set(np.unique(m)) <= {0, 1}
+            outcomes.add("read")
+        except UserError as e:
+            assert target.name in str(e)
+            outcomes.add("error")
+    assert outcomes == {"read", "error"}  # both happen: the damage is real, and some of it is harmless
+
+
+def test_a_cache_without_its_completion_mark_is_rebuilt(phantoms, tmp_path):
+    slices = data.discover(phantoms)
+    data.load_cache(slices, phantoms, tmp_path, 64)
+    (folder,) = tmp_path.iterdir()
+    (folder / "meta.json").unlink()  # as if the build had been killed before the end
+    np.save(folder / "masks.npy", np.zeros((1,), np.uint8))  # and had left a half-written file
+    _, masks, _ = data.load_cache(slices, phantoms, tmp_path, 64)
+    assert masks.shape == (len(slices), 64, 64) and (folder / "meta.json").exists()
+
+
+def build(args):
+    slices = data.discover(args[0])
+    images, masks, _ = data.load_cache(slices, *args, 64)
+    return int(images.sum()) + int(masks.sum())
+
+
+def test_concurrent_cache_builds_agree(phantoms, tmp_path):
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        sums = pool.map(build, [(phantoms, tmp_path)] * 3)
+    assert len(set(sums)) == 1
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []  # no leftovers
+
+
+def test_a_diverging_run_stops_with_the_epoch_and_step_and_keeps_its_checkpoint(phantoms, tmp_path, env):
+    out = tmp_path / "run"
+    train("unet", "--data-dir", str(phantoms), *TINY, "--epochs", "1", "--output-dir", str(out), env=env)
+    p = run([sys.executable, "unet/train.py", "--resume", str(out), "--epochs", "3", "--lr", "1e38"], env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("error: non-finite loss at epoch 2, step ") and "(epoch 1)" in p.stderr
+    train("unet", "--resume", str(out), "--epochs", "2", "--lr", "1e-4", env=env)  # the checkpoint still works
+    assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def rows(out):
+    path = out / "metrics.jsonl"
+    return [json.loads(r) for r in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(phantoms, tmp_path, env):
+    flags = ["--data-dir", str(phantoms), *TINY, "--epochs", "10"]
+    train("unet", *flags, "--output-dir", str(tmp_path / "whole"), env=env)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "unet/train.py", *flags, "--output-dir", str(cut)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(rows(cut)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.1)  # somewhere in epoch 3: training, validating or saving
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(rows(cut)) < 10, "the run ended before it could be killed"
+    train("unet", "--resume", str(cut), env=env)
+    whole, resumed = rows(tmp_path / "whole"), rows(cut)
+    assert [r["epoch"] for r in resumed] == list(range(1, 11))
+    for a, b in zip(whole, resumed):
+        for k in ("train_loss", "val_loss", "val_dice", "val_miou_bg"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6), (a["epoch"], k)
+    final = [json.loads((tmp_path / r / "summary.json").read_text())["test"] for r in ("whole", "cut")]
+    assert final[0]["dice"] == pytest.approx(final[1]["dice"], abs=1e-6)
+
+
+def test_when_one_process_dies_the_launcher_ends_the_others(phantoms, tmp_path, env):
+    out = tmp_path / "run"
+    cmd = ["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml", "unet/train.py",
+           "--data-dir", str(phantoms), *TINY, "--epochs", "500", "--output-dir", str(out)]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not rows(out) and time.time() < deadline:
+            time.sleep(0.1)
+        rank1 = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                 if str(out) in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+                 and b"RANK=1\0" in open(f"/proc/{pid}/environ", "rb").read()]
+        assert rank1, "no process of rank 1 found"
+        os.kill(rank1[0], signal.SIGKILL)
+        start = time.time()
+        code = launcher.wait(timeout=90)  # bounded: no hang
+        assert code != 0 and time.time() - start < 90
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
