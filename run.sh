@@ -17,6 +17,10 @@
 #SBATCH --mem=64G
 #SBATCH --time=02:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --requeue
+#SBATCH --signal=B:TERM@120
+# --requeue and --signal: 2 minutes before the time limit (and on pre-emption) the job gets SIGTERM;
+# the run saves where it is and stops, and the job goes back in the queue, where it resumes.
 set -euo pipefail
 
 model=${1:-}
@@ -42,6 +46,13 @@ else
 fi
 echo "run.sh: $model on $nodes node(s) x $procs process(es) ($gpus GPU(s) per node)"
 
+# under Slurm, the run folder is named after the job, so that a requeued job finds it and resumes
+run_dir=""
+if [ -n "${SLURM_JOB_ID:-}" ] && ! printf '%s\n' "$@" | grep -qE '^--(output-dir|resume)(=|$)'; then
+  run_dir="runs/$model-$SLURM_JOB_ID"
+  if [ -f "$run_dir/args.json" ]; then set -- "$@" --resume "$run_dir"; else set -- "$@" --output-dir "$run_dir"; fi
+fi
+
 if [ "$nodes" -gt 1 ]; then
   # one launcher per node; all meet at the first node of the job (c10d rendezvous)
   head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -51,8 +62,25 @@ if [ "$nodes" -gt 1 ]; then
     exec accelerate launch --multi_gpu --mixed_precision no --num_machines "$nodes" \
       --num_processes $((nodes * procs)) --machine_rank "$SLURM_NODEID" \
       --main_process_ip "$head" --main_process_port "$port" --rdzv_backend c10d --same_network \
-      "$model/train.py" "$@"' bash "$@"
+      "$model/train.py" "$@"' bash "$@" &
 else
-  exec accelerate launch "${device_flags[@]}" --num_machines 1 --num_processes "$procs" \
-    --dynamo_backend no "$model/train.py" "$@"
+  accelerate launch "${device_flags[@]}" --num_machines 1 --num_processes "$procs" \
+    --dynamo_backend no "$model/train.py" "$@" &
 fi
+child=$!
+# SIGTERM to this script (Slurm's warning, or a plain kill): pass it to the training processes, which
+# save and stop. On one node they are the launcher's children (`accelerate launch` passes no signal
+# to a single process); across nodes srun passes it to every node's launcher.
+forward() {
+  echo "run.sh: SIGTERM, the run saves and stops"
+  if [ "$nodes" -gt 1 ]; then kill -TERM "$child" 2>/dev/null || true; else pkill -TERM -P "$child" || true; fi
+}
+trap forward TERM
+status=0
+wait "$child" || status=$?
+if [ "$status" -gt 128 ]; then status=0; wait "$child" || status=$?; fi  # wait was cut short by the trap
+if [ "$status" -eq 0 ] && [ -n "$run_dir" ] && [ ! -f "$run_dir/summary.json" ]; then
+  echo "run.sh: stopped before the end: requeueing job $SLURM_JOB_ID to resume from $run_dir"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"

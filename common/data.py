@@ -248,9 +248,12 @@ def loaders(parts, pipeline, slices, images, masks, size, batch_size, num_worker
             continue
         decoded = pipeline == "decode"
         dataset = DecodedSlices(slices, idx, size) if decoded else Slices(images, masks, idx)
+        # a generator of its own: starting an epoch then draws nothing from the global RNG, which the
+        # augmentation uses, so a run resumed part-way through an epoch replays the same random stream
         out[name] = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=name == "train",
                                                 num_workers=num_workers, collate_fn=None if decoded else keep_batch,
-                                                pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                                                pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                                                generator=torch.Generator().manual_seed(0))
     return out
 
 

@@ -7,6 +7,7 @@ of the best epoch) and last/ (Accelerate state of the last epoch, for --resume).
 import json
 import os
 import shutil
+import signal
 import statistics
 import time
 from dataclasses import dataclass
@@ -56,12 +57,33 @@ class RunState:
 
     def __init__(self):
         self.epoch, self.best_dice, self.best_epoch, self.train_time_s = 0, -1.0, 0, 0.0
+        # an epoch stopped part-way (SIGTERM): its steps done, and its loss sum, images and seconds so far
+        self.step, self.partial_loss, self.partial_seen, self.partial_time_s = 0, 0.0, 0, 0.0
 
     def state_dict(self):
         return dict(vars(self))
 
     def load_state_dict(self, state):
         vars(self).update(state)
+
+
+class Preemption:
+    """SIGTERM (what Slurm sends before pre-empting a job or at its time limit): noted when it comes,
+    acted upon at the next check, which all processes make together."""
+
+    CHECK_EVERY = 10  # steps: a check costs a collective, i.e. a host sync
+
+    def __init__(self):
+        self.asked = False
+        signal.signal(signal.SIGTERM, self.note)
+
+    def note(self, *_):
+        self.asked = True
+
+    def now(self, accelerator):
+        if accelerator.num_processes == 1:
+            return self.asked
+        return accelerator.reduce(torch.tensor([float(self.asked)], device=accelerator.device), "max").item() > 0
 
 
 def on_main_first(accelerator, fn):
@@ -280,7 +302,7 @@ def train(args, build_model):
         report.epoch_header()
 
     sync_steps = args.step_timing or accelerator.device.type == "cpu"
-    stopped_by, first = None, state.epoch + 1
+    stopped_by, first, preemption = None, state.epoch + 1, Preemption()
     for epoch in range(first, args.epochs + 1):
         # the main process decides for all: clocks differ between processes, and all must stop together
         if args.time_limit and epoch > first and \
@@ -295,13 +317,15 @@ def train(args, build_model):
             torch.cuda.reset_peak_memory_stats(accelerator.device)
         clock = Stopwatch(accelerator.device)
         times = StepTimes(clock, sync_steps)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        seen = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        done = state.step  # > 0 when resuming an epoch stopped part-way
+        loss_sum = torch.tensor(state.partial_loss if main else 0.0, device=accelerator.device)
+        seen = torch.tensor(state.partial_seen if main else 0, device=accelerator.device)
         first_bad = torch.zeros((), device=accelerator.device, dtype=torch.long)  # step of the first non-finite loss
         steps = min(len(train_loader), args.max_steps or len(train_loader))
+        batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
         with report.bar(main) as bar:  # the loss stays on the device: no host sync per step
-            task = bar.add_task(f"epoch {epoch}/{args.epochs}", total=steps)
-            for step, (images, masks, _) in enumerate(train_loader, 1):
+            task = bar.add_task(f"epoch {epoch}/{args.epochs}", total=steps, completed=done)
+            for step, (images, masks, _) in enumerate(batches, done + 1):
                 times.waited()
                 x, y = data.to_inputs(images, masks, args.flip, args.rotate, args.scale, args.channels_last)
                 loss = loss_from_terms(loss_terms(model(x), y), args.loss)
@@ -316,7 +340,16 @@ def train(args, build_model):
                 times.done()
                 if step == steps:
                     break
-        train_time = clock.elapsed()
+                if step % Preemption.CHECK_EVERY == 0 and preemption.now(accelerator):
+                    state.step, state.partial_time_s = step, state.partial_time_s + clock.elapsed()
+                    state.partial_loss = accelerator.reduce(loss_sum, "sum").item()
+                    state.partial_seen = accelerator.reduce(seen, "sum").item()
+                    stopped_by = f"SIGTERM at epoch {epoch}, step {step}"
+                    break
+        if stopped_by:
+            break
+        train_time = clock.elapsed() + state.partial_time_s
+        state.step, state.partial_loss, state.partial_seen, state.partial_time_s = 0, 0.0, 0, 0.0
         timing = times.summary()
         # the slowest process sets the pace: its times stand for the epoch
         per_rank = accelerator.gather(torch.tensor([[train_time, timing["data_wait_s"], timing["compute_s"],
@@ -353,8 +386,18 @@ def train(args, build_model):
                 report.save_torch({"model": weights, "config": model_config(args), "epoch": epoch, "val": val},
                                   out / "best.pt")
         save_last(accelerator, out)
+        if preemption.now(accelerator):
+            stopped_by = f"SIGTERM after epoch {epoch}"
+            break
     if tracker:
         tracker.finish()
+    if stopped_by and stopped_by.startswith("SIGTERM"):
+        if state.step:  # stopped part-way through an epoch: save where
+            save_last(accelerator, out)
+        if main:
+            report.console.print(f"stopped by {stopped_by}: checkpoint in {out / 'last'}; continue with --resume {out}")
+        accelerator.end_training()
+        return None
 
     # the best epoch, once more on validation and once on test, with the 3-D metrics too
     accelerator.wait_for_everyone()

@@ -127,3 +127,59 @@ def test_when_one_process_dies_the_launcher_ends_the_others(phantoms, tmp_path, 
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.4])
+def test_sigterm_saves_where_it_stopped_and_resume_matches(phantoms, tmp_path, env, delay):
+    """Slurm's SIGTERM before pre-emption: the run saves (part-way through an epoch, or after it) and
+    exits cleanly; --resume then ends exactly where an uninterrupted run does."""
+    flags = ["--data-dir", str(phantoms), *TINY, "--batch-size", "1", "--epochs", "4"]
+    train("unet", *flags, "--output-dir", str(tmp_path / "whole"), env=env)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "unet/train.py", *flags, "--output-dir", str(cut)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not rows(cut) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in out and f"--resume {cut}" in out
+    assert not (cut / "summary.json").exists()  # not finished: no summary that could pass for one
+    train("unet", "--resume", str(cut), env=env)
+    whole, resumed = rows(tmp_path / "whole"), rows(cut)
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(whole, resumed):
+        for k in ("train_loss", "val_loss", "val_dice"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6), (a["epoch"], k)
+
+
+def test_run_sh_under_slurm_requeues_on_sigterm_and_resumes(phantoms, tmp_path, env):
+    """Slurm simulated: SLURM_JOB_ID set and a stand-in `scontrol` that records its arguments."""
+    job = f"test{os.getpid()}"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (fake / "scontrol").chmod(0o755)
+    env = {**env, "SLURM_JOB_ID": job, "SLURM_SUBMIT_DIR": str(ROOT), "PATH": f"{fake}:{env['PATH']}"}
+    cmd = ["bash", "run.sh", "unet", "--data-dir", str(phantoms), *TINY, "--batch-size", "1", "--epochs", "5"]
+    run_dir = ROOT / "runs" / f"unet-{job}"
+    try:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while not rows(run_dir) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", job], out
+        assert not (run_dir / "summary.json").exists()
+
+        p = run(cmd, env)  # the requeued job: the same command finds the run folder and resumes
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert [r["epoch"] for r in rows(run_dir)] == [1, 2, 3, 4, 5]
+        assert (run_dir / "summary.json").exists()
+        assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", job]  # not requeued again
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -91,6 +91,10 @@ def test_two_gloo_processes_through_accelerate_launch(phantoms, tmp_path, env):
     (["--eval-only"], "--checkpoint"),
     (["--checkpoint", "nowhere.pt"], "nowhere.pt"),
     (["--data-dir", "no/such/folder"], "no/such/folder"),
+    (["--output-dir", "README.md"], "--output-dir"),
+    (["--eval-only", "--checkpoint", "README.md"], "not a checkpoint"),
+    (["--folds", "1"], "--folds"),
+    (["--folds", "3", "--fold", "3"], "--fold"),
 ])
 def test_user_errors_end_in_one_line_and_exit_code_2(flags, named, env):
     p = run([sys.executable, "unet/train.py", *flags], env)
