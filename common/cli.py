@@ -171,5 +171,5 @@ def main(parser, build_model, argv=None):
         if "--debug" in argv:
             raise
         if os.environ.get("RANK", "0") == "0":  # one line per job, not one per process
-            print(f"error: {e}", file=sys.stderr)
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever it quotes
         sys.exit(2)

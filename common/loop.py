@@ -444,7 +444,8 @@ def load_checkpoint(path, model_name=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         config = ckpt["config"]
     except Exception as e:
-        raise UserError(f"--checkpoint {path}: not a checkpoint of this repository ({e})") from e
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(f"--checkpoint {path}: not a checkpoint of this repository ({reason})") from e
     if model_name is not None and config["model"] != model_name:
         raise UserError(f"--checkpoint {path} holds a {config['model']} model, not {model_name}")
     return ckpt
