@@ -5,6 +5,7 @@
 #   sbatch --nodes=2 --gres=gpu:4 run.sh fcn --epochs 30     # two nodes: srun + c10d rendezvous
 #   sbatch --partition=gpu --account=me --time=4:00:00 run.sh segnet
 #   bash run.sh unet --synthetic                             # no Slurm: the GPUs here, or the CPU
+#   sbatch --array=0-2 run.sh unet,fcn,segnet --data-dir data/kaggle_3m   # a job array: task i, model i
 #   sbatch run.sh sweep unet --processes 1 2 4 --workers 0 1 8 -- --data-dir data/kaggle_3m
 #                                                            # the speed study's grid on one node
 #
@@ -24,6 +25,10 @@
 set -euo pipefail
 
 model=${1:-}
+if [[ "$model" == *,* ]]; then  # a job array over models: task i trains the i-th
+  IFS=, read -ra models <<< "$model"
+  model=${models[${SLURM_ARRAY_TASK_ID:-0}]:-}
+fi
 # sbatch runs a copy of this script from a spool folder: the repository is where the job was submitted
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$(readlink -f "$0")")}"
 case "$model" in
