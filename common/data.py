@@ -59,6 +59,8 @@ def discover(data_dir):
                 raise UserError(f"mask without image: {masks[stem][1]} (expected {stem}.tif beside it)")
             n, image = images[stem]
             slices.append(Slice(folder.name, n, image, masks[stem][1]))
+        if len(images) == 1:  # volumes have tens of slices: a lone one is what a half-extracted copy leaves
+            raise UserError(f"patient folder {folder} holds a single slice: is the copy complete?")
     if not slices:
         raise UserError(f"no slices in {data_dir}: patient folders hold no <patient>_<n>.tif files")
     return sorted(slices, key=lambda s: (s.patient, s.n))

@@ -455,8 +455,12 @@ def evaluate_checkpoint(args, build_model):
     """--eval-only: the checkpoint's network on the validation and test sets of this split."""
     ckpt = load_checkpoint(args.checkpoint, args.model)
     for key in MODEL_FLAGS:
+        saved = ckpt["config"][key]
+        if key != "image_size" and key in args.given and getattr(args, key) != saved:
+            raise UserError(f"--checkpoint {args.checkpoint} holds a model of --{key.replace('_', '-')} {saved}, "
+                            f"not {getattr(args, key)}")
         if key != "image_size" or key not in args.given:
-            setattr(args, key, ckpt["config"][key])
+            setattr(args, key, saved)
     accelerator = make_accelerator(args)
     model = build_model(args)
     try:

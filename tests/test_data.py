@@ -109,11 +109,16 @@ def broken(kind, root):
     if kind == "one-channel image":
         Image.fromarray(np.zeros((64, 64), np.uint8)).save(image)
         return image
+    if kind == "single-slice patient":
+        for f in patient.glob("*.tif"):
+            if f.name not in (image.name, mask.name):
+                f.unlink()
+        return patient
     raise ValueError(kind)
 
 
 KINDS = ["image without mask", "mask without image", "zero-byte tiff", "truncated tiff", "not a tiff",
-         "mask of another size", "mask values", "one-channel image"]
+         "mask of another size", "mask values", "one-channel image", "single-slice patient"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -226,3 +231,17 @@ def test_folds_partition_the_non_test_patients_with_balanced_tumour():
 def test_more_folds_than_patients_is_refused():
     with pytest.raises(UserError, match="--folds 9"):
         data.split(fake_slices(8, 2), "patient", 0.2, 0.1, 0, np.zeros(16), folds=9, fold=0)
+
+
+def test_an_unreadable_file_is_named(phantoms, monkeypatch):
+    """As root, file permissions do not stop a read: the refusal is simulated where PIL opens the file."""
+    import PIL.Image
+
+    target = data.discover(phantoms)[0]
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(PIL.Image, "open", refuse)
+    with pytest.raises(UserError, match=f"cannot read {target.image}: Permission denied"):
+        data.read_pair(target, 64)

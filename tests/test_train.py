@@ -1,7 +1,9 @@
 """The train.py scripts run as a user runs them: as subprocesses, on tiny phantoms."""
 import csv
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,6 +71,10 @@ def test_eval_only_refuses_another_models_checkpoint(phantoms, tmp_path, env):
     train("segnet", "--data-dir", str(phantoms), *TINY, "--epochs", "1", "--output-dir", str(out), env=env)
     p = run([sys.executable, "fcn/train.py", "--data-dir", str(phantoms), "--eval-only", "--checkpoint", str(out)], env)
     assert p.returncode == 2 and p.stderr.strip() == f"error: --checkpoint {out / 'best.pt'} holds a segnet model, not fcn"
+    p = run([sys.executable, "segnet/train.py", "--data-dir", str(phantoms), "--eval-only", "--checkpoint",
+             str(out / "best.pt"), "--width", "0.5"], env)
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"error: --checkpoint {out / 'best.pt'} holds a model of --width 0.125, not 0.5"
 
 
 def test_two_gloo_processes_through_accelerate_launch(phantoms, tmp_path, env):
@@ -227,3 +233,17 @@ def test_time_limit_stops_every_process_at_the_same_epoch(phantoms, tmp_path, en
     summary = json.loads((out / "summary.json").read_text())
     assert 1 <= summary["epochs"] < 500 and summary["stopped_by"].startswith("--time-limit 6 s before epoch")
     assert len(rows(out)) == summary["epochs"] and summary["test"] is not None
+
+
+def test_bad_data_leaves_no_run_folder_and_no_cache(phantoms, tmp_path, env):
+    root = tmp_path / "kaggle_3m"
+    shutil.copytree(phantoms, root)
+    patient = sorted(p for p in root.iterdir() if p.is_dir())[1]
+    broken = patient / f"{patient.name}_3.tif"
+    broken.write_bytes(broken.read_bytes()[:200])
+    p = run([sys.executable, "unet/train.py", "--data-dir", str(root), *TINY, "--output-dir", str(tmp_path / "run")], env)
+    assert p.returncode == 2 and p.stderr.startswith("error: cannot decode") and str(broken) in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    cache = Path(env["LGG_CACHE_DIR"])
+    assert not list(cache.glob("*/meta.json")) and not list(cache.glob("*.tmp*"))
