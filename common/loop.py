@@ -302,11 +302,11 @@ def train(args, build_model):
         report.epoch_header()
 
     sync_steps = args.step_timing or accelerator.device.type == "cpu"
-    stopped_by, first, preemption = None, state.epoch + 1, Preemption()
+    stopped_by, first, preemption, epoch_s = None, state.epoch + 1, Preemption(), 0.0
     for epoch in range(first, args.epochs + 1):
         # the main process decides for all: clocks differ between processes, and all must stop together
         if args.time_limit and epoch > first and \
-                main_value(accelerator, time.perf_counter() - started + row["epoch_time_s"] > args.time_limit):
+                main_value(accelerator, time.perf_counter() - started + epoch_s > args.time_limit):
             stopped_by = f"--time-limit {args.time_limit:g} s before epoch {epoch}"
             if main:
                 report.console.print(f"stopped: {stopped_by}")
@@ -371,7 +371,7 @@ def train(args, build_model):
                "data_wait_share": slowest[1] / slowest[0], "peak_memory_mb": per_rank[:, 4].max().item(),
                **{k: timing[k] for k in ("step_median_s", "step_data_median_s", "step_compute_median_s", "steps",
                                          "step_timing_synced")}}
-        state.epoch, state.train_time_s = epoch, state.train_time_s + slowest[0]
+        state.epoch, state.train_time_s, epoch_s = epoch, state.train_time_s + slowest[0], row["epoch_time_s"]
         if main:
             report.append_jsonl(out / "metrics.jsonl", row)
             report.epoch_line(row)

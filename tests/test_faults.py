@@ -14,7 +14,6 @@ import pytest
 
 from common import data
 from common.cli import UserError
-from common.synthetic import write_phantoms
 from conftest import ROOT, TINY, run, train
 
 
