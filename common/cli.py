@@ -100,6 +100,13 @@ def make_parser(model, description, **defaults):
     return p
 
 
+def parse_with_train_flags(parser, argv=None):
+    """(args, flags) for commands that pass what follows `--` to <model>/train.py."""
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    return parser.parse_args(argv[:cut]), argv[cut + 1:]
+
+
 def explicit_flags(parser, argv):
     """The flags the user actually gave, with their values (defaults left out)."""
     quiet = copy.deepcopy(parser)

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from common import report
+from common.cli import parse_with_train_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOWN = ["miou_bg", "miou_bg_seed", "iou_tumor", "dice", "dice_slice", "dice_patient_mean", "dice_patient_lcc_mean",
@@ -53,9 +54,7 @@ def main(argv=None):
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--output-dir", type=Path, default=None, help="default runs/<model>-cv<K>-<time>")
     p.add_argument("--launch", default=None, help="launcher command for each fold (default: this python)")
-    argv = sys.argv[1:] if argv is None else argv
-    cut = argv.index("--") if "--" in argv else len(argv)
-    args, flags = p.parse_args(argv[:cut]), argv[cut + 1:]  # after --: flags for <model>/train.py
+    args, flags = parse_with_train_flags(p, argv)
     if args.folds < 2:
         p.error(f"argument --folds: must be at least 2, got {args.folds}")
     out = args.output_dir or Path("runs") / f"{args.model}-cv{args.folds}-{datetime.now():%Y%m%d-%H%M%S}"

@@ -89,18 +89,17 @@ class Preemption:
 def on_main_first(accelerator, fn):
     """fn() on the main process, then on the others (which find its cache in place). A failure on the
     main process is raised on every process, rather than leaving them waiting at a barrier."""
-    result, failure, error = None, None, [None]
+    result, failure, error = None, None, None
     if accelerator.is_main_process:
         try:
             result = fn()
         except Exception as e:
-            failure, error = e, [str(e) if isinstance(e, UserError) else f"main process failed: {e!r}"]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(error)
+            failure, error = e, str(e) if isinstance(e, UserError) else f"main process failed: {e!r}"
+    error = main_value(accelerator, error)
     if failure is not None:
         raise failure
-    if error[0] is not None:
-        raise UserError(error[0])
+    if error is not None:
+        raise UserError(error)
     return result if accelerator.is_main_process else fn()
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from common import report
+from common.cli import parse_with_train_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_DATASET = 3929
@@ -45,9 +46,7 @@ def main(argv=None):
                    help="threads per process; 0: automatic (cores / processes); more shows oversubscription")
     p.add_argument("--steps", type=int, default=20, help="steps per process and epoch")
     p.add_argument("--output-dir", type=Path, default=Path("sweeps"))
-    argv = sys.argv[1:] if argv is None else argv
-    cut = argv.index("--") if "--" in argv else len(argv)
-    args, flags = p.parse_args(argv[:cut]), argv[cut + 1:]  # after --: flags for <model>/train.py
+    args, flags = parse_with_train_flags(p, argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     grid = [g for g in itertools.product(args.processes, args.pipelines, args.workers, args.precisions, args.threads)
             if not (g[1] == "device" and g[2] > 0)]  # the device pipeline has no workers
