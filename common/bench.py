@@ -190,15 +190,19 @@ def bench_suite(args, device):
         for name, flags in SUITE:
             if "--compile" in flags and model not in args.compile_models:
                 continue
-            loop = loop_run(model, args, args.output_dir / "runs" / f"{model}-{name.replace(' ', '-')}", flags)
+            try:
+                loop = loop_run(model, args, args.output_dir / "runs" / f"{model}-{name.replace(' ', '-')}", flags)
+            except RuntimeError as e:  # one setting failing (a compiler missing, say) must not lose the others
+                report.console.print(f"{model} {name}: failed, left out of the table\n{e}")
+                continue
             precision = "bf16" if "bf16" in name else "no"
             rows.append({"model": model, "setting": name, "gflops_per_image": g, **loop,
                          "mfu": 3 * g * loop["images_per_s"] / 1e3 / peaks[precision] if peaks[precision] else None})
             report.console.print(f"{model} {name}: {loop['images_per_s']:.1f} images/s, "
                                  f"data wait {loop['data_wait_share']:.1%}")
     for r in rows:
-        base = next(b for b in rows if b["model"] == r["model"] and b["setting"] == "fp32 decode")
-        r["speedup_vs_fp32_decode"] = r["images_per_s"] / base["images_per_s"]
+        base = next((b for b in rows if b["model"] == r["model"] and b["setting"] == "fp32 decode"), None)
+        r["speedup_vs_fp32_decode"] = r["images_per_s"] / base["images_per_s"] if base else None
     return rows, {"peak_tflops_tf32": peaks["no"], "peak_tflops_bf16": peaks["bf16"]}
 
 
