@@ -420,7 +420,7 @@ def train(args, build_model):
                "device": device_name(accelerator.device), "world_size": accelerator.num_processes,
                "mixed_precision": accelerator.mixed_precision, "batch_size_per_process": args.batch_size,
                "global_batch_size": global_batch, "epochs": state.epoch, "train_time_s": state.train_time_s,
-               **{k: statistics.median(r[k] for r in last_rows) if last_rows and last_rows[-1][k] is not None else None
+               **{k: statistics.median(v) if (v := [r[k] for r in last_rows if r.get(k) is not None]) else None
                   for k in ("images_per_s", "data_wait_share", "step_median_s", "step_data_median_s",
                             "step_compute_median_s")},
                "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
