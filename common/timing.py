@@ -38,7 +38,8 @@ class Stopwatch:
 class StepTimes:
     """Per-step data wait (until the batch is on the device), compute (inputs, forward, backward,
     optimiser) and rest, of one epoch. Synchronised steps (always on a CPU, with --step-timing on an
-    accelerator) split the time truly; unsynchronised ones only tell when the host waited for data."""
+    accelerator) split the time truly; unsynchronised ones only tell where the host waited, which is
+    wherever the device's full queue stopped it, so the loop reports no split for them."""
 
     def __init__(self, clock, sync):
         self.clock, self.sync = clock, sync
