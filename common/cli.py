@@ -10,6 +10,14 @@ from pathlib import Path
 class UserError(Exception):
     """Bad input from the user (a flag, a file, a folder): reported in one line, exit code 2."""
 
+    exit_code = 2
+
+
+class Unfinished(UserError):
+    """A run whose training is saved but whose last steps failed: one line saying how to finish it."""
+
+    exit_code = 1
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -179,4 +187,4 @@ def main(parser, build_model, argv=None):
             raise
         if os.environ.get("RANK", "0") == "0":  # one line per job, not one per process
             print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever it quotes
-        sys.exit(2)
+        sys.exit(e.exit_code)

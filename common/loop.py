@@ -21,7 +21,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, is_tensorboard_available, set_seed
 
 from common import data, metrics, report, synthetic
-from common.cli import MODEL_FLAGS, UserError
+from common.cli import MODEL_FLAGS, Unfinished, UserError
 from common.blocks import sync_batchnorm
 from common.timing import StepTimes, Stopwatch, default_threads, device_name, gflops, peak_memory
 
@@ -403,7 +403,23 @@ def train(args, build_model):
         accelerator.end_training()
         return None
 
-    # the best epoch, once more on validation and once on test, with the 3-D metrics too
+    try:  # an error from here on must not cost the training: best.pt, last/ and metrics.jsonl stay
+        summary = final_report(args, build_model, accelerator, model, (val_loader, test_loader), d, state, out,
+                               n_params, stopped_by, tracker)
+    except Exception as e:
+        if args.debug:
+            raise
+        raise Unfinished(f"training ended ({state.epoch} epochs: best.pt, last/ and metrics.jsonl are in {out}) "
+                         f"but the final evaluation failed ({type(e).__name__}: {e}); "
+                         f"finish it with: python {args.model}/train.py --resume {out}") from e
+    accelerator.end_training()
+    return summary
+
+
+def final_report(args, build_model, accelerator, model, loaders, d, state, out, n_params, stopped_by, tracker):
+    """The best epoch once more on validation and once on test, with the 3-D metrics too; then
+    summary.json and the results table."""
+    main, (val_loader, test_loader) = accelerator.is_main_process, loaders
     accelerator.wait_for_everyone()
     results = {}
     if not args.no_eval:
@@ -419,7 +435,8 @@ def train(args, build_model):
                **{k: getattr(args, k) for k in SPEED_FLAGS}, "pin_memory": d.loaders["train"].pin_memory,
                "device": device_name(accelerator.device), "world_size": accelerator.num_processes,
                "mixed_precision": accelerator.mixed_precision, "batch_size_per_process": args.batch_size,
-               "global_batch_size": global_batch, "epochs": state.epoch, "train_time_s": state.train_time_s,
+               "global_batch_size": args.batch_size * accelerator.num_processes, "epochs": state.epoch,
+               "train_time_s": state.train_time_s,
                **{k: statistics.median(v) if (v := [r[k] for r in last_rows if r.get(k) is not None]) else None
                   for k in ("images_per_s", "data_wait_share", "step_median_s", "step_data_median_s",
                             "step_compute_median_s")},
@@ -435,7 +452,6 @@ def train(args, build_model):
                                  f"{state.train_time_s:.0f} s training", results)
         report.console.print(f"wrote {out}/: args.json split.json metrics.jsonl summary.json"
                              + ("" if args.no_eval else " best.pt last/") + (" tensorboard/" if tracker else ""))
-    accelerator.end_training()
     return summary
 
 

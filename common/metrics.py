@@ -10,6 +10,7 @@ import random
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 TP, FP, FN, TN = range(4)
 
@@ -86,8 +87,6 @@ def summarize(counts, patients=None):
 
 def largest_component(volume):
     """The largest 3-D connected component (6-connectivity) of a boolean volume."""
-    from scipy import ndimage
-
     labels, n = ndimage.label(volume)
     if n <= 1:
         return volume
@@ -99,7 +98,6 @@ def hd95(pred, truth):
     """95th-percentile Hausdorff distance between the surfaces of two non-empty boolean volumes, in
     voxels (in-plane pixels, slice spacing counted as 1): the larger of the two directed 95th
     percentiles, as MONAI computes it."""
-    from scipy import ndimage
 
     def surface(v):
         return v & ~ndimage.binary_erosion(v)
@@ -110,22 +108,30 @@ def hd95(pred, truth):
     return float(max(np.percentile(d_to_truth, 95), np.percentile(d_to_pred, 95)))
 
 
+def patient_row(pred, truth):
+    """One patient's 3-D metrics, from its predicted and true masks (slices, H, W) bool: Dice and
+    tumour IoU of the volume and HD95 (None when the truth or the prediction is empty), as predicted
+    and after keeping the largest connected component of the prediction (the dataset author's
+    post-processing)."""
+    row = {"slices": len(truth), "tumour_slices": int(truth.any((1, 2)).sum()), "tumour_voxels": int(truth.sum())}
+    for tag, p in (("", pred), ("_lcc", largest_component(pred))):
+        inter, total = int((p & truth).sum()), int(p.sum() + truth.sum())
+        row[f"dice{tag}"] = ratio(2 * inter, total)
+        row[f"iou{tag}"] = ratio(inter, total - inter)
+        row[f"hd95{tag}"] = hd95(p, truth) if p.any() and truth.any() else None
+    return row
+
+
 def volume_metrics(pred, truth, patients):
     """Per-patient 3-D metrics from predicted and true masks (N, H, W) bool, slices of a patient in
-    order. dice_patient_lcc: Dice after keeping the largest connected component of the prediction
-    (the dataset author's post-processing). hd95_patient: over patients whose prediction and truth
-    are both non-empty; the others are counted apart (hd95_excluded), not averaged in."""
+    order: a row per patient (patient_row) in `per_patient`, and their summaries. hd95_patient is
+    over patients whose prediction and truth are both non-empty; the others are counted apart
+    (hd95_excluded), not averaged in."""
     names = list(dict.fromkeys(patients))
     patients = np.asarray(patients)
-    lcc, hd, excluded = [], [], 0
-    for name in names:
-        p, t = pred[patients == name], truth[patients == name]
-        q = largest_component(p)
-        lcc.append(ratio(2 * (q & t).sum(), q.sum() + t.sum()))
-        if p.any() and t.any():
-            hd.append(hd95(p, t))
-        else:
-            excluded += 1
+    rows = [{"patient": name, **patient_row(pred[patients == name], truth[patients == name])} for name in names]
+    lcc = [r["dice_lcc"] for r in rows]
+    hd = [r["hd95"] for r in rows if r["hd95"] is not None]
     return {"dice_patient_lcc_mean": mean(lcc), "dice_patient_lcc_median": median(lcc),
             "hd95_patient_mean": mean(hd), "hd95_patient_median": median(hd),
-            "hd95_patients": len(hd), "hd95_excluded": excluded}
+            "hd95_patients": len(hd), "hd95_excluded": len(rows) - len(hd), "per_patient": rows}

@@ -182,3 +182,24 @@ def test_run_sh_under_slurm_requeues_on_sigterm_and_resumes(phantoms, tmp_path, 
         assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", job]  # not requeued again
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_a_failing_final_evaluation_keeps_the_training_and_resume_finishes_it(phantoms, tmp_path, env):
+    """A package that breaks at the very end (scipy, as once for a new user) costs no training."""
+    broken = tmp_path / "broken" / "scipy"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("")
+    (broken / "ndimage.py").write_text("def label(*a, **k):\n    raise RuntimeError('injected failure')\n"
+                                       "binary_erosion = distance_transform_edt = label\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "unet/train.py", "--data-dir", str(phantoms), *TINY, "--output-dir", str(out)]
+    p = run(cmd, {**env, "PYTHONPATH": os.pathsep.join([str(broken.parent), str(ROOT)])})
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error: training ended (2 epochs")
+    assert "injected failure" in p.stderr and f"--resume {out}" in p.stderr
+    assert all((out / f).exists() for f in ("best.pt", "last", "metrics.jsonl")) and not (out / "summary.json").exists()
+    assert not list(out.glob("*.tmp*"))
+    train("unet", "--resume", str(out), env=env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["test"]["dice_patient_lcc_mean"] is not None
+    assert len(summary["test"]["per_patient"]) == 1

@@ -7,14 +7,17 @@ The original U-Net (64..1024 channels, 34.5 M parameters at --width 1.0) trained
 with --encoder, segmentation-models-pytorch's U-Net on that encoder (resnet34, or a timm encoder
 such as tu-convnext_tiny), randomly initialised: nothing is downloaded.
 """
-from common.cli import main, make_parser
+from common.cli import UserError, main, make_parser
 from unet.model import UNet
 
 
 def build_model(args):
     if args.encoder:
-        import segmentation_models_pytorch as smp  # only this variant needs it
-
+        try:  # only this variant needs it
+            import segmentation_models_pytorch as smp
+        except ImportError as e:
+            raise UserError(f"--encoder needs segmentation-models-pytorch ({e}): "
+                            "pip install segmentation-models-pytorch") from e
         return smp.Unet(args.encoder, encoder_weights=None, in_channels=3, classes=1)
     return UNet(in_channels=3, out_channels=1, width=args.width)
 
