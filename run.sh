@@ -6,6 +6,9 @@
 #   sbatch --partition=gpu --account=me --time=4:00:00 run.sh segnet
 #   bash run.sh unet --synthetic                             # no Slurm: the GPUs here, or the CPU
 #   sbatch --array=0-2 run.sh unet,fcn,segnet --data-dir data/kaggle_3m   # a job array: task i, model i
+#   sbatch --array=0-2 run.sh unet,fcn,segnet --output-dir runs/cmp --val-frac 0.1 --test-frac 0.2 ...
+#                                  # the comparison: task i into runs/cmp/<model i>; then, once all ended,
+#                                  # python -m common.compare --table --output-dir runs/cmp
 #   sbatch run.sh sweep unet --processes 1 2 4 --workers 0 1 8 -- --data-dir data/kaggle_3m
 #                                                            # the speed study's grid on one node
 #
@@ -25,9 +28,11 @@
 set -euo pipefail
 
 model=${1:-}
+array=0
 if [[ "$model" == *,* ]]; then  # a job array over models: task i trains the i-th
   IFS=, read -ra models <<< "$model"
   model=${models[${SLURM_ARRAY_TASK_ID:-0}]:-}
+  array=1
 fi
 # sbatch runs a copy of this script from a spool folder: the repository is where the job was submitted
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$(readlink -f "$0")")}"
@@ -53,7 +58,19 @@ echo "run.sh: $model on $nodes node(s) x $procs process(es) ($gpus GPU(s) per no
 
 # under Slurm, the run folder is named after the job, so that a requeued job finds it and resumes
 run_dir=""
-if [ -n "${SLURM_JOB_ID:-}" ] && ! printf '%s\n' "$@" | grep -qE '^--(output-dir|resume)(=|$)'; then
+if [ "$array" = 1 ] && printf '%s\n' "$@" | grep -qE '^--output-dir(=|$)'; then
+  # an array with --output-dir D (a comparison, common.compare): task i writes D/<model i>
+  args=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --output-dir) run_dir="${2:?--output-dir needs a folder}/$model"; args+=(--output-dir "$run_dir"); shift 2 ;;
+      --output-dir=*) run_dir="${1#*=}/$model"; args+=(--output-dir "$run_dir"); shift ;;
+      *) args+=("$1"); shift ;;
+    esac
+  done
+  set -- "${args[@]}"
+  if [ -d "$run_dir/last" ]; then set -- "$@" --resume "$run_dir"; fi
+elif [ -n "${SLURM_JOB_ID:-}" ] && ! printf '%s\n' "$@" | grep -qE '^--(output-dir|resume)(=|$)'; then
   run_dir="runs/$model-$SLURM_JOB_ID"
   if [ -f "$run_dir/args.json" ]; then set -- "$@" --resume "$run_dir"; else set -- "$@" --output-dir "$run_dir"; fi
 fi
@@ -84,7 +101,7 @@ trap forward TERM
 status=0
 wait "$child" || status=$?
 if [ "$status" -gt 128 ]; then status=0; wait "$child" || status=$?; fi  # wait was cut short by the trap
-if [ "$status" -eq 0 ] && [ -n "$run_dir" ] && [ ! -f "$run_dir/summary.json" ]; then
+if [ "$status" -eq 0 ] && [ -n "$run_dir" ] && [ -n "${SLURM_JOB_ID:-}" ] && [ ! -f "$run_dir/summary.json" ]; then
   echo "run.sh: stopped before the end: requeueing job $SLURM_JOB_ID to resume from $run_dir"
   scontrol requeue "$SLURM_JOB_ID"
 fi

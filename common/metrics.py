@@ -113,7 +113,9 @@ def patient_row(pred, truth):
     tumour IoU of the volume and HD95 (None when the truth or the prediction is empty), as predicted
     and after keeping the largest connected component of the prediction (the dataset author's
     post-processing)."""
-    row = {"slices": len(truth), "tumour_slices": int(truth.any((1, 2)).sum()), "tumour_voxels": int(truth.sum())}
+    row = {"slices": len(truth), "tumour_slices": int(truth.any((1, 2)).sum()), "tumour_voxels": int(truth.sum()),
+           "tp": int((pred & truth).sum()), "fp": int((pred & ~truth).sum()), "fn": int((~pred & truth).sum()),
+           "tn": int((~pred & ~truth).sum())}
     for tag, p in (("", pred), ("_lcc", largest_component(pred))):
         inter, total = int((p & truth).sum()), int(p.sum() + truth.sum())
         row[f"dice{tag}"] = ratio(2 * inter, total)

@@ -1,0 +1,99 @@
+"""The comparison: statistics checked by hand, and its tables recomputed from per-patient.csv."""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from common import compare, stats
+from common.synthetic import write_phantoms
+from conftest import run
+
+TINY = ["--image-size", "64", "--width", "0.125", "--epochs", "1", "--batch-size", "4"]
+
+
+def test_bootstrap_interval_by_hand():
+    # two patients scoring 0 and 1: resampled means are 0, 0.5, 1 with chances 1/4, 1/2, 1/4, so the
+    # 2.5th and 97.5th percentiles are 0 and 1
+    assert stats.bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    assert stats.bootstrap_ci([0.7, 0.7, 0.7]) == pytest.approx((0.7, 0.7))
+    low, high = stats.bootstrap_ci(np.linspace(0, 1, 41))
+    assert 0.40 < low < 0.5 < high < 0.60  # mean 0.5, standard error 0.3 / sqrt(41) = 0.047
+
+
+def test_paired_statistics_by_hand():
+    a, b = [0.9, 0.8, 0.7, 0.6, 0.5], [0.8, 0.6, 0.4, 0.2, 0.0]  # differences 0.1 .. 0.5, all positive
+    p = stats.paired(a, b)
+    assert p["mean_diff"] == pytest.approx(0.3) and (p["wins"], p["losses"], p["patients"]) == (5, 0, 5)
+    assert p["wilcoxon_p"] == pytest.approx(2 / 2 ** 5)  # exact: only all-positive or all-negative ranks are as extreme
+    assert 0.1 <= p["ci_low"] < 0.3 < p["ci_high"] <= 0.5
+    same = stats.paired([0.5, 0.6], [0.5, 0.6])
+    assert same["wilcoxon_p"] is None and same["ci_low"] == same["ci_high"] == 0
+
+
+def test_verdict_claims_no_more_than_the_statistics():
+    shown = {"a": "unet", "b": "fcn", "mean_diff": 0.05, "ci_low": 0.01, "ci_high": 0.09, "wilcoxon_p": 0.01}
+    assert compare.verdict(shown).startswith("U-Net scores higher than FCN-8s")
+    assert "no difference shown" in compare.verdict({**shown, "ci_low": -0.01, "wilcoxon_p": 0.3})
+    assert "not shown" in compare.verdict({**shown, "wilcoxon_p": 0.2})
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    """The comparison command on 10 phantom patients (7 train, 1 validate, 2 test), tiny models."""
+    root = tmp_path_factory.mktemp("compare")
+    data = write_phantoms(root / "kaggle_3m", patients=10, slices=4, size=64, seed=2)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}, "LGG_CACHE_DIR": str(root / "cache")}
+    p = run([sys.executable, "-m", "common.compare", "--output-dir", str(root / "cmp"), "--original", "--",
+             "--data-dir", str(data), *TINY], env, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return root / "cmp", env
+
+
+def test_the_comparison_writes_its_folder(comparison):
+    out, _ = comparison
+    for f in ("per-patient.csv", "summary.csv", "split.json", "comparison.md", "paired-dice.png",
+              "dice-vs-volume.png", "predictions.png", "unet/best.pt", "unet-slice/summary.json"):
+        assert (out / f).exists(), f
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["test"]) == 2 and len(split["val"]) == 1 and split["split"] == "patient"
+    rows = compare.read_csv(out / "per-patient.csv")
+    assert sorted({r["patient"] for r in rows}) == split["test"]
+    assert [r["model"] for r in compare.read_csv(out / "summary.csv")] == ["unet", "fcn", "segnet"]
+    text = (out / "comparison.md").read_text()
+    assert "U-Net - FCN-8s" in text and "slice split" in text
+
+
+def test_summary_csv_is_recomputed_from_per_patient_csv(comparison):
+    out, _ = comparison
+    rows, summary = compare.read_csv(out / "per-patient.csv"), compare.read_csv(out / "summary.csv")
+    for s in summary:
+        mine = [r for r in rows if r["model"] == s["model"]]
+        for r in mine:  # each row's Dice and IoU from its own counts
+            assert r["dice"] == pytest.approx(2 * r["tp"] / (2 * r["tp"] + r["fp"] + r["fn"]) if r["tp"] + r["fp"] + r["fn"] else 1)
+            assert r["iou"] == pytest.approx(r["tp"] / (r["tp"] + r["fp"] + r["fn"]) if r["tp"] + r["fp"] + r["fn"] else 1)
+        tp, fp, fn = (sum(r[k] for r in mine) for k in ("tp", "fp", "fn"))
+        assert s["dice_patient_mean"] == pytest.approx(np.mean([r["dice"] for r in mine]))
+        assert s["dice_patient_median"] == pytest.approx(np.median([r["dice"] for r in mine]))
+        assert s["dice_pooled"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+        assert s["iou_tumor"] == pytest.approx(tp / (tp + fp + fn))
+        assert s["dice_patient_mean_ci_low"] <= s["dice_patient_mean"] <= s["dice_patient_mean_ci_high"]
+        assert {k: pytest.approx(v) for k, v in compare.scores(mine).items()} == \
+            {k: s[k] for k in compare.scores(mine)}
+        # and the training loop's own test metrics, computed apart, agree
+        loop = json.loads((out / s["model"] / "summary.json").read_text())["test"]
+        assert loop["dice_patient_mean"] == pytest.approx(s["dice_patient_mean"])
+        assert loop["dice"] == pytest.approx(s["dice_pooled"]) and loop["miou_bg"] == pytest.approx(s["miou_bg"])
+
+
+def test_table_only_refuses_runs_tested_on_other_patients(comparison, tmp_path):
+    out, env = comparison
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)
+    summary = json.loads((copy / "fcn" / "split.json").read_text())
+    summary["test"] = ["someone else"]
+    (copy / "fcn" / "split.json").write_text(json.dumps(summary))
+    p = run([sys.executable, "-m", "common.compare", "--table", "--output-dir", str(copy)], env)
+    assert p.returncode == 2 and p.stderr.startswith("error: --output-dir") and "different patients" in p.stderr
