@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,14 @@ def cache_key(slices, data_dir, size):
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
+def open_dataset(data_dir, cache_dir, size, progress=False):
+    """(slices, images, masks, tumour pixels per slice) of a kaggle_3m folder or of a pack file."""
+    if Path(data_dir).is_file():
+        return load_pack(Path(data_dir), cache_dir, size, progress)
+    slices = discover(data_dir)
+    return slices, *load_cache(slices, data_dir, cache_dir, size, progress)
+
+
 def load_cache(slices, data_dir, cache_dir, size, progress=False):
     """Decoded arrays for `slices` (images, masks memory-mapped; tumour pixels per slice), from the
     cache; built first if absent or stale."""
@@ -129,19 +138,28 @@ def load_cache(slices, data_dir, cache_dir, size, progress=False):
 def build_cache(slices, folder, size, progress):
     from rich.progress import track
 
+    pairs = (read_pair(s, size) for s in track(slices, f"decoding {len(slices)} slices", disable=not progress))
+    write_cache(folder, len(slices), size, pairs)
+
+
+def write_cache(folder, n, size, pairs, extra=None):
+    """A cache folder of n slices from (image, mask) pairs (and `extra` {file name: text}), written
+    to a temporary name and renamed."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (len(slices), size, size, 3))
-        masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (len(slices), size, size))
-        for i, s in enumerate(track(slices, f"decoding {len(slices)} slices", disable=not progress)):
-            images[i], masks[i] = read_pair(s, size)
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size, 3))
+        masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, size, size))
+        for i, (image, mask) in enumerate(pairs):
+            images[i], masks[i] = image, mask
         images.flush(), masks.flush()
-        np.save(tmp / "tumour_pixels.npy", masks.reshape(len(slices), -1).sum(1, dtype=np.int64))
+        np.save(tmp / "tumour_pixels.npy", masks.reshape(n, -1).sum(1, dtype=np.int64))
         del images, masks
-        (tmp / "meta.json").write_text(json.dumps({"version": CACHE_VERSION, "size": size, "slices": len(slices)}))
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        (tmp / "meta.json").write_text(json.dumps({"version": CACHE_VERSION, "size": size, "slices": n}))
         if folder.exists() and not (folder / "meta.json").is_file():
             shutil.rmtree(folder)  # a damaged cache (meta.json is written last): replace it
         os.rename(tmp, folder)  # atomic: a reader sees a whole cache or none
@@ -239,6 +257,8 @@ def keep_batch(batch):
 
 def loaders(parts, pipeline, slices, images, masks, size, batch_size, num_workers, pin_memory, device):
     """A DataLoader per part ("train" shuffled), or None for an empty part."""
+    if pipeline == "decode" and slices[0].image is None:
+        raise UserError("--data-pipeline decode reads the TIFF files: give --data-dir a kaggle_3m folder, not a pack")
     if pipeline == "device":  # once, the whole uint8 dataset onto the training device (out of the read-only map)
         images = torch.from_numpy(np.array(images)).to(device)
         masks = torch.from_numpy(np.array(masks)).to(device)
@@ -282,3 +302,116 @@ def to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0, channels_last=Fals
     # one memory format whatever the path (the permute above leaves NHWC strides, the resampling
     # NCHW ones), and convolution speed depends on it
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), y
+
+
+# Packs: the decoded cache as a portable file, to stage data onto compute nodes. `F` is a small JSON
+# manifest (slices, image size, each part's size and sha256); the data are one compressed .npz
+# (lossless: the uint8 arrays themselves) cut into parts F.part1, F.part2, ... of at most --part-size.
+PACK_FORMAT = "lgg-seg pack 1"
+
+
+def pack(data_dir, out, cache_dir, size=256, part_size=0, progress=True):
+    """Write the pack of a kaggle_3m folder; returns the paths written (manifest first)."""
+    import io
+
+    slices, images, masks, _ = open_dataset(data_dir, cache_dir, size, progress)
+    index = json.dumps([[s.patient, s.n] for s in slices])
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, images=images, masks=masks, index=np.array(index))
+    blob = buffer.getbuffer()
+    step = part_size or len(blob)
+    chunks = [blob[k:k + step] for k in range(0, len(blob), step)]
+    out = Path(out)
+    parts = [out.with_name(f"{out.name}.part{k + 1}") for k in range(len(chunks))]
+    for path, chunk in zip(parts, chunks):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(chunk)
+        tmp.replace(path)
+    manifest = {"format": PACK_FORMAT, "image_size": size, "slices": len(slices),
+                "patients": len({s.patient for s in slices}), "sha256": hashlib.sha256(blob).hexdigest(),
+                "parts": [{"name": p.name, "bytes": len(c), "sha256": hashlib.sha256(c).hexdigest()}
+                          for p, c in zip(parts, chunks)]}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(out)
+    return [out, *parts]
+
+
+def pack_manifest(path):
+    try:
+        manifest = json.loads(path.read_text()) if path.stat().st_size < 1 << 20 else {}
+    except (ValueError, UnicodeDecodeError):
+        manifest = {}
+    if manifest.get("format") != PACK_FORMAT:
+        raise UserError(f"--data-dir {path}: a file, but not a pack manifest of this repository "
+                        "(give the kaggle_3m folder, or the manifest that `python -m common.data pack` wrote)")
+    return manifest
+
+
+def read_pack(path, manifest):
+    """The .npz bytes of a pack, checked part by part; a missing, truncated or altered part is a UserError."""
+    blob = bytearray()
+    for part in manifest["parts"]:
+        f = path.with_name(part["name"])
+        if not f.is_file():
+            raise UserError(f"--data-dir {path}: part {f} is missing")
+        chunk = f.read_bytes()
+        if len(chunk) != part["bytes"] or hashlib.sha256(chunk).hexdigest() != part["sha256"]:
+            raise UserError(f"--data-dir {path}: part {f} is damaged ({len(chunk)} bytes, expected {part['bytes']}, "
+                            "or another checksum): copy it again")
+        blob += chunk
+    if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+        raise UserError(f"--data-dir {path}: the parts do not add up to the packed data (checksum): copy them again")
+    return bytes(blob)
+
+
+def load_pack(path, cache_dir, size, progress=False):
+    """A pack's slices and arrays, through the cache (unpacked there once, keyed by its checksum)."""
+    import io
+
+    manifest = pack_manifest(path)
+    folder = Path(cache_dir) / f"lgg-{size}px-pack-{manifest['sha256'][:20]}"
+    if not (folder / "meta.json").is_file():
+        with np.load(io.BytesIO(read_pack(path, manifest))) as z:
+            images, masks, index = z["images"], z["masks"], str(z["index"])
+        pairs = ((resize(im, (size, size), Image.BILINEAR), resize(m, (size, size), Image.NEAREST))
+                 for im, m in zip(images, masks))
+        write_cache(folder, len(images), size, pairs, {"index.json": index})
+    slices = [Slice(patient, n, None, None) for patient, n in json.loads((folder / "index.json").read_text())]
+    return (slices, np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r"),
+            np.load(folder / "tumour_pixels.npy"))
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m common.data", description="Pack the decoded data set into a "
+                                "portable file (to stage it onto compute nodes), or unpack one into the cache.")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("pack", help="write a pack: manifest OUT and parts OUT.part1, ...")
+    a.add_argument("--data-dir", type=Path, required=True, help="a kaggle_3m folder")
+    a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--part-size", type=float, default=0, help="MiB per part at most (0: one part)")
+    a.add_argument("--image-size", type=int, default=256, help="256: the slices as released, losslessly")
+    b = sub.add_parser("unpack", help="check a pack and unpack it into the cache, where runs find it")
+    b.add_argument("pack", type=Path)
+    b.add_argument("--image-size", type=int, default=256)
+    for s in (a, b):
+        s.add_argument("--cache-dir", type=Path,
+                       default=Path(os.environ.get("LGG_CACHE_DIR", Path.home() / ".cache" / "lgg-seg")))
+    args = p.parse_args(argv)
+    try:
+        if args.command == "pack":
+            written = pack(args.data_dir, args.out, args.cache_dir, args.image_size, int(args.part_size * 2 ** 20))
+            print("wrote " + ", ".join(f"{w} ({w.stat().st_size / 2 ** 20:.1f} MiB)" for w in written))
+        else:
+            slices = load_pack(args.pack, args.cache_dir, args.image_size, progress=True)[0]
+            print(f"unpacked {len(slices)} slices of {len({s.patient for s in slices})} patients into {args.cache_dir}")
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

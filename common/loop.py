@@ -138,9 +138,7 @@ def load_data(args, accelerator):
     def prepare():
         if args.synthetic:
             args.data_dir = synthetic.ensure_phantoms(args.cache_dir)
-        slices = data.discover(args.data_dir)
-        return slices, *data.load_cache(slices, args.data_dir, args.cache_dir, args.image_size,
-                                        progress=accelerator.is_main_process)
+        return data.open_dataset(args.data_dir, args.cache_dir, args.image_size, progress=accelerator.is_main_process)
 
     slices, images, masks, tumour_pixels = on_main_first(accelerator, prepare)
     parts = data.split(slices, args.split, args.val_frac, args.test_frac, args.seed, tumour_pixels,

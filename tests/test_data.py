@@ -1,5 +1,7 @@
+import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from PIL import Image
 from common import data
 from common.cli import UserError
 from common.synthetic import write_phantoms
+from conftest import TINY, run, train
 
 
 def fake_slices(patients, per_patient):
@@ -245,3 +248,39 @@ def test_an_unreadable_file_is_named(phantoms, monkeypatch):
     monkeypatch.setattr(PIL.Image, "open", refuse)
     with pytest.raises(UserError, match=f"cannot read {target.image}: Permission denied"):
         data.read_pair(target, 64)
+
+
+def test_a_pack_round_trips_byte_identically_and_trains(phantoms, tmp_path, env):
+    written = data.pack(phantoms, tmp_path / "p.pack", tmp_path / "c1", size=64, part_size=20_000, progress=False)
+    assert len(written) > 2  # the manifest and several parts
+    slices, images, masks, tumour = data.open_dataset(phantoms, tmp_path / "c1", 64)
+    got = data.open_dataset(tmp_path / "p.pack", tmp_path / "c2", 64)
+    assert [(s.patient, s.n) for s in got[0]] == [(s.patient, s.n) for s in slices]
+    for a, b in zip((images, masks, tumour), got[1:]):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    cached = {f.name: f.read_bytes() for f in next((tmp_path / "c2").glob("*pack*")).glob("*.npy")}
+    built = {f.name: f.read_bytes() for f in next((tmp_path / "c1").glob("lgg-*")).glob("*.npy")}
+    assert cached == built  # the cache files themselves, byte for byte
+    out = tmp_path / "run"
+    train("unet", "--data-dir", str(tmp_path / "p.pack"), *TINY, "--output-dir", str(out), env=env)
+    assert json.loads((out / "split.json").read_text())["test"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "remove", "not a pack"])
+def test_a_damaged_pack_is_a_one_line_error(phantoms, tmp_path, env, damage):
+    written = data.pack(phantoms, tmp_path / "p.pack", tmp_path / "c1", size=64, part_size=20_000, progress=False)
+    part = written[2]
+    if damage == "truncate":
+        part.write_bytes(part.read_bytes()[:-10])
+    elif damage == "flip":
+        b = bytearray(part.read_bytes())
+        b[100] ^= 1
+        part.write_bytes(bytes(b))
+    elif damage == "remove":
+        part.unlink()
+    else:
+        written[0].write_text("{}")
+    p = run([sys.executable, "unet/train.py", "--data-dir", str(written[0]), *TINY], env)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"error: --data-dir {written[0]}")
+    assert (part.name in p.stderr) != (damage == "not a pack")
