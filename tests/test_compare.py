@@ -97,3 +97,15 @@ def test_table_only_refuses_runs_tested_on_other_patients(comparison, tmp_path):
     (copy / "fcn" / "split.json").write_text(json.dumps(summary))
     p = run([sys.executable, "-m", "common.compare", "--table", "--output-dir", str(copy)], env)
     assert p.returncode == 2 and p.stderr.startswith("error: --output-dir") and "different patients" in p.stderr
+
+
+def test_the_comparison_through_accelerate_launch(tmp_path):
+    data = write_phantoms(tmp_path / "kaggle_3m", patients=10, slices=4, size=64, seed=2)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")},
+           "LGG_CACHE_DIR": str(tmp_path / "cache")}
+    launch = f"{sys.executable} -m accelerate.commands.launch --config_file accelerate_configs/cpu2.yaml"
+    p = run([sys.executable, "-m", "common.compare", "--output-dir", str(tmp_path / "cmp"), "--models", "fcn",
+             "--launch", launch, "--", "--data-dir", str(data), *TINY], env, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (row,) = compare.read_csv(tmp_path / "cmp" / "summary.csv")
+    assert row["model"] == "fcn" and row["world_size"] == 2 and row["test_patients"] == 2

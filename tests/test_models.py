@@ -48,3 +48,22 @@ def test_unet_with_an_smp_encoder_builds_without_download():
 
     net = build_model(Namespace(encoder="resnet18", width=1.0))
     assert net(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_segnet_unpools_each_stage_at_its_own_encoder_indices():
+    """Ruling out a defect behind SegNet's slow start: decoder stage i must put values back where
+    encoder stage 4-i found its maxima, at that stage's size."""
+    net = SegNet(width=0.125).eval()
+    pooled, unpooled = [], []
+    pool_forward, unpool_forward = net.pool.forward, net.unpool.forward
+    net.pool.forward = lambda x: pooled.append((x, *pool_forward(x))) or pooled[-1][1:]
+    net.unpool.forward = lambda x, idx, output_size=None: unpooled.append(
+        (x, idx, unpool_forward(x, idx, output_size=output_size))) or unpooled[-1][2]
+    net(torch.randn(2, 3, 64, 64))
+    assert len(pooled) == len(unpooled) == 5
+    for (before, _, idx), (x, idx_used, out) in zip(pooled, reversed(unpooled)):
+        assert idx_used is idx and out.shape == before.shape
+        # every decoder value lands at the position of its encoder maximum; all else is 0
+        assert torch.equal(out.flatten(2).gather(2, idx.flatten(2)), x.flatten(2))
+        placed = torch.zeros_like(before).flatten(2).scatter_(2, idx.flatten(2), 1).view_as(before).bool()
+        assert not out[~placed].any()

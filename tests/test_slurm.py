@@ -2,6 +2,7 @@
 a job array of two models. Skipped, with the reason, where the daemons cannot start."""
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -66,3 +67,16 @@ def test_a_job_array_trains_one_model_per_task(slurm, tmp_path):
             for line in log.splitlines():
                 if line.startswith("wrote runs/"):
                     subprocess.run(["rm", "-rf", str(ROOT / line.split()[1].rstrip("/:"))])
+
+
+def test_a_job_array_then_the_table_is_the_comparison(slurm, tmp_path):
+    out = tmp_path / "cmp"
+    job = submit(slurm, "--array=0-2", f"--output={tmp_path}/%x-%A_%a.out", "run.sh", "unet,fcn,segnet",
+                 *TINY_JOB, "--epochs", "1", "--val-frac", "0.1", "--test-frac", "0.2", "--output-dir", str(out))
+    wait(slurm, job)
+    logs = "\n".join(f.read_text() for f in tmp_path.glob("*.out"))
+    assert all((out / m / "summary.json").exists() for m in ("unet", "fcn", "segnet")), logs
+    p = subprocess.run([sys.executable, "-m", "common.compare", "--table", "--output-dir", str(out)], cwd=ROOT,
+                       env=slurm, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert (out / "comparison.md").exists() and "U-Net - FCN-8s" in (out / "comparison.md").read_text()
