@@ -98,7 +98,7 @@ def bare_images_per_s(model_name, args, device, batch, precision="no", channels_
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = loss_from_terms(loss_terms(model(x), y), "bce+dice")
+            loss = loss_from_terms(loss_terms(model(x), y), "dice")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

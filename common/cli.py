@@ -76,7 +76,8 @@ def make_parser(model, description, **defaults):
     t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="sgd: with momentum 0.9")
     t.add_argument("--lr", type=float, default=1e-4, help="learning rate")
     t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--loss", choices=("bce+dice", "bce", "dice"), default="bce+dice")
+    t.add_argument("--loss", choices=("dice", "bce+dice", "bce"), default="dice",
+                   help="dice: soft Dice pooled over the batch; bce: binary cross-entropy over pixels (docs/loss.md)")
     t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                    help="default: the accelerate config's")
     t.add_argument("--seed", type=int, default=0)
