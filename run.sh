@@ -36,11 +36,13 @@ if [[ "$model" == *,* ]]; then  # a job array over models: task i trains the i-t
 fi
 # sbatch runs a copy of this script from a spool folder: the repository is where the job was submitted
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$(readlink -f "$0")")}"
-case "$model" in
-  unet|fcn|segnet) shift ;;
-  sweep) shift; exec python -m common.sweep "$@" ;;  # it launches each run itself
-  *) echo "error: first argument must be the model: unet, fcn or segnet, or sweep (got '${model}')" >&2; exit 2 ;;
-esac
+if [ "$model" = sweep ]; then shift; exec python -m common.sweep "$@"; fi  # it launches each run itself
+if [ -z "$model" ] || [ ! -f "$model/train.py" ] || [ ! -f "$model/model.py" ]; then
+  models_here=$(for f in */train.py; do [ -f "${f%/train.py}/model.py" ] && printf '%s ' "${f%/train.py}"; done)
+  echo "error: first argument must be a model (a folder with model.py and train.py: ${models_here% }) or sweep (got '${model}')" >&2
+  exit 2
+fi
+shift
 
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi

@@ -19,14 +19,12 @@ import statistics
 import subprocess
 import sys
 import time
-from argparse import Namespace
-from importlib import import_module
 from pathlib import Path
 
 import torch
 
-from common import data, report, synthetic
-from common.cli import UserError
+from common import data, registry, report, synthetic
+from common.errors import UserError
 from common.loop import loss_from_terms, loss_terms
 from common.timing import default_threads, device_name, gflops, synchronize
 
@@ -34,15 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_args(model, width, image_size):
-    return Namespace(model=model, width=width, encoder=None, pretrained=None, image_size=image_size)
+    return registry.model_args({"model": model, "width": width, "image_size": image_size})
 
 
 def load_source(args):
     """(data dir, slices, images, masks): --data-dir, or the phantoms (args.phantoms patients)."""
     data_dir = (synthetic.ensure_phantoms(args.cache_dir, patients=args.phantoms) if args.synthetic
                 else args.data_dir)
-    slices = data.discover(data_dir)
-    images, masks, _ = data.load_cache(slices, data_dir, args.cache_dir, args.image_size, progress=True)
+    slices, images, masks, _ = data.open_dataset(data_dir, args.cache_dir, args.image_size, progress=True)
     return data_dir, slices, images, masks
 
 
@@ -90,7 +87,7 @@ def bare_images_per_s(model_name, args, device, batch, precision="no", channels_
     """Forward, backward and Adam step of one augmented batch already on the device: the ceiling
     of the loop (same model, inputs, loss and optimiser; nothing else)."""
     torch.manual_seed(0)
-    model = import_module(f"{model_name}.train").build_model(build_args(model_name, args.width, args.image_size))
+    model = registry.build({"model": model_name, "width": args.width, "image_size": args.image_size})
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x, y = data.to_inputs(batch[0].to(device), batch[1].to(device), 0.5, 15, 0.05, channels_last)
@@ -98,7 +95,7 @@ def bare_images_per_s(model_name, args, device, batch, precision="no", channels_
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = loss_from_terms(loss_terms(model(x), y), "dice")
+            loss = loss_from_terms(loss_terms(model(x), y), "bce+dice")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -152,7 +149,7 @@ def bench_step(args, device):
     rows, batch, peak = [], first_batch(args), peak_tflops(device, "no")
     for model in args.models:
         before = bare_images_per_s(model, args, device, batch)
-        g = gflops(import_module(f"{model}.train").build_model, build_args(model, args.width, args.image_size))
+        g = gflops(registry.script(model).build_model, build_args(model, args.width, args.image_size))
         mine = []
         for pipeline in args.pipelines:
             loop = loop_run(model, args, args.output_dir / f"{model}-{pipeline}", ["--data-pipeline", pipeline])
@@ -180,7 +177,7 @@ def bench_suite(args, device):
     peaks = {p: peak_tflops(device, p) for p in ("no", "bf16")}
     rows, batch = [], first_batch(args)
     for model in args.models:
-        g = gflops(import_module(f"{model}.train").build_model, build_args(model, args.width, args.image_size))
+        g = gflops(registry.script(model).build_model, build_args(model, args.width, args.image_size))
         for precision, cl in (("no", False), ("bf16", True)):
             ips = bare_images_per_s(model, args, device, batch, precision, cl)
             rows.append({"model": model, "setting": f"bare {'fp32' if precision == 'no' else 'bf16+cl'}",
@@ -228,12 +225,12 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--models", nargs="+", default=["unet", "fcn", "segnet"], choices=("unet", "fcn", "segnet"))
+    p.add_argument("--models", nargs="+", default=registry.names(), choices=registry.names())
     p.add_argument("--pipelines", nargs="+", default=["decode", "cached", "device"])
     p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2], help="bench data: DataLoader workers")
     p.add_argument("--warmup", type=int, default=3, help="steps (batches) not timed")
     p.add_argument("--batches", type=int, default=20, help="steps (batches) timed")
-    p.add_argument("--compile-models", nargs="*", default=["unet", "fcn", "segnet"],
+    p.add_argument("--compile-models", nargs="*", default=registry.names(),
                    help="suite: the models also timed with torch.compile (compiling takes a minute each)")
     p.add_argument("--budget", type=float, default=480, help="gpu: seconds for the suite and the training run")
     p.add_argument("--train-width", type=float, default=1.0, help="gpu: width of the U-Net training run")

@@ -1,22 +1,11 @@
-"""Command-line flags shared by every train.py, their checks, and the error contract: a user error
-ends with exit code 2 and one line `error: ...` naming the file or flag (a traceback only with --debug)."""
+"""Command-line flags shared by every train.py, and their checks."""
 import argparse
 import copy
 import os
 import sys
 from pathlib import Path
 
-
-class UserError(Exception):
-    """Bad input from the user (a flag, a file, a folder): reported in one line, exit code 2."""
-
-    exit_code = 2
-
-
-class Unfinished(UserError):
-    """A run whose training is saved but whose last steps failed: one line saying how to finish it."""
-
-    exit_code = 1
+from common.errors import UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,11 +20,11 @@ PRESETS = {
     # real patients on a 2-core CPU in under 20 minutes per model (22 patients, 722 slices)
     "cpu": dict(width=0.25, image_size=128, epochs=20, lr=1e-3, test_frac=0.2),
 }
-# flags that define the network: stored in checkpoints, taken from them by --eval-only and --resume
-MODEL_FLAGS = ("width", "encoder", "image_size")
 
 
-def make_parser(model, description, **defaults):
+def make_parser(script, description, **defaults):
+    """The flags every <model>/train.py shares; `script` is its __file__, whose folder names the model."""
+    model = Path(script).resolve().parent.name
     p = Parser(prog=f"{model}/train.py", description=description,
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.set_defaults(model=model)
@@ -76,8 +65,8 @@ def make_parser(model, description, **defaults):
     t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="sgd: with momentum 0.9")
     t.add_argument("--lr", type=float, default=1e-4, help="learning rate")
     t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--loss", choices=("dice", "bce+dice", "bce"), default="dice",
-                   help="dice: soft Dice pooled over the batch; bce: binary cross-entropy over pixels (docs/loss.md)")
+    t.add_argument("--loss", choices=("bce+dice", "bce", "dice"), default="bce+dice",
+                   help="bce: binary cross-entropy over pixels; dice: soft Dice pooled over the batch (docs/loss.md)")
     t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                    help="default: the accelerate config's")
     t.add_argument("--seed", type=int, default=0)
@@ -105,7 +94,7 @@ def make_parser(model, description, **defaults):
     r.add_argument("--log-with", choices=("tensorboard",), default=None,
                    help="also log the per-epoch metrics with this Accelerate tracker (into the run folder)")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(encoder=None, **defaults)
+    p.set_defaults(network_flags=(), **defaults)  # a model's own flags that shape its network
     return p
 
 
@@ -173,19 +162,3 @@ def check(args):
     if args.output_dir is not None:
         need(not args.output_dir.exists() or args.output_dir.is_dir(), "--output-dir",
              f"exists and is not a folder: {args.output_dir}")
-
-
-def main(parser, build_model, argv=None):
-    """Entry point of every train.py: parse, run, and turn user errors into one line and exit code 2."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = parse(parser, argv)
-        from common import loop  # after parsing, so that --help and flag errors stay fast
-
-        loop.evaluate_checkpoint(args, build_model) if args.eval_only else loop.train(args, build_model)
-    except UserError as e:
-        if "--debug" in argv:
-            raise
-        if os.environ.get("RANK", "0") == "0":  # one line per job, not one per process
-            print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever it quotes
-        sys.exit(e.exit_code)

@@ -25,13 +25,20 @@ from pathlib import Path
 
 import numpy as np
 
-from common import report, stats
-from common.cli import UserError, parse_with_train_flags
+from common import registry, report, stats
+from common.cli import parse_with_train_flags
+from common.errors import UserError
 from common.metrics import ratio
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("unet", "fcn", "segnet")
-TITLES = {"unet": "U-Net", "fcn": "FCN-8s", "segnet": "SegNet", "unet-slice": "U-Net, slice split"}
+ORIGINAL = "unet-slice"  # U-Net on the original's leaky slice split, for contrast
+
+
+def title(name):
+    """How tables name a run: its model's TITLE (the original protocol's run says so)."""
+    if name == ORIGINAL:
+        return f"{registry.title('unet')}, slice split"
+    return registry.title(name)
 SPLIT = ["--val-frac", "0.1", "--test-frac", "0.2"]  # before the user's flags: theirs win
 PATIENT_COLUMNS = ["model", "patient", "slices", "tumour_slices", "tumour_voxels", "dice", "iou", "hd95",
                    "dice_lcc", "iou_lcc", "hd95_lcc", "tp", "fp", "fn", "tn"]
@@ -46,7 +53,7 @@ def train_all(out, runs, launch, flags):
         if (run_dir / "summary.json").exists():
             report.console.print(f"{name}: finished, kept ({run_dir})")
             continue
-        extra = ["--split", "slice"] if name == "unet-slice" else []
+        extra = ["--split", "slice"] if name == ORIGINAL else []
         again = ["--resume", str(run_dir)] if (run_dir / "last").is_dir() else []
         model = name.split("-")[0]
         cmd = [*launch, str(ROOT / model / "train.py"), *SPLIT, *flags, *extra, "--output-dir", str(run_dir), *again]
@@ -128,8 +135,7 @@ def pairs(per_patient, names):
 
 def table(out):
     runs = load_runs(out)
-    order = {m: k for k, m in enumerate(MODELS)}
-    names = sorted((n for n in runs if runs[n][0]["split"] == "patient"), key=lambda n: (order.get(n, len(order)), n))
+    names = [n for n in runs if runs[n][0]["split"] == "patient"]
     if not names:
         raise UserError(f"--output-dir {out}: no finished run with a patient split there")
     tests = {n: runs[n][2]["test"] for n in names}
@@ -158,7 +164,7 @@ def fmt(v, f="{:.3f}"):
 
 def verdict(p):
     """One sentence on a pair, no stronger than its interval and test allow."""
-    a, b, d = TITLES[p["a"]], TITLES[p["b"]], p["mean_diff"]
+    a, b, d = title(p["a")], title(p["b")], p["mean_diff"]
     interval = f"mean {d:+.3f}, 95 % interval {p['ci_low']:+.3f} to {p['ci_high']:+.3f}"
     test = f"Wilcoxon p = {fmt(p['wilcoxon_p'], '{:.3g}')}"
     excludes_zero = p["ci_low"] > 0 or p["ci_high"] < 0
@@ -185,7 +191,7 @@ def markdown(summary, paired, original, runs):
              "| after LCC | pooled Dice | tumour IoU | mIoU+bg pooled / per batch | HD95 mean / median (n) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {TITLES[s['model']]} | {s['parameters'] / 1e6:.2f} M | {s['epochs']} ({s['best_epoch']}) "
+        lines.append(f"| {title(s['model')]} | {s['parameters'] / 1e6:.2f} M | {s['epochs']} ({s['best_epoch']}) "
                      f"| {s['train_time_s']:.0f} s | {s['images_per_s']:.0f} "
                      f"| {s['dice_patient_mean']:.3f} [{s['dice_patient_mean_ci_low']:.3f}, {s['dice_patient_mean_ci_high']:.3f}] "
                      f"| {s['dice_patient_median']:.3f} [{s['dice_patient_median_ci_low']:.3f}, "
@@ -195,7 +201,7 @@ def markdown(summary, paired, original, runs):
     lines += ["", "## Paired comparison (per-patient Dice, same test patients)", "",
               "| A - B | mean difference [95 % CI] | Wilcoxon p | A better / worse (patients) |", "|---|---|---|---|"]
     for p in paired:
-        lines.append(f"| {TITLES[p['a']]} - {TITLES[p['b']]} | {p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, "
+        lines.append(f"| {title(p['a')]} - {title(p['b')]} | {p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, "
                      f"{p['ci_high']:+.3f}] | {fmt(p['wilcoxon_p'], '{:.3g}')} | {p['wins']} / {p['losses']} |")
     lines += ["", *[f"- {verdict(p)}" for p in paired]]
     if original:
@@ -205,7 +211,7 @@ def markdown(summary, paired, original, runs):
                   "| run | split | val mIoU+bg per batch | test mIoU+bg per batch | test pooled mIoU+bg | test pooled Dice |",
                   "|---|---|---|---|---|---|"]
         for name, (args, s, _) in [(n, runs[n]) for n in ("unet",) if n in runs] + list(original.items()):
-            lines.append(f"| {TITLES.get(name, name)} | {args['split']} | {fmt(s['best_val']['miou_bg_seed'])} "
+            lines.append(f"| {title(name)} | {args['split']} | {fmt(s['best_val']['miou_bg_seed'])} "
                          f"| {fmt(s['test']['miou_bg_seed'])} | {fmt(s['test']['miou_bg'])} | {fmt(s['test']['dice'])} |")
     return "\n".join(lines) + "\n"
 
@@ -224,7 +230,7 @@ def figures(out, names, per_patient, runs):
     for k in range(len(names)):
         ax.scatter(np.full(len(ys), k), ys[:, k], s=14, zorder=2)
         ax.hlines(ys[:, k].mean(), k - 0.25, k + 0.25, color="k", zorder=3)
-    ax.set_xticks(range(len(names)), [TITLES[n] for n in names])
+    ax.set_xticks(range(len(names)), [title(n) for n in names])
     ax.set_ylabel("Dice of the patient's volume")
     ax.set_title(f"{len(patients)} test patients (bar: mean)", fontsize=9)
     fig.tight_layout()
@@ -234,7 +240,7 @@ def figures(out, names, per_patient, runs):
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for n in names:
         rows = [r for r in per_patient if r["model"] == n]
-        ax.scatter([max(r["tumour_voxels"], 1) for r in rows], [r["dice"] for r in rows], s=14, label=TITLES[n])
+        ax.scatter([max(r["tumour_voxels"], 1) for r in rows], [r["dice"] for r in rows], s=14, label=title(n))
     ax.set_xscale("log")
     ax.set_xlabel(f"tumour volume (voxels at {runs[names[0]][1]['image_size']} px; 1 = none)")
     ax.set_ylabel("Dice of the patient's volume")
@@ -265,27 +271,28 @@ def prediction_figure(out, names, runs):
         masks = predict.predict(model, np.stack([data.resize(images[i], size, Image.BILINEAR) for i in picks]),
                                 torch.device("cpu"))
         full = {i: data.resize(m.astype(np.uint8), images[i].shape[:2], Image.NEAREST) > 0 for i, m in zip(picks, masks)}
-        preds[TITLES[n]] = [full.get(i, np.zeros(images[i].shape[:2], bool)) for i in range(len(images))]
+        preds[title(n)] = [full.get(i, np.zeros(images[i].shape[:2], bool)) for i in range(len(images))]
     predict.comparison_figure(out / "predictions.png", [s.image.stem for s in found], flairs, truths, preds,
-                              [TITLES[n] for n in names], picks)
+                              [title(n) for n in names], picks)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m common.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", type=Path, required=True, help="the comparison folder (a run folder per model)")
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated, from " + ", ".join(MODELS))
+    p.add_argument("--models", default=",".join(registry.names()), help="comma-separated, from "
+                   + ", ".join(registry.names()))
     p.add_argument("--original", action="store_true", help="also U-Net on the original's leaky slice split")
     p.add_argument("--launch", default=None, help="launcher for each run (default: this python)")
     p.add_argument("--table", action="store_true", help="only tabulate the finished runs (after a Slurm array)")
     p.add_argument("--debug", action="store_true")
     args, flags = parse_with_train_flags(p, argv)
     names = args.models.split(",")
-    if bad := [n for n in names if n not in MODELS]:
-        p.error(f"argument --models: unknown model {bad[0]!r} (choose from {', '.join(MODELS)})")
+    if bad := [n for n in names if n not in registry.names()]:
+        p.error(f"argument --models: unknown model {bad[0]!r} (choose from {', '.join(registry.names())})")
     try:
         if not args.table:
-            train_all(args.output_dir, names + (["unet-slice"] if args.original else []),
+            train_all(args.output_dir, names + ([ORIGINAL] if args.original else []),
                       shlex.split(args.launch) if args.launch else [sys.executable], flags)
         if not args.output_dir.is_dir():
             raise UserError(f"--output-dir {args.output_dir}: not a folder")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.cli import UserError
+from common.errors import UserError
 
 CACHE_VERSION = 2
 NAME = re.compile(r"^(?P<stem>.+_(?P<n>\d+))(?P<mask>_mask)?\.tif$")

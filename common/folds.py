@@ -13,13 +13,11 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from common import report
+from common import registry, report
+from common.metrics import METRICS
 from common.cli import parse_with_train_flags
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOWN = ["miou_bg", "miou_bg_seed", "iou_tumor", "dice", "dice_slice", "dice_patient_mean", "dice_patient_lcc_mean",
-         "hd95_patient_mean"]
-
 
 def mean_std(values):
     values = [v for v in values if v is not None]
@@ -34,15 +32,15 @@ def aggregate(summaries):
     for side, key in (("val", "best_val"), ("test", "test")):
         rows = [s[key] for s in summaries if s.get(key)]
         if rows:
-            out[side] = {m: list(mean_std([r.get(m) for r in rows])) for m in SHOWN}
+            out[side] = {m.key: list(mean_std([r.get(m.key) for r in rows])) for m in METRICS}
     return out
 
 
 def markdown(model, folds, result):
     lines = [f"# {model}: {folds}-fold cross-validation (mean +- std over folds)", "",
-             "| set | " + " | ".join(SHOWN) + " |", "|---|" + "---|" * len(SHOWN)]
+             "| set | " + " | ".join(m.title for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for side, values in result.items():
-        cells = ["-" if values[m][0] is None else f"{values[m][0]:.4f} +- {values[m][1]:.4f}" for m in SHOWN]
+        cells = ["-" if values[m.key][0] is None else f"{values[m.key][0]:.4f} +- {values[m.key][1]:.4f}" for m in METRICS]
         lines.append(f"| {side} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -50,7 +48,7 @@ def markdown(model, folds, result):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m common.folds", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", choices=("unet", "fcn", "segnet"))
+    p.add_argument("model", choices=registry.names())
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--output-dir", type=Path, default=None, help="default runs/<model>-cv<K>-<time>")
     p.add_argument("--launch", default=None, help="launcher command for each fold (default: this python)")

@@ -21,7 +21,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, is_tensorboard_available, set_seed
 
 from common import data, metrics, report, synthetic
-from common.cli import MODEL_FLAGS, Unfinished, UserError
+from common.errors import Unfinished, UserError
 from common.blocks import sync_batchnorm
 from common.timing import StepTimes, Stopwatch, default_threads, device_name, gflops, peak_memory
 
@@ -234,7 +234,9 @@ def evaluate(model, loader, accelerator, args, d, title=None, volumes=False):
 
 
 def model_config(args):
-    return {"model": args.model, **{k: getattr(args, k) for k in MODEL_FLAGS}}
+    """What defines the network: stored in checkpoints, taken from them by --eval-only and predict."""
+    return {"model": args.model, "width": args.width, "image_size": args.image_size,
+            **{k: getattr(args, k) for k in args.network_flags}}
 
 
 def open_tracker(args, out, accelerator):
@@ -472,8 +474,9 @@ def load_checkpoint(path, model_name=None):
 def evaluate_checkpoint(args, build_model):
     """--eval-only: the checkpoint's network on the validation and test sets of this split."""
     ckpt = load_checkpoint(args.checkpoint, args.model)
-    for key in MODEL_FLAGS:
-        saved = ckpt["config"][key]
+    for key, saved in ckpt["config"].items():
+        if key == "model":
+            continue
         if key != "image_size" and key in args.given and getattr(args, key) != saved:
             raise UserError(f"--checkpoint {args.checkpoint} holds a model of --{key.replace('_', '-')} {saved}, "
                             f"not {getattr(args, key)}")

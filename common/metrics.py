@@ -7,12 +7,35 @@ An empty mask with an empty prediction is a perfect agreement (1.0); a metric wi
 average over (say, slice Dice on a set without tumour) is None.
 """
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 TP, FP, FN, TN = range(4)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # in summary.json, eval.json and metrics.jsonl (val_<key>)
+    title: str  # in tables and CSV headers
+    short: str  # in the console table, which must fit 80 columns
+    fmt: str = "{:.4f}"
+    higher_is_better: bool = True
+    console: bool = True  # shown in the run's final console table
+
+
+# every metric a run reports, in the order tables show them; the README defines each
+METRICS = [Metric("miou_bg", "mIoU+bg", "mIoU+bg"), Metric("miou_bg_seed", "mIoU+bg per batch", "orig."),
+           Metric("iou_tumor", "IoU", "IoU"), Metric("dice", "Dice", "Dice"),
+           Metric("dice_slice", "Dice/slice", "slice"),
+           Metric("empty_fp_rate", "empty FP", "emptyFP", higher_is_better=False, console=False),
+           Metric("dice_patient_mean", "Dice/patient mean", "patient"),
+           Metric("dice_patient_median", "median", "median", console=False),
+           Metric("dice_patient_lcc_mean", "+LCC mean", "+LCC", console=False),
+           Metric("hd95_patient_mean", "HD95 px", "HD95", higher_is_better=False),
+           Metric("hd95_excluded", "HD95 excl.", "excl.", "{}", higher_is_better=False, console=False)]
 
 
 def confusion(logits, target):

@@ -11,17 +11,15 @@ contours: truth green, prediction red). With several checkpoints, also `comparis
 model on three slices chosen to show a large tumour, a small one and an empty slice.
 """
 import argparse
-import importlib
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from common import data, report
-from common.cli import UserError
+from common import data, registry, report
+from common.errors import UserError
 from common.loop import load_checkpoint
 
 TRUTH, PRED = "#2ca02c", "#d62728"
@@ -50,8 +48,7 @@ def read(image_path, mask_path):
 def load_model(path, device):
     ckpt = load_checkpoint(path)
     config = ckpt["config"]
-    build = importlib.import_module(f"{config['model']}.train").build_model
-    model = build(Namespace(**config, pretrained=None))
+    model = registry.build(config)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), config
 

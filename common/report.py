@@ -10,6 +10,8 @@ from rich.progress import track as progress_track
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from common.metrics import METRICS
+
 console = Console(highlight=False, soft_wrap=True)  # long paths stay on one line in logs
 
 # (key in metrics.jsonl, column title, format)
@@ -17,11 +19,6 @@ EPOCH_COLUMNS = [("epoch", "epoch", "{:d}"), ("train_loss", "train loss", "{:.4f
                  ("val_miou_bg", "val mIoU+bg", "{:.4f}"), ("val_iou_tumor", "val IoU", "{:.4f}"),
                  ("val_dice", "val Dice", "{:.4f}"), ("epoch_time_s", "time s", "{:.1f}"),
                  ("images_per_s", "img/s", "{:.1f}")]
-# metric, column title (short: the table fits 80 columns); README.md defines each
-METRICS = [("miou_bg", "mIoU+bg"), ("miou_bg_seed", "orig."), ("iou_tumor", "IoU"), ("dice", "Dice"),
-           ("dice_slice", "slice"), ("dice_patient_mean", "patient"), ("hd95_patient_mean", "HD95")]
-
-
 def tmp_name(path):
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
@@ -78,8 +75,9 @@ def results_table(title, results):
     table = Table(title=title, caption="orig.: mIoU+bg per batch of 4 as the original; slice, patient: "
                                        "mean Dice per tumour slice, per patient; HD95 in pixels")
     table.add_column("set")
-    for _, name in METRICS:
-        table.add_column(name, justify="right")
+    shown = [m for m in METRICS if m.console]
+    for m in shown:
+        table.add_column(m.short, justify="right")
     for name, values in results.items():
-        table.add_row(name, *("-" if values.get(k) is None else f"{values[k]:.4f}" for k, _ in METRICS))
+        table.add_row(name, *("-" if values.get(m.key) is None else m.fmt.format(values[m.key]) for m in shown))
     console.print(table)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from common import report
+from common.metrics import METRICS
 
 # the original study's reported numbers: per-batch mIoU incl. background, validation, leaky slice split
 ORIGINAL = {"fcn": 0.8095, "unet": 0.8340, "segnet": 0.7802}
@@ -25,11 +26,6 @@ SETUP = [("model", "model", "{}"), ("width", "width", "{:g}"), ("image_size", "p
          ("parameters", "params M", lambda v: f"{v / 1e6:.2f}"), ("gflops_per_image", "GFLOPs/img", "{:.2f}"),
          ("device", "device", "{}"), ("world_size", "procs", "{}"), ("epochs", "epochs", "{}"),
          ("train_time_s", "train s", "{:.0f}"), ("images_per_s", "img/s", "{:.1f}"), ("peak_memory_mb", "peak MB", "{:.0f}")]
-SCORES = [("miou_bg", "mIoU+bg"), ("miou_bg_seed", "mIoU+bg per batch"), ("iou_tumor", "IoU"), ("dice", "Dice"),
-          ("dice_slice", "Dice/slice"), ("empty_fp_rate", "empty FP"), ("dice_patient_mean", "Dice/patient mean"),
-          ("dice_patient_median", "median"), ("dice_patient_lcc_mean", "+LCC mean"),
-          ("hd95_patient_mean", "HD95 px"), ("hd95_excluded", "HD95 excl.")]
-
 
 def find_runs(paths):
     runs = []
@@ -52,12 +48,11 @@ def markdown(runs, summaries):
     for run, s in zip(runs, summaries):
         lines.append(f"| {run.name} | " + " | ".join(cell(s.get(k), f) for k, _, f in SETUP) + " |")
     for side, key in (("Test patients", "test"), ("Validation patients, best epoch", "best_val")):
-        lines += ["", f"**{side}**", "", "| run | " + " | ".join(t for _, t in SCORES) + " |",
-                  "|---" * (len(SCORES) + 1) + "|"]
+        lines += ["", f"**{side}**", "", "| run | " + " | ".join(m.title for m in METRICS) + " |",
+                  "|---" * (len(METRICS) + 1) + "|"]
         for run, s in zip(runs, summaries):
             m = s.get(key) or {}
-            lines.append(f"| {run.name} | " + " | ".join(cell(m.get(k), "{}" if k == "hd95_excluded" else "{:.4f}")
-                                                         for k, _ in SCORES) + " |")
+            lines.append(f"| {run.name} | " + " | ".join(cell(m.get(x.key), x.fmt) for x in METRICS) + " |")
     lines += ["", "Reference, the original study (validation slices of a split that leaks patients, mIoU+bg "
               "per batch of 4): " + ", ".join(f"{m} {v:.4f}" for m, v in ORIGINAL.items()) + "."]
     return "\n".join(lines) + "\n"
@@ -65,16 +60,16 @@ def markdown(runs, summaries):
 
 def write_csv(path, runs, summaries):
     keys = [k for k, _, _ in SETUP]
-    header = ["run", *keys] + [f"{side}_{k}" for side in ("test", "val") for k, _ in SCORES]
+    header = ["run", *keys] + [f"{side}_{m.key}" for side in ("test", "val") for m in METRICS]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for run, s in zip(runs, summaries):
-            w.writerow([run.name, *(s.get(k) for k in keys)] + [(s.get(key) or {}).get(k) for key in ("test", "best_val")
-                                                               for k, _ in SCORES])
+            w.writerow([run.name, *(s.get(k) for k in keys)] + [(s.get(key) or {}).get(m.key) for key in ("test", "best_val")
+                                                               for m in METRICS])
         for model, v in ORIGINAL.items():
-            w.writerow([f"original-{model}", model] + [None] * (len(keys) - 1) + [None] * len(SCORES) +
-                       [None, v] + [None] * (len(SCORES) - 2))
+            w.writerow([f"original-{model}", model] + [None] * (len(keys) - 1) + [None] * len(METRICS) +
+                       [None, v] + [None] * (len(METRICS) - 2))
 
 
 def curves(path, model, runs):

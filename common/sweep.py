@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import report
+from common import registry, report
 from common.cli import parse_with_train_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def launcher(processes):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m common.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", choices=("unet", "fcn", "segnet"))
+    p.add_argument("model", choices=registry.names())
     p.add_argument("--processes", nargs="+", type=int, default=[1, 2])
     p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--pipelines", nargs="+", default=["decode", "cached"], choices=("decode", "cached", "device"))

@@ -6,8 +6,14 @@
 The original study started from ImageNet weights: pass torchvision's vgg16_bn weights as a local
 file with --pretrained (width 1.0); without it the encoder is randomly initialised (no download).
 """
-from common.cli import UserError, main, make_parser
+from pathlib import Path
+
+from common.cli import make_parser
+from common.entry import main
+from common.errors import UserError
 from fcn.model import FCN8s
+
+TITLE = "FCN-8s"
 
 
 def build_model(args):
@@ -19,10 +25,12 @@ def build_model(args):
         raise UserError(f"--pretrained {args.pretrained}: {e}") from e
 
 
-if __name__ == "__main__":
-    from pathlib import Path
+def parser():
+    p = make_parser(__file__, __doc__)
+    p.add_argument("--pretrained", type=Path, default=None,
+                   help="local torchvision vgg16_bn state dict (ImageNet weights) for the encoder")
+    return p
 
-    parser = make_parser("fcn", __doc__)
-    parser.add_argument("--pretrained", type=Path, default=None,
-                        help="local torchvision vgg16_bn state dict (ImageNet weights) for the encoder")
-    main(parser, build_model)
+
+if __name__ == "__main__":
+    main(parser(), build_model)

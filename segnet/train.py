@@ -4,13 +4,20 @@ or on phantoms with --synthetic. Trained from scratch, as in the original study.
     python segnet/train.py --synthetic
     accelerate launch --config_file accelerate_configs/4gpu.yaml segnet/train.py --data-dir data/kaggle_3m
 """
-from common.cli import main, make_parser
+from common.cli import make_parser
+from common.entry import main
 from segnet.model import SegNet
+
+TITLE = "SegNet"
 
 
 def build_model(args):
     return SegNet(out_channels=1, width=args.width)
 
 
+def parser():
+    return make_parser(__file__, __doc__)
+
+
 if __name__ == "__main__":
-    main(make_parser("segnet", __doc__), build_model)
+    main(parser(), build_model)

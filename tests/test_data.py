@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from common import data
-from common.cli import UserError
+from common.errors import UserError
 from common.synthetic import write_phantoms
 from conftest import TINY, run, train
 

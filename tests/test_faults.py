@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from common import data
-from common.cli import UserError
+from common.errors import UserError
 from conftest import ROOT, TINY, run, train
 
 

@@ -7,8 +7,12 @@ The original U-Net (64..1024 channels, 34.5 M parameters at --width 1.0) trained
 with --encoder, segmentation-models-pytorch's U-Net on that encoder (resnet34, or a timm encoder
 such as tu-convnext_tiny), randomly initialised: nothing is downloaded.
 """
-from common.cli import UserError, main, make_parser
+from common.cli import make_parser
+from common.entry import main
+from common.errors import UserError
 from unet.model import UNet
+
+TITLE = "U-Net"
 
 
 def build_model(args):
@@ -22,8 +26,13 @@ def build_model(args):
     return UNet(in_channels=3, out_channels=1, width=args.width)
 
 
+def parser():
+    p = make_parser(__file__, __doc__)
+    p.add_argument("--encoder", default=None,
+                   help="segmentation-models-pytorch encoder (e.g. resnet34); --width then does not apply")
+    p.set_defaults(network_flags=("encoder",))
+    return p
+
+
 if __name__ == "__main__":
-    parser = make_parser("unet", __doc__)
-    parser.add_argument("--encoder", default=None,
-                        help="segmentation-models-pytorch encoder (e.g. resnet34); --width then does not apply")
-    main(parser, build_model)
+    main(parser(), build_model)
