@@ -1,4 +1,5 @@
 """Layers shared by the models: conv-BN-ReLU and the VGG16-BN encoder stages (FCN and SegNet)."""
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -11,7 +12,9 @@ def scaled(channels, width):
 
 
 def conv_bn_relu(cin, cout):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 def vgg16_bn_stages(width=1.0, weights_path=None):
@@ -90,8 +93,9 @@ def sync_batchnorm(model, device):
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, CPUSyncBatchNorm):
-            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats)
+            sync = CPUSyncBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             sync.load_state_dict(child.state_dict())
             setattr(model, name, sync)
         else:

@@ -1,4 +1,5 @@
 """Command-line flags shared by every train.py, and their checks."""
+
 import argparse
 import copy
 import os
@@ -25,74 +26,158 @@ PRESETS = {
 def make_parser(script, description, **defaults):
     """The flags every <model>/train.py shares; `script` is its __file__, whose folder names the model."""
     model = Path(script).resolve().parent.name
-    p = Parser(prog=f"{model}/train.py", description=description,
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(
+        prog=f"{model}/train.py",
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.set_defaults(model=model)
     d = p.add_argument_group("data")
-    d.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LGG_DATA_DIR", "data/kaggle_3m")),
-                   help="the kaggle_3m folder (one sub-folder per patient); default $LGG_DATA_DIR")
-    d.add_argument("--synthetic", action="store_true",
-                   help="train on a generated phantom dataset (written once into the cache); implies --preset quick")
-    d.add_argument("--cache-dir", type=Path,
-                   default=Path(os.environ.get("LGG_CACHE_DIR", Path.home() / ".cache" / "lgg-seg")),
-                   help="where decoded slices (and the phantoms) are kept; default $LGG_CACHE_DIR")
-    d.add_argument("--image-size", type=int, default=256, help="resize slices to this many pixels (multiple of 32)")
-    d.add_argument("--split", choices=("patient", "slice"), default="patient",
-                   help="'slice' reproduces the original's leaky split: for comparison only")
+    d.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("LGG_DATA_DIR", "data/kaggle_3m")),
+        help="the kaggle_3m folder (one sub-folder per patient); default $LGG_DATA_DIR",
+    )
+    d.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="train on a generated phantom dataset (written once into the cache); implies --preset quick",
+    )
+    d.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("LGG_CACHE_DIR", Path.home() / ".cache" / "lgg-seg")),
+        help="where decoded slices (and the phantoms) are kept; default $LGG_CACHE_DIR",
+    )
+    d.add_argument(
+        "--image-size", type=int, default=256, help="resize slices to this many pixels (multiple of 32)"
+    )
+    d.add_argument(
+        "--split",
+        choices=("patient", "slice"),
+        default="patient",
+        help="'slice' reproduces the original's leaky split: for comparison only",
+    )
     d.add_argument("--val-frac", type=float, default=0.2, help="share of patients (or slices) for validation")
     d.add_argument("--test-frac", type=float, default=0.1, help="share held out for the final test")
-    d.add_argument("--folds", type=int, default=0,
-                   help="cross-validation: split the non-test patients into this many folds (stratified by tumour slices)")
+    d.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="cross-validation: split the non-test patients into this many folds "
+        "(stratified by tumour slices)",
+    )
     d.add_argument("--fold", type=int, default=0, help="with --folds: the fold that validates")
-    d.add_argument("--data-pipeline", choices=("decode", "cached", "device"), default="cached",
-                   help="decode: read and decode each TIFF per item (the original's design, a baseline); "
-                        "cached: one read of the decoded cache per batch; device: the whole uint8 cache on the "
-                        "training device")
-    d.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process (decode, cached)")
-    d.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="pinned host memory for batches (decode, cached); default: on with CUDA")
+    d.add_argument(
+        "--data-pipeline",
+        choices=("decode", "cached", "device"),
+        default="cached",
+        help="decode: read and decode each TIFF per item (the original's design, a baseline); "
+        "cached: one read of the decoded cache per batch; device: the whole uint8 cache on the "
+        "training device",
+    )
+    d.add_argument(
+        "--num-workers", type=int, default=0, help="DataLoader workers per process (decode, cached)"
+    )
+    d.add_argument(
+        "--pin-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pinned host memory for batches (decode, cached); default: on with CUDA",
+    )
     a = p.add_argument_group("augmentation (on the training device, training batches only)")
     a.add_argument("--flip", type=float, default=0.5, help="probability of a horizontal flip")
     a.add_argument("--rotate", type=float, default=15.0, help="max rotation in degrees")
     a.add_argument("--scale", type=float, default=0.05, help="max relative zoom")
     t = p.add_argument_group("training")
-    t.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="; ".join(f"{k}: {' '.join(f'--{f} {v}'.replace('_', '-') for f, v in d.items())}"
-                                  for k, d in PRESETS.items()) + " (flags given explicitly win)")
+    t.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="; ".join(
+            f"{k}: {' '.join(f'--{f} {v}'.replace('_', '-') for f, v in d.items())}"
+            for k, d in PRESETS.items()
+        )
+        + " (flags given explicitly win)",
+    )
     t.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the published model)")
     t.add_argument("--epochs", type=int, default=30, help="epochs in all (with --resume: up to this one)")
-    t.add_argument("--batch-size", type=int, default=16, help="per process; the global batch is this x processes")
+    t.add_argument(
+        "--batch-size", type=int, default=16, help="per process; the global batch is this x processes"
+    )
     t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="sgd: with momentum 0.9")
     t.add_argument("--lr", type=float, default=1e-4, help="learning rate")
     t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--loss", choices=("bce+dice", "bce", "dice"), default="bce+dice",
-                   help="bce: binary cross-entropy over pixels; dice: soft Dice pooled over the batch (docs/loss.md)")
-    t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
-                   help="default: the accelerate config's")
+    t.add_argument(
+        "--loss",
+        choices=("bce+dice", "bce", "dice"),
+        default="bce+dice",
+        help="bce: binary cross-entropy over pixels; dice: soft Dice pooled over the batch (docs/loss.md)",
+    )
+    t.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="default: the accelerate config's",
+    )
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--time-limit", type=float, default=0,
-                   help="seconds: start no epoch that would end past this (0: none); for job and lease limits")
+    t.add_argument(
+        "--time-limit",
+        type=float,
+        default=0,
+        help="seconds: start no epoch that would end past this (0: none); for job and lease limits",
+    )
     f = p.add_argument_group("speed")
-    f.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
+    f.add_argument(
+        "--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)"
+    )
     f.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     f.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over all processes")
-    f.add_argument("--threads", type=int, default=0,
-                   help="CPU threads per process; 0: the cores this process may use / processes on this machine")
-    f.add_argument("--max-steps", type=int, default=0,
-                   help="stop each epoch after this many steps (benchmarks; 0: whole epochs)")
-    f.add_argument("--no-eval", action="store_true",
-                   help="timing runs: no validation, test or checkpoint (summary.json and metrics.jsonl only)")
-    f.add_argument("--step-timing", action="store_true",
-                   help="synchronise the device around every step to split data wait from compute "
-                        "(free on a CPU, which is always timed so; costs a little on a GPU)")
+    f.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads per process; 0: the cores this process may use / processes on this machine",
+    )
+    f.add_argument(
+        "--max-steps",
+        type=int,
+        default=0,
+        help="stop each epoch after this many steps (benchmarks; 0: whole epochs)",
+    )
+    f.add_argument(
+        "--no-eval",
+        action="store_true",
+        help="timing runs: no validation, test or checkpoint (summary.json and metrics.jsonl only)",
+    )
+    f.add_argument(
+        "--step-timing",
+        action="store_true",
+        help="synchronise the device around every step to split data wait from compute "
+        "(free on a CPU, which is always timed so; costs a little on a GPU)",
+    )
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", type=Path, default=None, help="run folder; default runs/<model>-<time>")
-    r.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its last checkpoint (its saved flags, unless given again)")
-    r.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the validation and test sets")
-    r.add_argument("--checkpoint", type=Path, default=None, help="a best.pt file, or a run folder holding one")
-    r.add_argument("--log-with", choices=("tensorboard",), default=None,
-                   help="also log the per-epoch metrics with this Accelerate tracker (into the run folder)")
+    r.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint (its saved flags, unless given again)",
+    )
+    r.add_argument(
+        "--eval-only", action="store_true", help="evaluate --checkpoint on the validation and test sets"
+    )
+    r.add_argument(
+        "--checkpoint", type=Path, default=None, help="a best.pt file, or a run folder holding one"
+    )
+    r.add_argument(
+        "--log-with",
+        choices=("tensorboard",),
+        default=None,
+        help="also log the per-epoch metrics with this Accelerate tracker (into the run folder)",
+    )
     r.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(network_flags=(), **defaults)  # a model's own flags that shape its network
     return p
@@ -102,7 +187,7 @@ def parse_with_train_flags(parser, argv=None):
     """(args, flags) for commands that pass what follows `--` to <model>/train.py."""
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)
-    return parser.parse_args(argv[:cut]), argv[cut + 1:]
+    return parser.parse_args(argv[:cut]), argv[cut + 1 :]
 
 
 def explicit_flags(parser, argv):
@@ -136,23 +221,42 @@ def check(args):
     need(args.width > 0, "--width", f"must be positive, got {args.width}")
     need(args.lr > 0, "--lr", f"must be positive, got {args.lr}")
     need(args.num_workers >= 0, "--num-workers", f"must be 0 or more, got {args.num_workers}")
-    need(args.data_pipeline != "device" or args.num_workers == 0, "--num-workers",
-         "must be 0 with --data-pipeline device (batches are cut on the training device)")
+    need(
+        args.data_pipeline != "device" or args.num_workers == 0,
+        "--num-workers",
+        "must be 0 with --data-pipeline device (batches are cut on the training device)",
+    )
     need(args.threads >= 0, "--threads", f"must be 0 (automatic) or more, got {args.threads}")
     need(args.time_limit >= 0, "--time-limit", f"must be 0 (none) or more, got {args.time_limit}")
     need(args.max_steps >= 0, "--max-steps", f"must be 0 (whole epochs) or more, got {args.max_steps}")
-    need(args.image_size >= 32 and args.image_size % 32 == 0, "--image-size",
-         f"must be a positive multiple of 32 (five 2x poolings), got {args.image_size}")
+    need(
+        args.image_size >= 32 and args.image_size % 32 == 0,
+        "--image-size",
+        f"must be a positive multiple of 32 (five 2x poolings), got {args.image_size}",
+    )
     for flag in ("val_frac", "test_frac"):
         v = getattr(args, flag)
         need(0 <= v < 1, "--" + flag.replace("_", "-"), f"must be in [0, 1), got {v}")
     need(args.val_frac > 0, "--val-frac", "must be above 0: the best epoch is chosen on validation")
-    need(args.folds == 0 or args.folds >= 2, "--folds", f"must be 0 (no folds) or at least 2, got {args.folds}")
-    need(args.folds == 0 or 0 <= args.fold < args.folds, "--fold", f"must be in 0..{args.folds - 1}, got {args.fold}")
-    need(args.val_frac + args.test_frac < 1, "--val-frac/--test-frac",
-         f"leave something to train on: {args.val_frac} + {args.test_frac} >= 1")
+    need(
+        args.folds == 0 or args.folds >= 2, "--folds", f"must be 0 (no folds) or at least 2, got {args.folds}"
+    )
+    need(
+        args.folds == 0 or 0 <= args.fold < args.folds,
+        "--fold",
+        f"must be in 0..{args.folds - 1}, got {args.fold}",
+    )
+    need(
+        args.val_frac + args.test_frac < 1,
+        "--val-frac/--test-frac",
+        f"leave something to train on: {args.val_frac} + {args.test_frac} >= 1",
+    )
     need(0 <= args.flip <= 1, "--flip", f"is a probability, got {args.flip}")
-    need(args.rotate >= 0 and 0 <= args.scale < 1, "--rotate/--scale", "must be non-negative (and --scale below 1)")
+    need(
+        args.rotate >= 0 and 0 <= args.scale < 1,
+        "--rotate/--scale",
+        "must be non-negative (and --scale below 1)",
+    )
     if args.eval_only:
         need(args.checkpoint is not None, "--checkpoint", "is required with --eval-only")
     if args.checkpoint is not None:
@@ -160,5 +264,8 @@ def check(args):
     if args.resume is not None:
         need(args.resume.is_dir(), "--resume", f"not a run folder: {args.resume}")
     if args.output_dir is not None:
-        need(not args.output_dir.exists() or args.output_dir.is_dir(), "--output-dir",
-             f"exists and is not a folder: {args.output_dir}")
+        need(
+            not args.output_dir.exists() or args.output_dir.is_dir(),
+            "--output-dir",
+            f"exists and is not a folder: {args.output_dir}",
+        )

@@ -5,6 +5,7 @@ keyed by the file list, sizes, modification times and image size; later runs and
 memory-map it. A DataLoader batch is one fancy-indexing read of that cache; normalisation and
 augmentation then run on the whole batch on the training device.
 """
+
 import hashlib
 import json
 import math
@@ -131,14 +132,19 @@ def load_cache(slices, data_dir, cache_dir, size, progress=False):
     folder = Path(cache_dir) / f"lgg-{size}px-{cache_key(slices, data_dir, size)}"
     if not (folder / "meta.json").is_file():
         build_cache(slices, folder, size, progress)
-    return (np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r"),
-            np.load(folder / "tumour_pixels.npy"))
+    return (
+        np.load(folder / "images.npy", mmap_mode="r"),
+        np.load(folder / "masks.npy", mmap_mode="r"),
+        np.load(folder / "tumour_pixels.npy"),
+    )
 
 
 def build_cache(slices, folder, size, progress):
     from rich.progress import track
 
-    pairs = (read_pair(s, size) for s in track(slices, f"decoding {len(slices)} slices", disable=not progress))
+    pairs = (
+        read_pair(s, size) for s in track(slices, f"decoding {len(slices)} slices", disable=not progress)
+    )
     write_cache(folder, len(slices), size, pairs)
 
 
@@ -197,7 +203,7 @@ def split(slices, how, val_frac, test_frac, seed, tumour_pixels=None, folds=0, f
         turn = [j % folds if (j // folds) % 2 == 0 else folds - 1 - j % folds for j in range(len(ranked))]
         val = [k for k, t in zip(ranked, turn) if t == fold]
     else:
-        val = rest[:max(1, round(val_frac * len(keys)))]
+        val = rest[: max(1, round(val_frac * len(keys)))]
     in_val = set(val)
     train = [k for k in rest if k not in in_val]
     if not train:
@@ -258,8 +264,12 @@ def keep_batch(batch):
 def loaders(parts, pipeline, slices, images, masks, size, batch_size, num_workers, pin_memory, device):
     """A DataLoader per part ("train" shuffled), or None for an empty part."""
     if pipeline == "decode" and slices[0].image is None:
-        raise UserError("--data-pipeline decode reads the TIFF files: give --data-dir a kaggle_3m folder, not a pack")
-    if pipeline == "device":  # once, the whole uint8 dataset onto the training device (out of the read-only map)
+        raise UserError(
+            "--data-pipeline decode reads the TIFF files: give --data-dir a kaggle_3m folder, not a pack"
+        )
+    if (
+        pipeline == "device"
+    ):  # once, the whole uint8 dataset onto the training device (out of the read-only map)
         images = torch.from_numpy(np.array(images)).to(device)
         masks = torch.from_numpy(np.array(masks)).to(device)
         num_workers, pin_memory = 0, False
@@ -272,10 +282,16 @@ def loaders(parts, pipeline, slices, images, masks, size, batch_size, num_worker
         dataset = DecodedSlices(slices, idx, size) if decoded else Slices(images, masks, idx)
         # a generator of its own: starting an epoch then draws nothing from the global RNG, which the
         # augmentation uses, so a run resumed part-way through an epoch replays the same random stream
-        out[name] = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=name == "train",
-                                                num_workers=num_workers, collate_fn=None if decoded else keep_batch,
-                                                pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                                                generator=torch.Generator().manual_seed(0))
+        out[name] = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=name == "train",
+            num_workers=num_workers,
+            collate_fn=None if decoded else keep_batch,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            generator=torch.Generator().manual_seed(0),
+        )
     return out
 
 
@@ -292,7 +308,9 @@ def to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0, channels_last=Fals
         mirror = torch.where(torch.rand(b, device=dev) < flip, -1.0, 1.0)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         zero = torch.zeros_like(cos)
-        theta = torch.stack([torch.stack([cos * mirror, -sin, zero], 1), torch.stack([sin * mirror, cos, zero], 1)], 1)
+        theta = torch.stack(
+            [torch.stack([cos * mirror, -sin, zero], 1), torch.stack([sin * mirror, cos, zero], 1)], 1
+        )
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", align_corners=False)  # outside: 0, the MRI background
         y = F.grid_sample(y, grid, mode="nearest", align_corners=False)
@@ -320,17 +338,24 @@ def pack(data_dir, out, cache_dir, size=256, part_size=0, progress=True):
     np.savez_compressed(buffer, images=images, masks=masks, index=np.array(index))
     blob = buffer.getbuffer()
     step = part_size or len(blob)
-    chunks = [blob[k:k + step] for k in range(0, len(blob), step)]
+    chunks = [blob[k : k + step] for k in range(0, len(blob), step)]
     out = Path(out)
     parts = [out.with_name(f"{out.name}.part{k + 1}") for k in range(len(chunks))]
     for path, chunk in zip(parts, chunks):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(chunk)
         tmp.replace(path)
-    manifest = {"format": PACK_FORMAT, "image_size": size, "slices": len(slices),
-                "patients": len({s.patient for s in slices}), "sha256": hashlib.sha256(blob).hexdigest(),
-                "parts": [{"name": p.name, "bytes": len(c), "sha256": hashlib.sha256(c).hexdigest()}
-                          for p, c in zip(parts, chunks)]}
+    manifest = {
+        "format": PACK_FORMAT,
+        "image_size": size,
+        "slices": len(slices),
+        "patients": len({s.patient for s in slices}),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "parts": [
+            {"name": p.name, "bytes": len(c), "sha256": hashlib.sha256(c).hexdigest()}
+            for p, c in zip(parts, chunks)
+        ],
+    }
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     tmp.replace(out)
@@ -343,8 +368,10 @@ def pack_manifest(path):
     except (ValueError, UnicodeDecodeError):
         manifest = {}
     if manifest.get("format") != PACK_FORMAT:
-        raise UserError(f"--data-dir {path}: a file, but not a pack manifest of this repository "
-                        "(give the kaggle_3m folder, or the manifest that `python -m common.data pack` wrote)")
+        raise UserError(
+            f"--data-dir {path}: a file, but not a pack manifest of this repository "
+            "(give the kaggle_3m folder, or the manifest that `python -m common.data pack` wrote)"
+        )
     return manifest
 
 
@@ -357,11 +384,15 @@ def read_pack(path, manifest):
             raise UserError(f"--data-dir {path}: part {f} is missing")
         chunk = f.read_bytes()
         if len(chunk) != part["bytes"] or hashlib.sha256(chunk).hexdigest() != part["sha256"]:
-            raise UserError(f"--data-dir {path}: part {f} is damaged ({len(chunk)} bytes, expected {part['bytes']}, "
-                            "or another checksum): copy it again")
+            raise UserError(
+                f"--data-dir {path}: part {f} is damaged ({len(chunk)} bytes, expected {part['bytes']}, "
+                "or another checksum): copy it again"
+            )
         blob += chunk
     if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
-        raise UserError(f"--data-dir {path}: the parts do not add up to the packed data (checksum): copy them again")
+        raise UserError(
+            f"--data-dir {path}: the parts do not add up to the packed data (checksum): copy them again"
+        )
     return bytes(blob)
 
 
@@ -374,19 +405,28 @@ def load_pack(path, cache_dir, size, progress=False):
     if not (folder / "meta.json").is_file():
         with np.load(io.BytesIO(read_pack(path, manifest))) as z:
             images, masks, index = z["images"], z["masks"], str(z["index"])
-        pairs = ((resize(im, (size, size), Image.BILINEAR), resize(m, (size, size), Image.NEAREST))
-                 for im, m in zip(images, masks))
+        pairs = (
+            (resize(im, (size, size), Image.BILINEAR), resize(m, (size, size), Image.NEAREST))
+            for im, m in zip(images, masks)
+        )
         write_cache(folder, len(images), size, pairs, {"index.json": index})
     slices = [Slice(patient, n, None, None) for patient, n in json.loads((folder / "index.json").read_text())]
-    return (slices, np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r"),
-            np.load(folder / "tumour_pixels.npy"))
+    return (
+        slices,
+        np.load(folder / "images.npy", mmap_mode="r"),
+        np.load(folder / "masks.npy", mmap_mode="r"),
+        np.load(folder / "tumour_pixels.npy"),
+    )
 
 
 def main(argv=None):
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m common.data", description="Pack the decoded data set into a "
-                                "portable file (to stage it onto compute nodes), or unpack one into the cache.")
+    p = argparse.ArgumentParser(
+        prog="python -m common.data",
+        description="Pack the decoded data set into a "
+        "portable file (to stage it onto compute nodes), or unpack one into the cache.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("pack", help="write a pack: manifest OUT and parts OUT.part1, ...")
     a.add_argument("--data-dir", type=Path, required=True, help="a kaggle_3m folder")
@@ -397,16 +437,24 @@ def main(argv=None):
     b.add_argument("pack", type=Path)
     b.add_argument("--image-size", type=int, default=256)
     for s in (a, b):
-        s.add_argument("--cache-dir", type=Path,
-                       default=Path(os.environ.get("LGG_CACHE_DIR", Path.home() / ".cache" / "lgg-seg")))
+        s.add_argument(
+            "--cache-dir",
+            type=Path,
+            default=Path(os.environ.get("LGG_CACHE_DIR", Path.home() / ".cache" / "lgg-seg")),
+        )
     args = p.parse_args(argv)
     try:
         if args.command == "pack":
-            written = pack(args.data_dir, args.out, args.cache_dir, args.image_size, int(args.part_size * 2 ** 20))
-            print("wrote " + ", ".join(f"{w} ({w.stat().st_size / 2 ** 20:.1f} MiB)" for w in written))
+            written = pack(
+                args.data_dir, args.out, args.cache_dir, args.image_size, int(args.part_size * 2**20)
+            )
+            print("wrote " + ", ".join(f"{w} ({w.stat().st_size / 2**20:.1f} MiB)" for w in written))
         else:
             slices = load_pack(args.pack, args.cache_dir, args.image_size, progress=True)[0]
-            print(f"unpacked {len(slices)} slices of {len({s.patient for s in slices})} patients into {args.cache_dir}")
+            print(
+                f"unpacked {len(slices)} slices of {len({s.patient for s in slices})} patients "
+                f"into {args.cache_dir}"
+            )
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

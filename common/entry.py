@@ -1,5 +1,6 @@
 """The entry point of every <model>/train.py: parse the flags, train or evaluate, and keep the error
 contract (common/errors.py)."""
+
 import os
 import sys
 

@@ -2,8 +2,10 @@
 of its validation and test metrics. A fold already finished is kept; one interrupted is resumed.
 
     python -m common.folds unet --folds 5 --output-dir runs/unet-cv -- --data-dir data/kaggle_3m
-    python -m common.folds fcn --folds 5 --launch "accelerate launch --config_file accelerate_configs/4gpu.yaml" -- ...
+    python -m common.folds fcn --folds 5 \\
+        --launch "accelerate launch --config_file accelerate_configs/4gpu.yaml" -- ...
 """
+
 import argparse
 import json
 import shlex
@@ -14,10 +16,11 @@ from datetime import datetime
 from pathlib import Path
 
 from common import registry, report
-from common.metrics import METRICS
 from common.cli import parse_with_train_flags
+from common.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
+
 
 def mean_std(values):
     values = [v for v in values if v is not None]
@@ -37,17 +40,27 @@ def aggregate(summaries):
 
 
 def markdown(model, folds, result):
-    lines = [f"# {model}: {folds}-fold cross-validation (mean +- std over folds)", "",
-             "| set | " + " | ".join(m.title for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    lines = [
+        f"# {model}: {folds}-fold cross-validation (mean +- std over folds)",
+        "",
+        "| set | " + " | ".join(m.title for m in METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
     for side, values in result.items():
-        cells = ["-" if values[m.key][0] is None else f"{values[m.key][0]:.4f} +- {values[m.key][1]:.4f}" for m in METRICS]
+        cells = [
+            "-" if values[m.key][0] is None else f"{values[m.key][0]:.4f} +- {values[m.key][1]:.4f}"
+            for m in METRICS
+        ]
         lines.append(f"| {side} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m common.folds", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m common.folds",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", choices=registry.names())
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--output-dir", type=Path, default=None, help="default runs/<model>-cv<K>-<time>")
@@ -62,13 +75,25 @@ def main(argv=None):
         run_dir = out / f"fold-{fold}"
         if not (run_dir / "summary.json").exists():
             again = ["--resume", str(run_dir)] if (run_dir / "args.json").exists() else []
-            cmd = [*launch, str(ROOT / args.model / "train.py"), *flags, "--folds", str(args.folds), "--fold", str(fold),
-                   "--output-dir", str(run_dir), *again]
+            cmd = [
+                *launch,
+                str(ROOT / args.model / "train.py"),
+                *flags,
+                "--folds",
+                str(args.folds),
+                "--fold",
+                str(fold),
+                "--output-dir",
+                str(run_dir),
+                *again,
+            ]
             report.console.print(f"[bold]fold {fold + 1}/{args.folds}[/]: {shlex.join(cmd)}")
             code = subprocess.call(cmd)
             if code != 0:
-                print(f"error: fold {fold} failed (exit code {code}); run the same command again to resume it",
-                      file=sys.stderr)
+                print(
+                    f"error: fold {fold} failed (exit code {code}); run the same command again to resume it",
+                    file=sys.stderr,
+                )
                 return 2 if code == 2 else 1
         summaries.append(json.loads((run_dir / "summary.json").read_text()))
     result = aggregate(summaries)

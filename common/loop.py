@@ -4,6 +4,7 @@ then validates on the validation patients; the best epoch (validation Dice) is t
 Run folder: args.json, split.json, metrics.jsonl (a line per epoch), summary.json, best.pt (weights
 of the best epoch) and last/ (Accelerate state of the last epoch, for --resume).
 """
+
 import json
 import os
 import shutil
@@ -21,14 +22,22 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, is_tensorboard_available, set_seed
 
 from common import data, metrics, report, synthetic
-from common.errors import Unfinished, UserError
 from common.blocks import sync_batchnorm
+from common.errors import Unfinished, UserError
 from common.timing import StepTimes, Stopwatch, default_threads, device_name, gflops, peak_memory
 
 PATH_FLAGS = ("data_dir", "cache_dir", "output_dir", "resume", "checkpoint", "pretrained")
 # what decides speed, recorded in summary.json beside the figures
-SPEED_FLAGS = ("data_pipeline", "num_workers", "channels_last", "compile", "sync_bn", "threads", "max_steps",
-               "step_timing")
+SPEED_FLAGS = (
+    "data_pipeline",
+    "num_workers",
+    "channels_last",
+    "compile",
+    "sync_bn",
+    "threads",
+    "max_steps",
+    "step_timing",
+)
 
 
 def loss_terms(logits, target):
@@ -83,7 +92,9 @@ class Preemption:
     def now(self, accelerator):
         if accelerator.num_processes == 1:
             return self.asked
-        return accelerator.reduce(torch.tensor([float(self.asked)], device=accelerator.device), "max").item() > 0
+        return (
+            accelerator.reduce(torch.tensor([float(self.asked)], device=accelerator.device), "max").item() > 0
+        )
 
 
 def on_main_first(accelerator, fn):
@@ -114,9 +125,12 @@ def main_value(accelerator, value):
 def make_accelerator(args):
     # cpu=True where there is no accelerator: torchrun-started CPU processes (accelerate launch with
     # MULTI_GPU + use_cpu) are told nothing else, and would otherwise not join a gloo group
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=args.mixed_precision,
-                              dynamo_backend="inductor" if args.compile else None,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=args.mixed_precision,
+        dynamo_backend="inductor" if args.compile else None,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
     args.threads = args.threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.set_num_threads(args.threads)
     # denormal floats (from resampled inputs) slow x86 arithmetic several-fold; as values they are 0
@@ -138,21 +152,40 @@ def load_data(args, accelerator):
     def prepare():
         if args.synthetic:
             args.data_dir = synthetic.ensure_phantoms(args.cache_dir)
-        return data.open_dataset(args.data_dir, args.cache_dir, args.image_size, progress=accelerator.is_main_process)
+        return data.open_dataset(
+            args.data_dir, args.cache_dir, args.image_size, progress=accelerator.is_main_process
+        )
 
     slices, images, masks, tumour_pixels = on_main_first(accelerator, prepare)
-    parts = data.split(slices, args.split, args.val_frac, args.test_frac, args.seed, tumour_pixels,
-                       args.folds, args.fold)
+    parts = data.split(
+        slices, args.split, args.val_frac, args.test_frac, args.seed, tumour_pixels, args.folds, args.fold
+    )
     pin = accelerator.device.type == "cuda" if args.pin_memory is None else args.pin_memory
-    loaders = data.loaders(parts, args.data_pipeline, slices, images, masks, args.image_size, args.batch_size,
-                           args.num_workers, pin, accelerator.device)
+    loaders = data.loaders(
+        parts,
+        args.data_pipeline,
+        slices,
+        images,
+        masks,
+        args.image_size,
+        args.batch_size,
+        args.num_workers,
+        pin,
+        accelerator.device,
+    )
     return Data(slices, masks, parts, loaders)
 
 
 def split_record(args, d):
     name = (lambda s: s.patient) if args.split == "patient" else (lambda s: f"{s.patient}_{s.n}")
-    record = {"split": args.split, "seed": args.seed, "val_frac": args.val_frac, "test_frac": args.test_frac,
-              "folds": args.folds, "fold": args.fold}
+    record = {
+        "split": args.split,
+        "seed": args.seed,
+        "val_frac": args.val_frac,
+        "test_frac": args.test_frac,
+        "folds": args.folds,
+        "fold": args.fold,
+    }
     for side, idx in d.parts.items():
         record[side] = sorted({name(d.slices[i]) for i in idx})
         record[f"{side}_slices"] = len(idx)
@@ -169,7 +202,9 @@ def make_run_dir(args, accelerator, tag=""):
     else:
         out = args.output_dir
         if (out / "args.json").exists() and args.resume is None:
-            raise UserError(f"--output-dir {out} already holds a run: continue it with --resume {out}, or pick another")
+            raise UserError(
+                f"--output-dir {out} already holds a run: continue it with --resume {out}, or pick another"
+            )
     out = Path(main_value(accelerator, str(out)))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +252,9 @@ def evaluate(model, loader, accelerator, args, d, title=None, volumes=False):
         for images, masks, idx in bar.track(loader, description=title or ""):
             x, y = data.to_inputs(images, masks, channels_last=args.channels_last)
             logits = model(x)
-            out = (metrics.confusion(logits, y), loss_terms(logits, y), idx) + ((logits[:, 0] > 0,) if volumes else ())
+            out = (metrics.confusion(logits, y), loss_terms(logits, y), idx) + (
+                (logits[:, 0] > 0,) if volumes else ()
+            )
             out = accelerator.gather_for_metrics(out)
             counts.append(out[0]), terms.append(out[1]), index.append(out[2])
             if volumes:
@@ -226,8 +263,12 @@ def evaluate(model, loader, accelerator, args, d, title=None, volumes=False):
     order = torch.argsort(index)  # slice order: patient, then slice number
     index, counts, terms = index[order].numpy(), torch.cat(counts).cpu()[order], torch.cat(terms).cpu()
     patients = [d.slices[i].patient for i in index]
-    result = {**metrics.summarize(counts, patients), "loss": loss_from_terms(terms, args.loss).item(),
-              "slices": len(counts), "patients": len(set(patients))}
+    result = {
+        **metrics.summarize(counts, patients),
+        "loss": loss_from_terms(terms, args.loss).item(),
+        "slices": len(counts),
+        "patients": len(set(patients)),
+    }
     if volumes and accelerator.is_main_process:
         result.update(metrics.volume_metrics(torch.cat(preds)[order].numpy(), d.masks[index] > 0, patients))
     return result
@@ -235,8 +276,12 @@ def evaluate(model, loader, accelerator, args, d, title=None, volumes=False):
 
 def model_config(args):
     """What defines the network: stored in checkpoints, taken from them by --eval-only and predict."""
-    return {"model": args.model, "width": args.width, "image_size": args.image_size,
-            **{k: getattr(args, k) for k in args.network_flags}}
+    return {
+        "model": args.model,
+        "width": args.width,
+        "image_size": args.image_size,
+        **{k: getattr(args, k) for k in args.network_flags},
+    }
 
 
 def open_tracker(args, out, accelerator):
@@ -246,7 +291,9 @@ def open_tracker(args, out, accelerator):
     from accelerate.tracking import TensorBoardTracker
 
     tracker = TensorBoardTracker("tensorboard", out)
-    tracker.store_init_configuration({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    tracker.store_init_configuration(
+        {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    )
     return tracker
 
 
@@ -258,12 +305,16 @@ def train(args, build_model):
         raise UserError("--log-with tensorboard: tensorboard is not installed (pip install tensorboard)")
     accelerator = make_accelerator(args)
     main = accelerator.is_main_process
-    set_seed(args.seed, device_specific=True)  # rank 0 = a 1-process run; DDP copies its weights to the others
+    set_seed(
+        args.seed, device_specific=True
+    )  # rank 0 = a 1-process run; DDP copies its weights to the others
     model = build_model(args)
     d = load_data(args, accelerator)
     out = make_run_dir(args, accelerator)
     if main and args.resume is None:
-        report.write_json(out / "args.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+        report.write_json(
+            out / "args.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        )
         report.write_json(out / "split.json", split_record(args, d))
 
     if args.sync_bn and accelerator.num_processes > 1:
@@ -271,11 +322,14 @@ def train(args, build_model):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
+        )
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, d.loaders["train"], d.loaders["val"], d.loaders["test"])
+        model, optimizer, d.loaders["train"], d.loaders["val"], d.loaders["test"]
+    )
     state = RunState()
     accelerator.register_for_checkpointing(state)
     if args.resume is not None:
@@ -294,18 +348,23 @@ def train(args, build_model):
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     global_batch = args.batch_size * accelerator.num_processes
     if main:
-        report.console.print(f"[bold]{args.model}[/] width {args.width}: {n_params / 1e6:.2f} M parameters | "
-                             f"{accelerator.num_processes} process(es) on {accelerator.device.type} | "
-                             f"global batch {global_batch} | precision {accelerator.mixed_precision}\n"
-                             f"{', '.join(f'{k} {len(v)}' for k, v in d.parts.items())} slices | run folder {out}")
+        report.console.print(
+            f"[bold]{args.model}[/] width {args.width}: {n_params / 1e6:.2f} M parameters | "
+            f"{accelerator.num_processes} process(es) on {accelerator.device.type} | "
+            f"global batch {global_batch} | precision {accelerator.mixed_precision}\n"
+            f"{', '.join(f'{k} {len(v)}' for k, v in d.parts.items())} slices | run folder {out}"
+        )
         report.epoch_header()
 
     sync_steps = args.step_timing or accelerator.device.type == "cpu"
     stopped_by, first, preemption, epoch_s = None, state.epoch + 1, Preemption(), 0.0
     for epoch in range(first, args.epochs + 1):
         # the main process decides for all: clocks differ between processes, and all must stop together
-        if args.time_limit and epoch > first and \
-                main_value(accelerator, time.perf_counter() - started + epoch_s > args.time_limit):
+        if (
+            args.time_limit
+            and epoch > first
+            and main_value(accelerator, time.perf_counter() - started + epoch_s > args.time_limit)
+        ):
             stopped_by = f"--time-limit {args.time_limit:g} s before epoch {epoch}"
             if main:
                 report.console.print(f"stopped: {stopped_by}")
@@ -319,7 +378,9 @@ def train(args, build_model):
         done = state.step  # > 0 when resuming an epoch stopped part-way
         loss_sum = torch.tensor(state.partial_loss if main else 0.0, device=accelerator.device)
         seen = torch.tensor(state.partial_seen if main else 0, device=accelerator.device)
-        first_bad = torch.zeros((), device=accelerator.device, dtype=torch.long)  # step of the first non-finite loss
+        first_bad = torch.zeros(
+            (), device=accelerator.device, dtype=torch.long
+        )  # step of the first non-finite loss
         steps = min(len(train_loader), args.max_steps or len(train_loader))
         batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
         with report.bar(main) as bar:  # the loss stays on the device: no host sync per step
@@ -351,30 +412,64 @@ def train(args, build_model):
         state.step, state.partial_loss, state.partial_seen, state.partial_time_s = 0, 0.0, 0, 0.0
         timing = times.summary()
         # the slowest process sets the pace: its times stand for the epoch
-        per_rank = accelerator.gather(torch.tensor([[train_time, timing["data_wait_s"], timing["compute_s"],
-                                                     timing["rest_s"], peak_memory(accelerator.device)["peak_memory_mb"]]],
-                                                   dtype=torch.float64, device=accelerator.device)).cpu()
+        per_rank = accelerator.gather(
+            torch.tensor(
+                [
+                    [
+                        train_time,
+                        timing["data_wait_s"],
+                        timing["compute_s"],
+                        timing["rest_s"],
+                        peak_memory(accelerator.device)["peak_memory_mb"],
+                    ]
+                ],
+                dtype=torch.float64,
+                device=accelerator.device,
+            )
+        ).cpu()
         slowest = per_rank[per_rank[:, 0].argmax()].tolist()
         loss_sum, seen = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(seen, "sum")
         bad = accelerator.gather(first_bad.view(1))
         if bad.any():  # checked once an epoch: a check per step would stall the device every step
             at = int(bad[bad > 0].min())
-            kept = (f"the last good checkpoint (epoch {state.epoch}) is in {out / 'last'}" if state.epoch
-                    else "no epoch had finished: there is no checkpoint")
+            kept = (
+                f"the last good checkpoint (epoch {state.epoch}) is in {out / 'last'}"
+                if state.epoch
+                else "no epoch had finished: there is no checkpoint"
+            )
             raise UserError(f"non-finite loss at epoch {epoch}, step {at} (lower --lr?); {kept}")
-        val = {} if args.no_eval else evaluate(model, val_loader, accelerator, args, d, "validating" if main else None)
-        row = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen.item(), 1), "val_loss": val.get("loss"),
-               **{f"val_{k}": v for k, v in val.items() if k != "loss"},
-               "epoch_time_s": clock.elapsed(), "train_time_s": slowest[0], "images_per_s": seen.item() / slowest[0],
-               "peak_memory_mb": per_rank[:, 4].max().item(),
-               **{k: timing[k] for k in ("step_median_s", "steps", "step_timing_synced")}}
+        val = (
+            {}
+            if args.no_eval
+            else evaluate(model, val_loader, accelerator, args, d, "validating" if main else None)
+        )
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum.item() / max(seen.item(), 1),
+            "val_loss": val.get("loss"),
+            **{f"val_{k}": v for k, v in val.items() if k != "loss"},
+            "epoch_time_s": clock.elapsed(),
+            "train_time_s": slowest[0],
+            "images_per_s": seen.item() / slowest[0],
+            "peak_memory_mb": per_rank[:, 4].max().item(),
+            **{k: timing[k] for k in ("step_median_s", "steps", "step_timing_synced")},
+        }
         # without a sync per step the host runs ahead until the device's queue is full, then blocks
         # wherever it next waits (often in fetching the next batch): that is no data wait, so unsynced
         # runs do not report one (measured on an H200: 39% "data wait" unsynced, 2% with --step-timing)
-        row.update({k: v if sync_steps else None for k, v in (
-            ("data_wait_s", slowest[1]), ("compute_s", slowest[2]), ("rest_s", slowest[3]),
-            ("data_wait_share", slowest[1] / slowest[0]), ("step_data_median_s", timing["step_data_median_s"]),
-            ("step_compute_median_s", timing["step_compute_median_s"]))})
+        row.update(
+            {
+                k: v if sync_steps else None
+                for k, v in (
+                    ("data_wait_s", slowest[1]),
+                    ("compute_s", slowest[2]),
+                    ("rest_s", slowest[3]),
+                    ("data_wait_share", slowest[1] / slowest[0]),
+                    ("step_data_median_s", timing["step_data_median_s"]),
+                    ("step_compute_median_s", timing["step_compute_median_s"]),
+                )
+            }
+        )
         state.epoch, state.train_time_s, epoch_s = epoch, state.train_time_s + slowest[0], row["epoch_time_s"]
         if main:
             report.append_jsonl(out / "metrics.jsonl", row)
@@ -387,8 +482,10 @@ def train(args, build_model):
             state.best_dice, state.best_epoch = val["dice"], epoch
             weights = accelerator.get_state_dict(model)
             if main:
-                report.save_torch({"model": weights, "config": model_config(args), "epoch": epoch, "val": val},
-                                  out / "best.pt")
+                report.save_torch(
+                    {"model": weights, "config": model_config(args), "epoch": epoch, "val": val},
+                    out / "best.pt",
+                )
         save_last(accelerator, out)
         if preemption.now(accelerator):
             stopped_by = f"SIGTERM after epoch {epoch}"
@@ -399,24 +496,41 @@ def train(args, build_model):
         if state.step:  # stopped part-way through an epoch: save where
             save_last(accelerator, out)
         if main:
-            report.console.print(f"stopped by {stopped_by}: checkpoint in {out / 'last'}; continue with --resume {out}")
+            report.console.print(
+                f"stopped by {stopped_by}: checkpoint in {out / 'last'}; continue with --resume {out}"
+            )
         accelerator.end_training()
         return None
 
     try:  # an error from here on must not cost the training: best.pt, last/ and metrics.jsonl stay
-        summary = final_report(args, build_model, accelerator, model, (val_loader, test_loader), d, state, out,
-                               n_params, stopped_by, tracker)
+        summary = final_report(
+            args,
+            build_model,
+            accelerator,
+            model,
+            (val_loader, test_loader),
+            d,
+            state,
+            out,
+            n_params,
+            stopped_by,
+            tracker,
+        )
     except Exception as e:
         if args.debug:
             raise
-        raise Unfinished(f"training ended ({state.epoch} epochs: best.pt, last/ and metrics.jsonl are in {out}) "
-                         f"but the final evaluation failed ({type(e).__name__}: {e}); "
-                         f"finish it with: python {args.model}/train.py --resume {out}") from e
+        raise Unfinished(
+            f"training ended ({state.epoch} epochs: best.pt, last/ and metrics.jsonl are in {out}) "
+            f"but the final evaluation failed ({type(e).__name__}: {e}); "
+            f"finish it with: python {args.model}/train.py --resume {out}"
+        ) from e
     accelerator.end_training()
     return summary
 
 
-def final_report(args, build_model, accelerator, model, loaders, d, state, out, n_params, stopped_by, tracker):
+def final_report(
+    args, build_model, accelerator, model, loaders, d, state, out, n_params, stopped_by, tracker
+):
     """The best epoch once more on validation and once on test, with the 3-D metrics too; then
     summary.json and the results table."""
     main, (val_loader, test_loader) = accelerator.is_main_process, loaders
@@ -425,33 +539,59 @@ def final_report(args, build_model, accelerator, model, loaders, d, state, out, 
     if not args.no_eval:
         best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
         accelerator.unwrap_model(model).load_state_dict(best["model"])
-        results[f"val (epoch {state.best_epoch})"] = evaluate(model, val_loader, accelerator, args, d, volumes=True)
+        results[f"val (epoch {state.best_epoch})"] = evaluate(
+            model, val_loader, accelerator, args, d, volumes=True
+        )
         if test_loader:
-            results["test"] = evaluate(model, test_loader, accelerator, args, d, "testing" if main else None,
-                                       volumes=True)
+            results["test"] = evaluate(
+                model, test_loader, accelerator, args, d, "testing" if main else None, volumes=True
+            )
     rows = report.read_jsonl(out / "metrics.jsonl") if main else []
     last_rows = rows[-3:]
-    summary = {**model_config(args), "parameters": n_params, "gflops_per_image": gflops(build_model, args),
-               **{k: getattr(args, k) for k in SPEED_FLAGS}, "pin_memory": d.loaders["train"].pin_memory,
-               "device": device_name(accelerator.device), "world_size": accelerator.num_processes,
-               "mixed_precision": accelerator.mixed_precision, "batch_size_per_process": args.batch_size,
-               "global_batch_size": args.batch_size * accelerator.num_processes, "epochs": state.epoch,
-               "train_time_s": state.train_time_s,
-               **{k: statistics.median(v) if (v := [r[k] for r in last_rows if r.get(k) is not None]) else None
-                  for k in ("images_per_s", "data_wait_share", "step_median_s", "step_data_median_s",
-                            "step_compute_median_s")},
-               "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
-               "peak_memory_of": peak_memory(accelerator.device)["peak_memory_of"], "stopped_by": stopped_by,
-               "best_epoch": state.best_epoch,
-               "best_val": results.get(f"val (epoch {state.best_epoch})"), "test": results.get("test"),
-               "split": {k: len(v) for k, v in d.parts.items()}}
+    summary = {
+        **model_config(args),
+        "parameters": n_params,
+        "gflops_per_image": gflops(build_model, args),
+        **{k: getattr(args, k) for k in SPEED_FLAGS},
+        "pin_memory": d.loaders["train"].pin_memory,
+        "device": device_name(accelerator.device),
+        "world_size": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "batch_size_per_process": args.batch_size,
+        "global_batch_size": args.batch_size * accelerator.num_processes,
+        "epochs": state.epoch,
+        "train_time_s": state.train_time_s,
+        **{
+            k: statistics.median(v) if (v := [r[k] for r in last_rows if r.get(k) is not None]) else None
+            for k in (
+                "images_per_s",
+                "data_wait_share",
+                "step_median_s",
+                "step_data_median_s",
+                "step_compute_median_s",
+            )
+        },
+        "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
+        "peak_memory_of": peak_memory(accelerator.device)["peak_memory_of"],
+        "stopped_by": stopped_by,
+        "best_epoch": state.best_epoch,
+        "best_val": results.get(f"val (epoch {state.best_epoch})"),
+        "test": results.get("test"),
+        "split": {k: len(v) for k, v in d.parts.items()},
+    }
     if main:
         report.write_json(out / "summary.json", summary)
         if results:
-            report.results_table(f"{args.model}: {n_params / 1e6:.2f} M parameters, {state.epoch} epochs, "
-                                 f"{state.train_time_s:.0f} s training", results)
-        report.console.print(f"wrote {out}/: args.json split.json metrics.jsonl summary.json"
-                             + ("" if args.no_eval else " best.pt last/") + (" tensorboard/" if tracker else ""))
+            report.results_table(
+                f"{args.model}: {n_params / 1e6:.2f} M parameters, {state.epoch} epochs, "
+                f"{state.train_time_s:.0f} s training",
+                results,
+            )
+        report.console.print(
+            f"wrote {out}/: args.json split.json metrics.jsonl summary.json"
+            + ("" if args.no_eval else " best.pt last/")
+            + (" tensorboard/" if tracker else "")
+        )
     return summary
 
 
@@ -478,8 +618,10 @@ def evaluate_checkpoint(args, build_model):
         if key == "model":
             continue
         if key != "image_size" and key in args.given and getattr(args, key) != saved:
-            raise UserError(f"--checkpoint {args.checkpoint} holds a model of --{key.replace('_', '-')} {saved}, "
-                            f"not {getattr(args, key)}")
+            raise UserError(
+                f"--checkpoint {args.checkpoint} holds a model of --{key.replace('_', '-')} {saved}, "
+                f"not {getattr(args, key)}"
+            )
         if key != "image_size" or key not in args.given:
             setattr(args, key, saved)
     accelerator = make_accelerator(args)
@@ -491,13 +633,30 @@ def evaluate_checkpoint(args, build_model):
     d = load_data(args, accelerator)
     model = accelerator.prepare(model)
     main = accelerator.is_main_process
-    results = {name: evaluate(model, accelerator.prepare(dl), accelerator, args, d,
-                              f"evaluating {name}" if main else None, volumes=True)
-               for name, dl in d.loaders.items() if dl is not None and name != "train"}
+    results = {
+        name: evaluate(
+            model,
+            accelerator.prepare(dl),
+            accelerator,
+            args,
+            d,
+            f"evaluating {name}" if main else None,
+            volumes=True,
+        )
+        for name, dl in d.loaders.items()
+        if dl is not None and name != "train"
+    }
     out = make_run_dir(args, accelerator, tag="-eval")
     if main:
-        report.write_json(out / "eval.json", {"checkpoint": str(args.checkpoint), **model_config(args),
-                                              "split": split_record(args, d), **results})
+        report.write_json(
+            out / "eval.json",
+            {
+                "checkpoint": str(args.checkpoint),
+                **model_config(args),
+                "split": split_record(args, d),
+                **results,
+            },
+        )
         report.results_table(f"{args.model} from {args.checkpoint}", results)
         report.console.print(f"wrote {out / 'eval.json'}")
     accelerator.end_training()

@@ -6,6 +6,7 @@ pooled over the whole set, so no metric depends on batch size or number of proce
 An empty mask with an empty prediction is a perfect agreement (1.0); a metric with nothing to
 average over (say, slice Dice on a set without tumour) is None.
 """
+
 import random
 from dataclasses import dataclass
 
@@ -27,15 +28,19 @@ class Metric:
 
 
 # every metric a run reports, in the order tables show them; the README defines each
-METRICS = [Metric("miou_bg", "mIoU+bg", "mIoU+bg"), Metric("miou_bg_seed", "mIoU+bg per batch", "orig."),
-           Metric("iou_tumor", "IoU", "IoU"), Metric("dice", "Dice", "Dice"),
-           Metric("dice_slice", "Dice/slice", "slice"),
-           Metric("empty_fp_rate", "empty FP", "emptyFP", higher_is_better=False, console=False),
-           Metric("dice_patient_mean", "Dice/patient mean", "patient"),
-           Metric("dice_patient_median", "median", "median", console=False),
-           Metric("dice_patient_lcc_mean", "+LCC mean", "+LCC", console=False),
-           Metric("hd95_patient_mean", "HD95 px", "HD95", higher_is_better=False),
-           Metric("hd95_excluded", "HD95 excl.", "excl.", "{}", higher_is_better=False, console=False)]
+METRICS = [
+    Metric("miou_bg", "mIoU+bg", "mIoU+bg"),
+    Metric("miou_bg_seed", "mIoU+bg per batch", "orig."),
+    Metric("iou_tumor", "IoU", "IoU"),
+    Metric("dice", "Dice", "Dice"),
+    Metric("dice_slice", "Dice/slice", "slice"),
+    Metric("empty_fp_rate", "empty FP", "emptyFP", higher_is_better=False, console=False),
+    Metric("dice_patient_mean", "Dice/patient mean", "patient"),
+    Metric("dice_patient_median", "median", "median", console=False),
+    Metric("dice_patient_lcc_mean", "+LCC mean", "+LCC", console=False),
+    Metric("hd95_patient_mean", "HD95 px", "HD95", higher_is_better=False),
+    Metric("hd95_excluded", "HD95 excl.", "excl.", "{}", higher_is_better=False, console=False),
+]
 
 
 def confusion(logits, target):
@@ -66,7 +71,11 @@ def pooled(c):
     """miou_bg, iou_tumor, dice of one (tp, fp, fn, tn) sum."""
     tp, fp, fn, tn = (int(v) for v in c)
     iou_tumor, iou_bg = ratio(tp, tp + fp + fn), ratio(tn, tn + fn + fp)
-    return {"miou_bg": (iou_tumor + iou_bg) / 2, "iou_tumor": iou_tumor, "dice": ratio(2 * tp, 2 * tp + fp + fn)}
+    return {
+        "miou_bg": (iou_tumor + iou_bg) / 2,
+        "iou_tumor": iou_tumor,
+        "dice": ratio(2 * tp, 2 * tp + fp + fn),
+    }
 
 
 def miou_bg_seed(counts, batch=4, seed=233):
@@ -77,7 +86,7 @@ def miou_bg_seed(counts, batch=4, seed=233):
     random.Random(seed).shuffle(order)
     scores = []
     for k in range(0, len(order), batch):
-        tp, fp, fn, tn = counts[order[k:k + batch]].sum(0).tolist()
+        tp, fp, fn, tn = counts[order[k : k + batch]].sum(0).tolist()
         scores.append(0.5 if tp + fp + fn == 0 else (tp / (tp + fp + fn) + ratio(tn, tn + fp + fn)) / 2)
     return mean(scores)
 
@@ -136,9 +145,15 @@ def patient_row(pred, truth):
     tumour IoU of the volume and HD95 (None when the truth or the prediction is empty), as predicted
     and after keeping the largest connected component of the prediction (the dataset author's
     post-processing)."""
-    row = {"slices": len(truth), "tumour_slices": int(truth.any((1, 2)).sum()), "tumour_voxels": int(truth.sum()),
-           "tp": int((pred & truth).sum()), "fp": int((pred & ~truth).sum()), "fn": int((~pred & truth).sum()),
-           "tn": int((~pred & ~truth).sum())}
+    row = {
+        "slices": len(truth),
+        "tumour_slices": int(truth.any((1, 2)).sum()),
+        "tumour_voxels": int(truth.sum()),
+        "tp": int((pred & truth).sum()),
+        "fp": int((pred & ~truth).sum()),
+        "fn": int((~pred & truth).sum()),
+        "tn": int((~pred & ~truth).sum()),
+    }
     for tag, p in (("", pred), ("_lcc", largest_component(pred))):
         inter, total = int((p & truth).sum()), int(p.sum() + truth.sum())
         row[f"dice{tag}"] = ratio(2 * inter, total)
@@ -154,9 +169,17 @@ def volume_metrics(pred, truth, patients):
     (hd95_excluded), not averaged in."""
     names = list(dict.fromkeys(patients))
     patients = np.asarray(patients)
-    rows = [{"patient": name, **patient_row(pred[patients == name], truth[patients == name])} for name in names]
+    rows = [
+        {"patient": name, **patient_row(pred[patients == name], truth[patients == name])} for name in names
+    ]
     lcc = [r["dice_lcc"] for r in rows]
     hd = [r["hd95"] for r in rows if r["hd95"] is not None]
-    return {"dice_patient_lcc_mean": mean(lcc), "dice_patient_lcc_median": median(lcc),
-            "hd95_patient_mean": mean(hd), "hd95_patient_median": median(hd),
-            "hd95_patients": len(hd), "hd95_excluded": len(rows) - len(hd), "per_patient": rows}
+    return {
+        "dice_patient_lcc_mean": mean(lcc),
+        "dice_patient_lcc_median": median(lcc),
+        "hd95_patient_mean": mean(hd),
+        "hd95_patient_median": median(hd),
+        "hd95_patients": len(hd),
+        "hd95_excluded": len(rows) - len(hd),
+        "per_patient": rows,
+    }

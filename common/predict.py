@@ -10,6 +10,7 @@ the slice's own size) and `<label>/figures/<name>.png` (FLAIR, true mask, predic
 contours: truth green, prediction red). With several checkpoints, also `comparison.png`: a row per
 model on three slices chosen to show a large tumour, a small one and an empty slice.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -35,8 +36,10 @@ def find_slices(folder):
     images = sorted(f for f in folder.glob("*.tif") if not f.name.endswith("_mask.tif"))
     if not images:
         raise UserError(f"--data-dir: no .tif slices in {folder}")
-    return [(f.stem, f, f.with_name(f"{f.stem}_mask.tif") if f.with_name(f"{f.stem}_mask.tif").exists() else None)
-            for f in images]
+    return [
+        (f.stem, f, f.with_name(f"{f.stem}_mask.tif") if f.with_name(f"{f.stem}_mask.tif").exists() else None)
+        for f in images
+    ]
 
 
 def read(image_path, mask_path):
@@ -58,8 +61,10 @@ def predict(model, images, device, batch_size=16):
     """Boolean masks (N, size, size) for uint8 images (N, size, size, 3)."""
     out = []
     for k in range(0, len(images), batch_size):
-        x, _ = data.to_inputs(torch.from_numpy(images[k:k + batch_size]).to(device),
-                              torch.zeros(images[k:k + batch_size].shape[:3], dtype=torch.uint8, device=device))
+        x, _ = data.to_inputs(
+            torch.from_numpy(images[k : k + batch_size]).to(device),
+            torch.zeros(images[k : k + batch_size].shape[:3], dtype=torch.uint8, device=device),
+        )
         out.append((model(x)[:, 0] > 0).cpu().numpy())
     return np.concatenate(out)
 
@@ -82,8 +87,11 @@ def slice_figure(path, name, flair, truth, pred):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
-    panels = [(flair, "FLAIR"), (truth if truth is not None else np.zeros_like(pred), "true mask"),
-              (pred, "prediction")]
+    panels = [
+        (flair, "FLAIR"),
+        (truth if truth is not None else np.zeros_like(pred), "true mask"),
+        (pred, "prediction"),
+    ]
     for ax, (img, title) in zip(axes, panels):
         ax.imshow(img, cmap="gray")
         ax.set_title(title)
@@ -133,10 +141,18 @@ def comparison_figure(path, names, flairs, truths, preds, labels, picks):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m common.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, action="append", required=True,
-                   help="best.pt or a run folder; repeat to compare models")
+    p = argparse.ArgumentParser(
+        prog="python -m common.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        required=True,
+        help="best.pt or a run folder; repeat to compare models",
+    )
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--output-dir", type=Path, default=Path("predictions"))
     p.add_argument("--no-figures", action="store_true", help="write the masks only")
@@ -168,7 +184,9 @@ def run(args):
     for (model, cfg), label in zip(models, labels):
         size = (cfg["image_size"],) * 2
         masks = predict(model, np.stack([data.resize(im, size, Image.BILINEAR) for im in images]), device)
-        preds[label] = [data.resize(m.astype(np.uint8), im.shape[:2], Image.NEAREST) > 0 for m, im in zip(masks, images)]
+        preds[label] = [
+            data.resize(m.astype(np.uint8), im.shape[:2], Image.NEAREST) > 0 for m, im in zip(masks, images)
+        ]
         folder = args.output_dir / label
         (folder / "masks").mkdir(parents=True, exist_ok=True)
         for name, m in zip(names, preds[label]):
@@ -177,7 +195,9 @@ def run(args):
         if not args.no_figures:
             (folder / "figures").mkdir(exist_ok=True)
             for i in report.track(range(len(names)), f"drawing {label}"):
-                slice_figure(folder / "figures" / f"{names[i]}.png", names[i], flairs[i], truths[i], preds[label][i])
+                slice_figure(
+                    folder / "figures" / f"{names[i]}.png", names[i], flairs[i], truths[i], preds[label][i]
+                )
             written.append(f"{folder / 'figures'}/ ({len(names)} figures)")
     if len(models) > 1 and not args.no_figures:
         path = args.output_dir / "comparison.png"

@@ -7,8 +7,8 @@ holding model.py (the network) and train.py, which defines
     TITLE             (optional) its name in tables
 
 and runs `common.entry.main(parser(), build_model)` as a script."""
+
 import importlib
-from argparse import Namespace
 from pathlib import Path
 
 import torch
@@ -16,8 +16,10 @@ import torch
 from common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTRACT = ("takes --width (a channel multiplier) and a (B, 3, H, W) float batch, H and W multiples of 32; "
-            "returns one tensor (B, 1, H, W) of tumour logits (a pixel is tumour where its logit > 0)")
+CONTRACT = (
+    "takes --width (a channel multiplier) and a (B, 3, H, W) float batch, H and W multiples of 32; "
+    "returns one tensor (B, 1, H, W) of tumour logits (a pixel is tumour where its logit > 0)"
+)
 
 
 def names():
@@ -27,7 +29,10 @@ def names():
 def script(name):
     """The model's train.py module."""
     if name not in names():
-        raise UserError(f"unknown model {name!r}: the models are {', '.join(names())} (folders with model.py and train.py)")
+        raise UserError(
+            f"unknown model {name!r}: the models are {', '.join(names())} "
+            "(folders with model.py and train.py)"
+        )
     return importlib.import_module(f"{name}.train")
 
 

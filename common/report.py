@@ -1,13 +1,21 @@
 """What a run prints and writes: the per-epoch lines, the final table, and the run folder's files
 (each written to a temporary name and renamed, so an interrupted run never leaves half a file)."""
+
 import json
 import os
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.progress import track as progress_track
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from common.metrics import METRICS
@@ -15,10 +23,18 @@ from common.metrics import METRICS
 console = Console(highlight=False, soft_wrap=True)  # long paths stay on one line in logs
 
 # (key in metrics.jsonl, column title, format)
-EPOCH_COLUMNS = [("epoch", "epoch", "{:d}"), ("train_loss", "train loss", "{:.4f}"), ("val_loss", "val loss", "{:.4f}"),
-                 ("val_miou_bg", "val mIoU+bg", "{:.4f}"), ("val_iou_tumor", "val IoU", "{:.4f}"),
-                 ("val_dice", "val Dice", "{:.4f}"), ("epoch_time_s", "time s", "{:.1f}"),
-                 ("images_per_s", "img/s", "{:.1f}")]
+EPOCH_COLUMNS = [
+    ("epoch", "epoch", "{:d}"),
+    ("train_loss", "train loss", "{:.4f}"),
+    ("val_loss", "val loss", "{:.4f}"),
+    ("val_miou_bg", "val mIoU+bg", "{:.4f}"),
+    ("val_iou_tumor", "val IoU", "{:.4f}"),
+    ("val_dice", "val Dice", "{:.4f}"),
+    ("epoch_time_s", "time s", "{:.1f}"),
+    ("images_per_s", "img/s", "{:.1f}"),
+]
+
+
 def tmp_name(path):
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
@@ -44,21 +60,31 @@ def append_jsonl(path, row):
 
 def read_jsonl(path):
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
 
 
 def bar(enabled):
     """A progress bar on a terminal, for the main process only (other processes stay silent); cleared
     when done. Logs (Slurm, CI) get the per-epoch lines instead."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=True,
-                    disable=not (enabled and console.is_terminal))
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not (enabled and console.is_terminal),
+    )
 
 
 def track(items, description):
     """Progress over items for the commands (predict, results), on a terminal."""
-    return progress_track(items, description=description, console=console, transient=True,
-                          disable=not console.is_terminal)
+    return progress_track(
+        items, description=description, console=console, transient=True, disable=not console.is_terminal
+    )
 
 
 def epoch_header():
@@ -66,18 +92,27 @@ def epoch_header():
 
 
 def epoch_line(row):
-    console.print(" ".join(f"{'-' if row.get(key) is None else fmt.format(row[key]):>{max(len(title), 8)}}"
-                           for key, title, fmt in EPOCH_COLUMNS))
+    console.print(
+        " ".join(
+            f"{'-' if row.get(key) is None else fmt.format(row[key]):>{max(len(title), 8)}}"
+            for key, title, fmt in EPOCH_COLUMNS
+        )
+    )
 
 
 def results_table(title, results):
     """results: {"val (epoch 7)": {metric: value}, "test": {...}}."""
-    table = Table(title=title, caption="orig.: mIoU+bg per batch of 4 as the original; slice, patient: "
-                                       "mean Dice per tumour slice, per patient; HD95 in pixels")
+    table = Table(
+        title=title,
+        caption="orig.: mIoU+bg per batch of 4 as the original; slice, patient: "
+        "mean Dice per tumour slice, per patient; HD95 in pixels",
+    )
     table.add_column("set")
     shown = [m for m in METRICS if m.console]
     for m in shown:
         table.add_column(m.short, justify="right")
     for name, values in results.items():
-        table.add_row(name, *("-" if values.get(m.key) is None else m.fmt.format(values[m.key]) for m in shown))
+        table.add_row(
+            name, *("-" if values.get(m.key) is None else m.fmt.format(values[m.key]) for m in shown)
+        )
     console.print(table)

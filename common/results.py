@@ -11,6 +11,7 @@ of the 3929 slices against processes, a bar per number of workers, for each pipe
 sweep-breakdown.png (data wait / compute / rest per step) and sweep-scaling.png (scaling
 efficiency against processes). --suite (from common.bench suite): suite-speedup.png.
 """
+
 import argparse
 import csv
 import json
@@ -22,10 +23,20 @@ from common.metrics import METRICS
 
 # the original study's reported numbers: per-batch mIoU incl. background, validation, leaky slice split
 ORIGINAL = {"fcn": 0.8095, "unet": 0.8340, "segnet": 0.7802}
-SETUP = [("model", "model", "{}"), ("width", "width", "{:g}"), ("image_size", "px", "{}"),
-         ("parameters", "params M", lambda v: f"{v / 1e6:.2f}"), ("gflops_per_image", "GFLOPs/img", "{:.2f}"),
-         ("device", "device", "{}"), ("world_size", "procs", "{}"), ("epochs", "epochs", "{}"),
-         ("train_time_s", "train s", "{:.0f}"), ("images_per_s", "img/s", "{:.1f}"), ("peak_memory_mb", "peak MB", "{:.0f}")]
+SETUP = [
+    ("model", "model", "{}"),
+    ("width", "width", "{:g}"),
+    ("image_size", "px", "{}"),
+    ("parameters", "params M", lambda v: f"{v / 1e6:.2f}"),
+    ("gflops_per_image", "GFLOPs/img", "{:.2f}"),
+    ("device", "device", "{}"),
+    ("world_size", "procs", "{}"),
+    ("epochs", "epochs", "{}"),
+    ("train_time_s", "train s", "{:.0f}"),
+    ("images_per_s", "img/s", "{:.1f}"),
+    ("peak_memory_mb", "peak MB", "{:.0f}"),
+]
+
 
 def find_runs(paths):
     runs = []
@@ -48,13 +59,21 @@ def markdown(runs, summaries):
     for run, s in zip(runs, summaries):
         lines.append(f"| {run.name} | " + " | ".join(cell(s.get(k), f) for k, _, f in SETUP) + " |")
     for side, key in (("Test patients", "test"), ("Validation patients, best epoch", "best_val")):
-        lines += ["", f"**{side}**", "", "| run | " + " | ".join(m.title for m in METRICS) + " |",
-                  "|---" * (len(METRICS) + 1) + "|"]
+        lines += [
+            "",
+            f"**{side}**",
+            "",
+            "| run | " + " | ".join(m.title for m in METRICS) + " |",
+            "|---" * (len(METRICS) + 1) + "|",
+        ]
         for run, s in zip(runs, summaries):
             m = s.get(key) or {}
             lines.append(f"| {run.name} | " + " | ".join(cell(m.get(x.key), x.fmt) for x in METRICS) + " |")
-    lines += ["", "Reference, the original study (validation slices of a split that leaks patients, mIoU+bg "
-              "per batch of 4): " + ", ".join(f"{m} {v:.4f}" for m, v in ORIGINAL.items()) + "."]
+    lines += [
+        "",
+        "Reference, the original study (validation slices of a split that leaks patients, mIoU+bg "
+        "per batch of 4): " + ", ".join(f"{m} {v:.4f}" for m, v in ORIGINAL.items()) + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -65,11 +84,18 @@ def write_csv(path, runs, summaries):
         w = csv.writer(f)
         w.writerow(header)
         for run, s in zip(runs, summaries):
-            w.writerow([run.name, *(s.get(k) for k in keys)] + [(s.get(key) or {}).get(m.key) for key in ("test", "best_val")
-                                                               for m in METRICS])
+            w.writerow(
+                [run.name, *(s.get(k) for k in keys)]
+                + [(s.get(key) or {}).get(m.key) for key in ("test", "best_val") for m in METRICS]
+            )
         for model, v in ORIGINAL.items():
-            w.writerow([f"original-{model}", model] + [None] * (len(keys) - 1) + [None] * len(METRICS) +
-                       [None, v] + [None] * (len(METRICS) - 2))
+            w.writerow(
+                [f"original-{model}", model]
+                + [None] * (len(keys) - 1)
+                + [None] * len(METRICS)
+                + [None, v]
+                + [None] * (len(METRICS) - 2)
+            )
 
 
 def curves(path, model, runs):
@@ -77,8 +103,10 @@ def curves(path, model, runs):
     for run in runs:
         rows = report.read_jsonl(run / "metrics.jsonl")
         epochs = [r["epoch"] for r in rows]
-        line, = ax_loss.plot(epochs, [r["train_loss"] for r in rows], label=f"{run.name} train")
-        ax_loss.plot(epochs, [r["val_loss"] for r in rows], "--", color=line.get_color(), label=f"{run.name} val")
+        (line,) = ax_loss.plot(epochs, [r["train_loss"] for r in rows], label=f"{run.name} train")
+        ax_loss.plot(
+            epochs, [r["val_loss"] for r in rows], "--", color=line.get_color(), label=f"{run.name} val"
+        )
         ax_dice.plot(epochs, [r["val_dice"] for r in rows], color=line.get_color(), label=run.name)
     ax_loss.set(title=f"{model}: loss (BCE + soft Dice)", xlabel="epoch")
     ax_dice.set(title=f"{model}: validation Dice", xlabel="epoch", ylim=(0, 1))
@@ -124,10 +152,18 @@ def sweep_figures(path, out):
             sel = [r for r in mine if (r["threads_setting"], r["pipeline"]) == (threads, pipeline)]
             procs = sorted({r["processes"] for r in sel})
             workers = sorted({r["workers"] for r in sel})
-            bars(ax, procs, workers, {(r["processes"], r["workers"]): r["s_per_3929"] for r in sel},
-                 [f"{w} workers" for w in workers])
-            ax.set(title=f"{model}, {pipeline}, threads/process: {threads}", xlabel="processes",
-                   ylabel="s per epoch of 3929 slices")
+            bars(
+                ax,
+                procs,
+                workers,
+                {(r["processes"], r["workers"]): r["s_per_3929"] for r in sel},
+                [f"{w} workers" for w in workers],
+            )
+            ax.set(
+                title=f"{model}, {pipeline}, threads/process: {threads}",
+                xlabel="processes",
+                ylabel="s per epoch of 3929 slices",
+            )
             ax.legend(fontsize=7)
         fig.suptitle(f"{mine[0]['device']}: time per epoch (lower is better)", fontsize=9)
         fig.tight_layout()
@@ -152,16 +188,26 @@ def sweep_figures(path, out):
     plt.close(fig)
 
     plt, fig, ax = plt_figure(figsize=(6, 3.8))
-    configs = dict.fromkeys((r["model"], r["pipeline"], f"w{r['workers']}", f"threads {r['threads_setting']}")
-                            for r in rows)
+    configs = dict.fromkeys(
+        (r["model"], r["pipeline"], f"w{r['workers']}", f"threads {r['threads_setting']}") for r in rows
+    )
     for c in configs:
-        sel = sorted((r for r in rows if (r["model"], r["pipeline"], f"w{r['workers']}",
-                                           f"threads {r['threads_setting']}") == c),
-                     key=lambda r: r["processes"])
+        sel = sorted(
+            (
+                r
+                for r in rows
+                if (r["model"], r["pipeline"], f"w{r['workers']}", f"threads {r['threads_setting']}") == c
+            ),
+            key=lambda r: r["processes"],
+        )
         one = next((r["images_per_s"] for r in sel if r["processes"] == 1), None)
         if one and len(sel) > 1:
-            ax.plot([r["processes"] for r in sel], [r["images_per_s"] / (one * r["processes"]) for r in sel], "o-",
-                    label=" ".join(map(str, c)))
+            ax.plot(
+                [r["processes"] for r in sel],
+                [r["images_per_s"] / (one * r["processes"]) for r in sel],
+                "o-",
+                label=" ".join(map(str, c)),
+            )
     ax.axhline(1, color="gray", lw=0.5)
     ax.set(xlabel="processes", ylabel="images/s / (processes x images/s of 1)", title="scaling efficiency")
     ax.legend(fontsize=6)
@@ -188,16 +234,20 @@ def suite_figure(path, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m common.results", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m common.results",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("runs", nargs="*", type=Path, help="run folders, or folders holding them")
     p.add_argument("--sweep", type=Path, help="a CSV from common.sweep")
     p.add_argument("--suite", type=Path, help="a CSV from common.bench suite")
     p.add_argument("--output-dir", type=Path, default=Path("results"))
     args = p.parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    written = (sweep_figures(args.sweep, args.output_dir) if args.sweep else []) + \
-              (suite_figure(args.suite, args.output_dir) if args.suite else [])
+    written = (sweep_figures(args.sweep, args.output_dir) if args.sweep else []) + (
+        suite_figure(args.suite, args.output_dir) if args.suite else []
+    )
     if not args.runs:
         for path in written:
             report.console.print(f"wrote {path}")

@@ -1,5 +1,6 @@
 """Statistics over test patients: percentile-bootstrap intervals (resampling patients, the unit a
 reader generalises over) and, for two models on the same patients, paired differences."""
+
 import numpy as np
 from scipy import stats
 
@@ -23,5 +24,12 @@ def paired(a, b, resamples=RESAMPLES, seed=0):
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     low, high = bootstrap_ci(d, resamples=resamples, seed=seed)
     p = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else None
-    return {"mean_diff": float(d.mean()), "ci_low": low, "ci_high": high, "wilcoxon_p": p,
-            "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "patients": len(d)}
+    return {
+        "mean_diff": float(d.mean()),
+        "ci_low": low,
+        "ci_high": high,
+        "wilcoxon_p": p,
+        "wins": int((d > 0).sum()),
+        "losses": int((d < 0).sum()),
+        "patients": len(d),
+    }

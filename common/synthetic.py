@@ -2,6 +2,7 @@
 runs the exact code path of the real data: head-like ellipses, three channels, a 3-D tumour per
 patient that is bright in FLAIR (channel 1), slices at both ends of a volume without tumour, and
 bright decoys in the post-contrast channel only, so that a model must look at FLAIR."""
+
 import os
 import shutil
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Clocks that tell the truth on accelerators: kernels run asynchronously, so the device is
 synchronised before every reading."""
+
 import statistics
 import time
 
@@ -57,12 +58,21 @@ class StepTimes:
     def summary(self, warmup=5):
         """Sums over the epoch and medians over the steps after a warm-up."""
         skip = min(warmup, len(self.data) // 5)
-        med = (lambda v: statistics.median(v[skip:]) if v[skip:] else 0.0)
+
+        def med(v):
+            return statistics.median(v[skip:]) if v[skip:] else 0.0
+
         total = [a + b + c for a, b, c in zip(self.data, self.compute, self.rest)]
-        return {"data_wait_s": sum(self.data), "compute_s": sum(self.compute), "rest_s": sum(self.rest),
-                "step_median_s": med(total), "step_data_median_s": med(self.data),
-                "step_compute_median_s": med(self.compute),
-                "steps": len(self.data), "step_timing_synced": self.sync}
+        return {
+            "data_wait_s": sum(self.data),
+            "compute_s": sum(self.compute),
+            "rest_s": sum(self.rest),
+            "step_median_s": med(total),
+            "step_data_median_s": med(self.data),
+            "step_compute_median_s": med(self.compute),
+            "steps": len(self.data),
+            "step_timing_synced": self.sync,
+        }
 
 
 def device_name(device):
@@ -75,10 +85,16 @@ def peak_memory(device):
     """Peak memory of this process: allocated tensors on a GPU (since the last reset), resident set
     size on the host (since the start)."""
     if device.type == "cuda":
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_of": "cuda tensors"}
+        return {
+            "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "peak_memory_of": "cuda tensors",
+        }
     import resource
 
-    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_of": "host RSS"}
+    return {
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_memory_of": "host RSS",
+    }
 
 
 def gflops(build_model, args):

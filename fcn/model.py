@@ -1,6 +1,7 @@
 """FCN-8s (Long et al. 2015) on a VGG16-BN encoder, in the compact form the original study used
 (~20 M parameters at width 1.0): no fc6/fc7, transposed-conv upsampling with skips from pool4 and
 pool3. Every layer is used in forward, so DDP needs no `find_unused_parameters`."""
+
 import torch.nn as nn
 
 from common.blocks import scaled, vgg16_bn_stages

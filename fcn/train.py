@@ -6,6 +6,7 @@
 The original study started from ImageNet weights: pass torchvision's vgg16_bn weights as a local
 file with --pretrained (width 1.0); without it the encoder is randomly initialised (no download).
 """
+
 from pathlib import Path
 
 from common.cli import make_parser
@@ -27,8 +28,12 @@ def build_model(args):
 
 def parser():
     p = make_parser(__file__, __doc__)
-    p.add_argument("--pretrained", type=Path, default=None,
-                   help="local torchvision vgg16_bn state dict (ImageNet weights) for the encoder")
+    p.add_argument(
+        "--pretrained",
+        type=Path,
+        default=None,
+        help="local torchvision vgg16_bn state dict (ImageNet weights) for the encoder",
+    )
     return p
 
 

@@ -1,6 +1,7 @@
 """SegNet (Badrinarayanan et al. 2017): VGG16-BN encoder (13 conv-BN-ReLU), mirrored decoder that
 upsamples with max-unpooling at the encoder's pooling indices (13 convs, the last one giving the
 class logits). Built for the task's own output (the original had 19 classes by mistake)."""
+
 import torch.nn as nn
 
 from common.blocks import conv_bn_relu, scaled, vgg16_bn_stages
@@ -20,7 +21,9 @@ class SegNet(nn.Module):
         for i in reversed(range(5)):
             cout = ch[i - 1] if i > 0 else ch[0]
             layers = [conv_bn_relu(ch[i], ch[i]) for _ in range(sizes[i] - 1)]
-            layers.append(conv_bn_relu(ch[i], cout) if i > 0 else nn.Conv2d(ch[0], out_channels, 3, padding=1))
+            layers.append(
+                conv_bn_relu(ch[i], cout) if i > 0 else nn.Conv2d(ch[0], out_channels, 3, padding=1)
+            )
             self.decoder.append(nn.Sequential(*layers))
 
     def forward(self, x):

@@ -4,6 +4,7 @@ or on phantoms with --synthetic. Trained from scratch, as in the original study.
     python segnet/train.py --synthetic
     accelerate launch --config_file accelerate_configs/4gpu.yaml segnet/train.py --data-dir data/kaggle_3m
 """
+
 from common.cli import make_parser
 from common.entry import main
 from segnet.model import SegNet

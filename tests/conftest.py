@@ -15,7 +15,9 @@ TINY = ["--image-size", "64", "--width", "0.125", "--epochs", "2", "--batch-size
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory):
     """4 phantom patients x 6 slices of 64 px in the kaggle_3m layout."""
-    return write_phantoms(tmp_path_factory.mktemp("phantoms") / "kaggle_3m", patients=4, slices=6, size=64, seed=1)
+    return write_phantoms(
+        tmp_path_factory.mktemp("phantoms") / "kaggle_3m", patients=4, slices=6, size=64, seed=1
+    )
 
 
 @pytest.fixture

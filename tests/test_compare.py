@@ -1,4 +1,5 @@
 """The comparison: statistics checked by hand, and its tables recomputed from per-patient.csv."""
+
 import json
 import os
 import shutil
@@ -6,10 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run
 
 from common import compare, stats
 from common.synthetic import write_phantoms
-from conftest import run
 
 TINY = ["--image-size", "64", "--width", "0.125", "--epochs", "1", "--batch-size", "4"]
 
@@ -27,7 +28,9 @@ def test_paired_statistics_by_hand():
     a, b = [0.9, 0.8, 0.7, 0.6, 0.5], [0.8, 0.6, 0.4, 0.2, 0.0]  # differences 0.1 .. 0.5, all positive
     p = stats.paired(a, b)
     assert p["mean_diff"] == pytest.approx(0.3) and (p["wins"], p["losses"], p["patients"]) == (5, 0, 5)
-    assert p["wilcoxon_p"] == pytest.approx(2 / 2 ** 5)  # exact: only all-positive or all-negative ranks are as extreme
+    assert p["wilcoxon_p"] == pytest.approx(
+        2 / 2**5
+    )  # exact: only all-positive or all-negative ranks are as extreme
     assert 0.1 <= p["ci_low"] < 0.3 < p["ci_high"] <= 0.5
     same = stats.paired([0.5, 0.6], [0.5, 0.6])
     assert same["wilcoxon_p"] is None and same["ci_low"] == same["ci_high"] == 0
@@ -45,17 +48,43 @@ def comparison(tmp_path_factory):
     """The comparison command on 10 phantom patients (7 train, 1 validate, 2 test), tiny models."""
     root = tmp_path_factory.mktemp("compare")
     data = write_phantoms(root / "kaggle_3m", patients=10, slices=4, size=64, seed=2)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}, "LGG_CACHE_DIR": str(root / "cache")}
-    p = run([sys.executable, "-m", "common.compare", "--output-dir", str(root / "cmp"), "--original", "--",
-             "--data-dir", str(data), *TINY], env, timeout=600)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")},
+        "LGG_CACHE_DIR": str(root / "cache"),
+    }
+    p = run(
+        [
+            sys.executable,
+            "-m",
+            "common.compare",
+            "--output-dir",
+            str(root / "cmp"),
+            "--original",
+            "--",
+            "--data-dir",
+            str(data),
+            *TINY,
+        ],
+        env,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     return root / "cmp", env
 
 
 def test_the_comparison_writes_its_folder(comparison):
     out, _ = comparison
-    for f in ("per-patient.csv", "summary.csv", "split.json", "comparison.md", "paired-dice.png",
-              "dice-vs-volume.png", "predictions.png", "unet/best.pt", "unet-slice/summary.json"):
+    for f in (
+        "per-patient.csv",
+        "summary.csv",
+        "split.json",
+        "comparison.md",
+        "paired-dice.png",
+        "dice-vs-volume.png",
+        "predictions.png",
+        "unet/best.pt",
+        "unet-slice/summary.json",
+    ):
         assert (out / f).exists(), f
     split = json.loads((out / "split.json").read_text())
     assert len(split["test"]) == 2 and len(split["val"]) == 1 and split["split"] == "patient"
@@ -72,20 +101,27 @@ def test_summary_csv_is_recomputed_from_per_patient_csv(comparison):
     for s in summary:
         mine = [r for r in rows if r["model"] == s["model"]]
         for r in mine:  # each row's Dice and IoU from its own counts
-            assert r["dice"] == pytest.approx(2 * r["tp"] / (2 * r["tp"] + r["fp"] + r["fn"]) if r["tp"] + r["fp"] + r["fn"] else 1)
-            assert r["iou"] == pytest.approx(r["tp"] / (r["tp"] + r["fp"] + r["fn"]) if r["tp"] + r["fp"] + r["fn"] else 1)
+            assert r["dice"] == pytest.approx(
+                2 * r["tp"] / (2 * r["tp"] + r["fp"] + r["fn"]) if r["tp"] + r["fp"] + r["fn"] else 1
+            )
+            assert r["iou"] == pytest.approx(
+                r["tp"] / (r["tp"] + r["fp"] + r["fn"]) if r["tp"] + r["fp"] + r["fn"] else 1
+            )
         tp, fp, fn = (sum(r[k] for r in mine) for k in ("tp", "fp", "fn"))
         assert s["dice_patient_mean"] == pytest.approx(np.mean([r["dice"] for r in mine]))
         assert s["dice_patient_median"] == pytest.approx(np.median([r["dice"] for r in mine]))
         assert s["dice_pooled"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
         assert s["iou_tumor"] == pytest.approx(tp / (tp + fp + fn))
         assert s["dice_patient_mean_ci_low"] <= s["dice_patient_mean"] <= s["dice_patient_mean_ci_high"]
-        assert {k: pytest.approx(v) for k, v in compare.scores(mine).items()} == \
-            {k: s[k] for k in compare.scores(mine)}
+        assert {k: pytest.approx(v) for k, v in compare.scores(mine).items()} == {
+            k: s[k] for k in compare.scores(mine)
+        }
         # and the training loop's own test metrics, computed apart, agree
         loop = json.loads((out / s["model"] / "summary.json").read_text())["test"]
         assert loop["dice_patient_mean"] == pytest.approx(s["dice_patient_mean"])
-        assert loop["dice"] == pytest.approx(s["dice_pooled"]) and loop["miou_bg"] == pytest.approx(s["miou_bg"])
+        assert loop["dice"] == pytest.approx(s["dice_pooled"]) and loop["miou_bg"] == pytest.approx(
+            s["miou_bg"]
+        )
 
 
 def test_table_only_refuses_runs_tested_on_other_patients(comparison, tmp_path):
@@ -96,16 +132,37 @@ def test_table_only_refuses_runs_tested_on_other_patients(comparison, tmp_path):
     summary["test"] = ["someone else"]
     (copy / "fcn" / "split.json").write_text(json.dumps(summary))
     p = run([sys.executable, "-m", "common.compare", "--table", "--output-dir", str(copy)], env)
-    assert p.returncode == 2 and p.stderr.startswith("error: --output-dir") and "different patients" in p.stderr
+    assert (
+        p.returncode == 2 and p.stderr.startswith("error: --output-dir") and "different patients" in p.stderr
+    )
 
 
 def test_the_comparison_through_accelerate_launch(tmp_path):
     data = write_phantoms(tmp_path / "kaggle_3m", patients=10, slices=4, size=64, seed=2)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")},
-           "LGG_CACHE_DIR": str(tmp_path / "cache")}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")},
+        "LGG_CACHE_DIR": str(tmp_path / "cache"),
+    }
     launch = f"{sys.executable} -m accelerate.commands.launch --config_file accelerate_configs/cpu2.yaml"
-    p = run([sys.executable, "-m", "common.compare", "--output-dir", str(tmp_path / "cmp"), "--models", "fcn",
-             "--launch", launch, "--", "--data-dir", str(data), *TINY], env, timeout=600)
+    p = run(
+        [
+            sys.executable,
+            "-m",
+            "common.compare",
+            "--output-dir",
+            str(tmp_path / "cmp"),
+            "--models",
+            "fcn",
+            "--launch",
+            launch,
+            "--",
+            "--data-dir",
+            str(data),
+            *TINY,
+        ],
+        env,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     (row,) = compare.read_csv(tmp_path / "cmp" / "summary.csv")
     assert row["model"] == "fcn" and row["world_size"] == 2 and row["test_patients"] == 2

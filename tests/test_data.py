@@ -6,16 +6,18 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, run, train
 from PIL import Image
 
 from common import data
 from common.errors import UserError
 from common.synthetic import write_phantoms
-from conftest import TINY, run, train
 
 
 def fake_slices(patients, per_patient):
-    return [data.Slice(f"P{p:02d}", n, None, None) for p in range(patients) for n in range(1, per_patient + 1)]
+    return [
+        data.Slice(f"P{p:02d}", n, None, None) for p in range(patients) for n in range(1, per_patient + 1)
+    ]
 
 
 def test_discover_reads_the_kaggle_layout(phantoms):
@@ -40,7 +42,9 @@ def test_patient_split_keeps_patients_on_one_side_and_is_stable():
     assert a == data.split(slices, "patient", 0.2, 0.1, seed=7)
     assert a != data.split(slices, "patient", 0.2, 0.1, seed=8)
     sides = {name: {slices[i].patient for i in idx} for name, idx in a.items()}
-    assert not (sides["train"] & sides["val"] or sides["train"] & sides["test"] or sides["val"] & sides["test"])
+    assert not (
+        sides["train"] & sides["val"] or sides["train"] & sides["test"] or sides["val"] & sides["test"]
+    )
     assert [len(sides[k]) for k in ("train", "val", "test")] == [14, 4, 2]
     assert sorted(i for idx in a.values() for i in idx) == list(range(len(slices)))
 
@@ -68,7 +72,9 @@ def test_cache_is_reused_then_rebuilt_when_a_file_changes(tmp_path):
     first = next(cache.iterdir())
     stamp = (first / "images.npy").stat().st_mtime_ns
     data.load_cache(slices, root, cache, 64)
-    assert [p.name for p in cache.iterdir()] == [first.name] and (first / "images.npy").stat().st_mtime_ns == stamp
+    assert [p.name for p in cache.iterdir()] == [first.name] and (
+        first / "images.npy"
+    ).stat().st_mtime_ns == stamp
 
     mask_file = slices[0].mask
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask_file)
@@ -120,8 +126,17 @@ def broken(kind, root):
     raise ValueError(kind)
 
 
-KINDS = ["image without mask", "mask without image", "zero-byte tiff", "truncated tiff", "not a tiff",
-         "mask of another size", "mask values", "one-channel image", "single-slice patient"]
+KINDS = [
+    "image without mask",
+    "mask without image",
+    "zero-byte tiff",
+    "truncated tiff",
+    "not a tiff",
+    "mask of another size",
+    "mask values",
+    "one-channel image",
+    "single-slice patient",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -134,7 +149,9 @@ def test_bad_data_is_named(kind, phantoms, tmp_path):
     assert list((tmp_path / "cache").glob("*")) == []  # no cache, not even half of one
 
 
-@pytest.mark.parametrize("layout", ["missing", "file", "empty", "no patient folders", "empty patient folders"])
+@pytest.mark.parametrize(
+    "layout", ["missing", "file", "empty", "no patient folders", "empty patient folders"]
+)
 def test_bad_folders(layout, tmp_path):
     root = tmp_path / "kaggle_3m"
     if layout == "file":
@@ -154,9 +171,13 @@ def test_batches_are_read_whole_and_stay_uint8(tmp_path):
     masks = np.zeros((5, 4, 4), np.uint8)
     ds = data.Slices(images, masks, [4, 0, 2])
     x, y, idx = ds.__getitems__([0, 2])
-    assert idx.tolist() == [2, 4] and x.dtype == torch.uint8 and torch.equal(x[1], torch.from_numpy(images[4]))
+    assert (
+        idx.tolist() == [2, 4] and x.dtype == torch.uint8 and torch.equal(x[1], torch.from_numpy(images[4]))
+    )
     parts = {"train": [], "val": [4, 0, 2], "test": []}
-    batches = list(data.loaders(parts, "cached", None, images, masks, 4, 2, 0, False, torch.device("cpu"))["val"])
+    batches = list(
+        data.loaders(parts, "cached", None, images, masks, 4, 2, 0, False, torch.device("cpu"))["val"]
+    )
     assert [b[2].tolist() for b in batches] == [[0, 4], [2]]
 
 
@@ -168,8 +189,9 @@ def test_the_three_pipelines_give_the_same_batches(phantoms, tmp_path, workers):
     batches = {}
     for pipeline in ("decode", "cached", "device"):
         w = 0 if pipeline == "device" else workers
-        batches[pipeline] = list(data.loaders(parts, pipeline, slices, images, masks, 32, 5, w, False,
-                                              torch.device("cpu"))["val"])
+        batches[pipeline] = list(
+            data.loaders(parts, pipeline, slices, images, masks, 32, 5, w, False, torch.device("cpu"))["val"]
+        )
     assert [len(b[0]) for b in batches["decode"]] == [5, 5, 2]
     for pipeline in ("cached", "device"):
         for a, b in zip(batches["decode"], batches[pipeline]):
@@ -219,7 +241,9 @@ def test_phantoms_look_like_the_dataset(tmp_path):
 
 def test_folds_partition_the_non_test_patients_with_balanced_tumour():
     slices = fake_slices(23, 4)
-    tumour = np.array([(i // 4) % 3 != 0 for i in range(len(slices))], np.int64) * (np.arange(len(slices)) % 4)
+    tumour = np.array([(i // 4) % 3 != 0 for i in range(len(slices))], np.int64) * (
+        np.arange(len(slices)) % 4
+    )
     runs = [data.split(slices, "patient", 0.2, 0.1, 5, tumour, folds=4, fold=f) for f in range(4)]
     tests = {tuple(r["test"]) for r in runs}
     assert len(tests) == 1  # the test set is chosen before the folds, the same for every fold
@@ -251,7 +275,9 @@ def test_an_unreadable_file_is_named(phantoms, monkeypatch):
 
 
 def test_a_pack_round_trips_byte_identically_and_trains(phantoms, tmp_path, env):
-    written = data.pack(phantoms, tmp_path / "p.pack", tmp_path / "c1", size=64, part_size=20_000, progress=False)
+    written = data.pack(
+        phantoms, tmp_path / "p.pack", tmp_path / "c1", size=64, part_size=20_000, progress=False
+    )
     assert len(written) > 2  # the manifest and several parts
     slices, images, masks, tumour = data.open_dataset(phantoms, tmp_path / "c1", 64)
     got = data.open_dataset(tmp_path / "p.pack", tmp_path / "c2", 64)
@@ -268,7 +294,9 @@ def test_a_pack_round_trips_byte_identically_and_trains(phantoms, tmp_path, env)
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "remove", "not a pack"])
 def test_a_damaged_pack_is_a_one_line_error(phantoms, tmp_path, env, damage):
-    written = data.pack(phantoms, tmp_path / "p.pack", tmp_path / "c1", size=64, part_size=20_000, progress=False)
+    written = data.pack(
+        phantoms, tmp_path / "p.pack", tmp_path / "c1", size=64, part_size=20_000, progress=False
+    )
     part = written[2]
     if damage == "truncate":
         part.write_bytes(part.read_bytes()[:-10])

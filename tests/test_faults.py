@@ -1,4 +1,5 @@
 """Faults: broken files, a diverging run, kills, a dying process, concurrent caches."""
+
 import json
 import multiprocessing
 import os
@@ -11,10 +12,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT, TINY, run, train
 
 from common import data
 from common.errors import UserError
-from conftest import ROOT, TINY, run, train
 
 
 def test_random_damage_to_tiffs_gives_a_clear_error_or_a_valid_slice(phantoms, tmp_path):
@@ -26,7 +27,7 @@ def test_random_damage_to_tiffs_gives_a_clear_error_or_a_valid_slice(phantoms, t
     for k in range(150):
         damaged = bytearray(image if k % 2 else mask)
         if rng.random() < 0.5:
-            damaged = damaged[:rng.randrange(len(damaged))]
+            damaged = damaged[: rng.randrange(len(damaged))]
         for _ in range(rng.randint(1, 20)):
             if damaged:
                 damaged[rng.randrange(len(damaged))] = rng.randrange(256)
@@ -35,7 +36,9 @@ def test_random_damage_to_tiffs_gives_a_clear_error_or_a_valid_slice(phantoms, t
         shutil.copy(sample.mask, tmp_path / sample.mask.name)
         target.write_bytes(bytes(damaged))
         try:
-            img, m = data.read_pair(data.Slice("p", 1, tmp_path / sample.image.name, tmp_path / sample.mask.name), 64)
+            img, m = data.read_pair(
+                data.Slice("p", 1, tmp_path / sample.image.name, tmp_path / sample.mask.name), 64
+            )
             assert img.shape == (64, 64, 3) and set(np.unique(m)) <= {0, 1}
             outcomes.add("read")
         except UserError as e:
@@ -73,7 +76,9 @@ def test_a_diverging_run_stops_with_the_epoch_and_step_and_keeps_its_checkpoint(
     p = run([sys.executable, "unet/train.py", "--resume", str(out), "--epochs", "3", "--lr", "1e38"], env)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.startswith("error: non-finite loss at epoch 2, step ") and "(epoch 1)" in p.stderr
-    train("unet", "--resume", str(out), "--epochs", "2", "--lr", "1e-4", env=env)  # the checkpoint still works
+    train(
+        "unet", "--resume", str(out), "--epochs", "2", "--lr", "1e-4", env=env
+    )  # the checkpoint still works
     assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
@@ -86,8 +91,13 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(phantoms, tmp_
     flags = ["--data-dir", str(phantoms), *TINY, "--epochs", "10"]
     train("unet", *flags, "--output-dir", str(tmp_path / "whole"), env=env)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "unet/train.py", *flags, "--output-dir", str(cut)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "unet/train.py", *flags, "--output-dir", str(cut)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while len(rows(cut)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -107,17 +117,33 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(phantoms, tmp_
 
 def test_when_one_process_dies_the_launcher_ends_the_others(phantoms, tmp_path, env):
     out = tmp_path / "run"
-    cmd = ["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml", "unet/train.py",
-           "--data-dir", str(phantoms), *TINY, "--epochs", "500", "--output-dir", str(out)]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    cmd = [
+        "accelerate",
+        "launch",
+        "--config_file",
+        "accelerate_configs/cpu2.yaml",
+        "unet/train.py",
+        "--data-dir",
+        str(phantoms),
+        *TINY,
+        "--epochs",
+        "500",
+        "--output-dir",
+        str(out),
+    ]
+    launcher = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.time() + 120
         while not rows(out) and time.time() < deadline:
             time.sleep(0.1)
-        rank1 = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-                 if str(out) in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-                 and b"RANK=1\0" in open(f"/proc/{pid}/environ", "rb").read()]
+        rank1 = [
+            pid
+            for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if str(out) in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            and b"RANK=1\0" in open(f"/proc/{pid}/environ", "rb").read()
+        ]
         assert rank1, "no process of rank 1 found"
         os.kill(rank1[0], signal.SIGKILL)
         start = time.time()
@@ -135,8 +161,14 @@ def test_sigterm_saves_where_it_stopped_and_resume_matches(phantoms, tmp_path, e
     flags = ["--data-dir", str(phantoms), *TINY, "--batch-size", "1", "--epochs", "4"]
     train("unet", *flags, "--output-dir", str(tmp_path / "whole"), env=env)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "unet/train.py", *flags, "--output-dir", str(cut)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "unet/train.py", *flags, "--output-dir", str(cut)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not rows(cut) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -159,13 +191,15 @@ def test_run_sh_under_slurm_requeues_on_sigterm_and_resumes(phantoms, tmp_path, 
     job = f"test{os.getpid()}"
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     (fake / "scontrol").chmod(0o755)
     env = {**env, "SLURM_JOB_ID": job, "SLURM_SUBMIT_DIR": str(ROOT), "PATH": f"{fake}:{env['PATH']}"}
     cmd = ["bash", "run.sh", "unet", "--data-dir", str(phantoms), *TINY, "--batch-size", "1", "--epochs", "5"]
     run_dir = ROOT / "runs" / f"unet-{job}"
     try:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         deadline = time.time() + 120
         while not rows(run_dir) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
@@ -189,15 +223,20 @@ def test_a_failing_final_evaluation_keeps_the_training_and_resume_finishes_it(ph
     broken = tmp_path / "broken" / "scipy"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("")
-    (broken / "ndimage.py").write_text("def label(*a, **k):\n    raise RuntimeError('injected failure')\n"
-                                       "binary_erosion = distance_transform_edt = label\n")
+    (broken / "ndimage.py").write_text(
+        "def label(*a, **k):\n    raise RuntimeError('injected failure')\n"
+        "binary_erosion = distance_transform_edt = label\n"
+    )
     out = tmp_path / "run"
     cmd = [sys.executable, "unet/train.py", "--data-dir", str(phantoms), *TINY, "--output-dir", str(out)]
     p = run(cmd, {**env, "PYTHONPATH": os.pathsep.join([str(broken.parent), str(ROOT)])})
     assert p.returncode == 1, p.stdout + p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error: training ended (2 epochs")
     assert "injected failure" in p.stderr and f"--resume {out}" in p.stderr
-    assert all((out / f).exists() for f in ("best.pt", "last", "metrics.jsonl")) and not (out / "summary.json").exists()
+    assert (
+        all((out / f).exists() for f in ("best.pt", "last", "metrics.jsonl"))
+        and not (out / "summary.json").exists()
+    )
     assert not list(out.glob("*.tmp*"))
     train("unet", "--resume", str(out), env=env)
     summary = json.loads((out / "summary.json").read_text())

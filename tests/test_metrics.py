@@ -97,4 +97,4 @@ def test_volume_metrics_put_empty_patients_apart():
     assert m["hd95_patients"] == 1 and m["hd95_excluded"] == 1
     # hd95 is of the raw prediction: 8 surface voxels at 0 and the stray one at sqrt(3^2 + 3^2) from
     # the truth; numpy's 95th percentile of those 9 distances interpolates 0.6 of the way to it
-    assert m["hd95_patient_mean"] == pytest.approx(0.6 * 18 ** 0.5)
+    assert m["hd95_patient_mean"] == pytest.approx(0.6 * 18**0.5)

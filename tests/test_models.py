@@ -57,8 +57,9 @@ def test_segnet_unpools_each_stage_at_its_own_encoder_indices():
     pooled, unpooled = [], []
     pool_forward, unpool_forward = net.pool.forward, net.unpool.forward
     net.pool.forward = lambda x: pooled.append((x, *pool_forward(x))) or pooled[-1][1:]
-    net.unpool.forward = lambda x, idx, output_size=None: unpooled.append(
-        (x, idx, unpool_forward(x, idx, output_size=output_size))) or unpooled[-1][2]
+    net.unpool.forward = lambda x, idx, output_size=None: (
+        unpooled.append((x, idx, unpool_forward(x, idx, output_size=output_size))) or unpooled[-1][2]
+    )
     net(torch.randn(2, 3, 64, 64))
     assert len(pooled) == len(unpooled) == 5
     for (before, _, idx), (x, idx_used, out) in zip(pooled, reversed(unpooled)):

@@ -1,5 +1,6 @@
 """A model is its folder: a fourth one, added to a copy of the repository with no other edit, is
 trained, evaluated, predicted with, benchmarked and run by the Slurm script's array."""
+
 import json
 import os
 import shutil
@@ -7,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
-
-from common import registry
 from conftest import ROOT, TINY
 
-MODEL = '''import torch.nn as nn
+from common import registry
+
+MODEL = """import torch.nn as nn
 
 from common.blocks import scaled
 
@@ -24,7 +25,7 @@ class Tiny(nn.Module):
 
     def forward(self, x):
         return self.net(x)
-'''
+"""
 TRAIN = '''"""Train a two-layer test network."""
 from common.cli import make_parser
 from common.entry import main
@@ -59,13 +60,18 @@ def test_the_contract_check_fails_a_model_that_breaks_it():
 @pytest.fixture(scope="module")
 def copy(tmp_path_factory, phantoms):
     root = tmp_path_factory.mktemp("repo") / "lgg-seg"
-    shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns(".*", "data", "runs", "docs", "__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT, root, ignore=shutil.ignore_patterns(".*", "data", "runs", "docs", "__pycache__", "*.egg-info")
+    )
     (root / "tiny").mkdir()
     (root / "tiny" / "__init__.py").write_text("")
     (root / "tiny" / "model.py").write_text(MODEL)
     (root / "tiny" / "train.py").write_text(TRAIN)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")},
-           "PYTHONPATH": str(root), "LGG_CACHE_DIR": str(root.parent / "cache")}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")},
+        "PYTHONPATH": str(root),
+        "LGG_CACHE_DIR": str(root.parent / "cache"),
+    }
     return root, env, phantoms
 
 
@@ -81,18 +87,82 @@ def test_a_fourth_model_folder_is_all_it_takes(copy):
     out = root.parent / "run"
     sh([py, "tiny/train.py", "--data-dir", str(data), *TINY, "--output-dir", str(out)], root, env)
     assert json.loads((out / "summary.json").read_text())["model"] == "tiny"
-    sh([py, "tiny/train.py", "--data-dir", str(data), "--eval-only", "--checkpoint", str(out),
-        "--output-dir", str(root.parent / "eval")], root, env)
+    sh(
+        [
+            py,
+            "tiny/train.py",
+            "--data-dir",
+            str(data),
+            "--eval-only",
+            "--checkpoint",
+            str(out),
+            "--output-dir",
+            str(root.parent / "eval"),
+        ],
+        root,
+        env,
+    )
     assert json.loads((root.parent / "eval" / "eval.json").read_text())["test"]["slices"] > 0
     patient = next(p for p in data.iterdir() if p.is_dir())
-    sh([py, "-m", "common.predict", "--checkpoint", str(out), "--data-dir", str(patient), "--output-dir",
-        str(root.parent / "pred"), "--no-figures"], root, env)
+    sh(
+        [
+            py,
+            "-m",
+            "common.predict",
+            "--checkpoint",
+            str(out),
+            "--data-dir",
+            str(patient),
+            "--output-dir",
+            str(root.parent / "pred"),
+            "--no-figures",
+        ],
+        root,
+        env,
+    )
     assert list((root.parent / "pred" / "tiny" / "masks").glob("*_pred.tif"))
-    p = sh([py, "-m", "common.bench", "step", "--data-dir", str(data), "--models", "tiny", "--width", "0.125",
-            "--image-size", "64", "--batch-size", "4", "--warmup", "1", "--batches", "2", "--pipelines", "cached",
-            "--output-dir", str(root.parent / "bench")], root, env)
+    p = sh(
+        [
+            py,
+            "-m",
+            "common.bench",
+            "step",
+            "--data-dir",
+            str(data),
+            "--models",
+            "tiny",
+            "--width",
+            "0.125",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--warmup",
+            "1",
+            "--batches",
+            "2",
+            "--pipelines",
+            "cached",
+            "--output-dir",
+            str(root.parent / "bench"),
+        ],
+        root,
+        env,
+    )
     assert "tiny" in p.stdout
-    sh(["bash", "run.sh", "unet,tiny", "--data-dir", str(data), *TINY, "--output-dir", str(root.parent / "cmp")],
-       root, {**env, "SLURM_ARRAY_TASK_ID": "1"})
+    sh(
+        [
+            "bash",
+            "run.sh",
+            "unet,tiny",
+            "--data-dir",
+            str(data),
+            *TINY,
+            "--output-dir",
+            str(root.parent / "cmp"),
+        ],
+        root,
+        {**env, "SLURM_ARRAY_TASK_ID": "1"},
+    )
     assert (root.parent / "cmp" / "tiny" / "summary.json").exists()
     assert not (root.parent / "cmp" / "unet").exists()

@@ -1,10 +1,11 @@
 """What the code imports is what requirements.txt installs, and pyproject.toml declares the same."""
+
 import ast
 import importlib.metadata
 import re
 import sys
-import tomllib
 
+import tomllib
 from conftest import ROOT
 
 OWN = {"common", "fcn", "unet", "segnet", "conftest"}
@@ -63,8 +64,13 @@ def test_the_check_sees_a_missing_requirement():
 
 def test_pyproject_declares_what_requirements_installs():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
-    listed = {s for line in (ROOT / "requirements.txt").read_text().splitlines()
-              if (s := line.split("#")[0].strip()) and not s.startswith("-")}
+    declared = project["dependencies"] + [
+        d for extra in project["optional-dependencies"].values() for d in extra
+    ]
+    listed = {
+        s
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if (s := line.split("#")[0].strip()) and not s.startswith("-")
+    }
     assert set(declared) == listed  # the same names with the same version specifiers
     assert {"torch==2.14.1", "torchvision==0.29.1"} <= listed

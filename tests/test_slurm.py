@@ -1,12 +1,12 @@
 """run.sh under a real Slurm: a one-node cluster on this machine (tests/slurm/cluster.sh), a job, and
 a job array of two models. Skipped, with the reason, where the daemons cannot start."""
+
 import os
 import subprocess
 import sys
 import time
 
 import pytest
-
 from conftest import ROOT
 
 TINY_JOB = ["--synthetic", "--image-size", "64", "--width", "0.125", "--epochs", "2", "--batch-size", "4"]
@@ -19,8 +19,12 @@ def slurm(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("the Slurm test starts munged, slurmctld and slurmd as root")
     state = tmp_path_factory.mktemp("slurm")
-    p = subprocess.run(["bash", str(ROOT / "tests" / "slurm" / "cluster.sh"), str(state)], capture_output=True,
-                       text=True, timeout=180)
+    p = subprocess.run(
+        ["bash", str(ROOT / "tests" / "slurm" / "cluster.sh"), str(state)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     if p.returncode != 0:
         pytest.skip(f"no Slurm cluster could start here: {p.stdout.strip() or p.stderr.strip()}")
     env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "LGG_CACHE_DIR": str(state / "cache")}
@@ -29,7 +33,9 @@ def slurm(tmp_path_factory):
 
 
 def submit(env, *args):
-    p = subprocess.run(["sbatch", "--parsable", *SMALL, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    p = subprocess.run(
+        ["sbatch", "--parsable", *SMALL, *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stderr
     return p.stdout.strip().split(";")[0]
 
@@ -45,8 +51,15 @@ def wait(env, job, timeout=240):
 
 
 def test_sbatch_run_sh_trains_and_writes_its_run_folder(slurm, tmp_path):
-    job = submit(slurm, f"--output={tmp_path}/%x-%j.out", "run.sh", "unet", *TINY_JOB,
-                 "--output-dir", str(tmp_path / "run"))
+    job = submit(
+        slurm,
+        f"--output={tmp_path}/%x-%j.out",
+        "run.sh",
+        "unet",
+        *TINY_JOB,
+        "--output-dir",
+        str(tmp_path / "run"),
+    )
     wait(slurm, job)
     log = (tmp_path / f"lgg-seg-{job}.out").read_text()
     assert "run.sh: unet on 1 node(s) x 1 process(es)" in log and "error" not in log.lower(), log
@@ -60,7 +73,9 @@ def test_a_job_array_trains_one_model_per_task(slurm, tmp_path):
     try:
         for i, model in enumerate(("unet", "fcn")):
             assert f"run.sh: {model} on 1 node(s)" in logs[i], logs[i]
-            folder = next(line.split()[1].rstrip("/:") for line in logs[i].splitlines() if line.startswith("wrote "))
+            folder = next(
+                line.split()[1].rstrip("/:") for line in logs[i].splitlines() if line.startswith("wrote ")
+            )
             assert (ROOT / folder / "summary.json").exists() and f"runs/{model}-" in folder, logs[i]
     finally:
         for log in logs.values():
@@ -71,12 +86,31 @@ def test_a_job_array_trains_one_model_per_task(slurm, tmp_path):
 
 def test_a_job_array_then_the_table_is_the_comparison(slurm, tmp_path):
     out = tmp_path / "cmp"
-    job = submit(slurm, "--array=0-2", f"--output={tmp_path}/%x-%A_%a.out", "run.sh", "unet,fcn,segnet",
-                 *TINY_JOB, "--epochs", "1", "--val-frac", "0.1", "--test-frac", "0.2", "--output-dir", str(out))
+    job = submit(
+        slurm,
+        "--array=0-2",
+        f"--output={tmp_path}/%x-%A_%a.out",
+        "run.sh",
+        "unet,fcn,segnet",
+        *TINY_JOB,
+        "--epochs",
+        "1",
+        "--val-frac",
+        "0.1",
+        "--test-frac",
+        "0.2",
+        "--output-dir",
+        str(out),
+    )
     wait(slurm, job)
     logs = "\n".join(f.read_text() for f in tmp_path.glob("*.out"))
     assert all((out / m / "summary.json").exists() for m in ("unet", "fcn", "segnet")), logs
-    p = subprocess.run([sys.executable, "-m", "common.compare", "--table", "--output-dir", str(out)], cwd=ROOT,
-                       env=slurm, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "common.compare", "--table", "--output-dir", str(out)],
+        cwd=ROOT,
+        env=slurm,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     assert (out / "comparison.md").exists() and "U-Net - FCN-8s" in (out / "comparison.md").read_text()

@@ -1,4 +1,5 @@
 """The train.py scripts run as a user runs them: as subprocesses, on tiny phantoms."""
+
 import csv
 import json
 import shutil
@@ -8,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import TINY, run, train
+from PIL import Image
 
 FILES = ["args.json", "split.json", "metrics.jsonl", "summary.json", "best.pt", "last"]
 
@@ -56,8 +56,17 @@ def test_resume_needs_a_checkpoint(tmp_path, env):
 def test_eval_only_reproduces_the_test_metrics(phantoms, tmp_path, env):
     out = tmp_path / "run"
     train("segnet", "--data-dir", str(phantoms), *TINY, "--output-dir", str(out), env=env)
-    train("segnet", "--data-dir", str(phantoms), "--eval-only", "--checkpoint", str(out / "best.pt"),
-          "--output-dir", str(tmp_path / "eval"), env=env)
+    train(
+        "segnet",
+        "--data-dir",
+        str(phantoms),
+        "--eval-only",
+        "--checkpoint",
+        str(out / "best.pt"),
+        "--output-dir",
+        str(tmp_path / "eval"),
+        env=env,
+    )
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     assert evaluated["width"] == 0.125 and evaluated["image_size"] == 64  # taken from the checkpoint
@@ -69,39 +78,82 @@ def test_eval_only_reproduces_the_test_metrics(phantoms, tmp_path, env):
 def test_eval_only_refuses_another_models_checkpoint(phantoms, tmp_path, env):
     out = tmp_path / "run"
     train("segnet", "--data-dir", str(phantoms), *TINY, "--epochs", "1", "--output-dir", str(out), env=env)
-    p = run([sys.executable, "fcn/train.py", "--data-dir", str(phantoms), "--eval-only", "--checkpoint", str(out)], env)
-    assert p.returncode == 2 and p.stderr.strip() == f"error: --checkpoint {out / 'best.pt'} holds a segnet model, not fcn"
-    p = run([sys.executable, "segnet/train.py", "--data-dir", str(phantoms), "--eval-only", "--checkpoint",
-             str(out / "best.pt"), "--width", "0.5"], env)
+    p = run(
+        [
+            sys.executable,
+            "fcn/train.py",
+            "--data-dir",
+            str(phantoms),
+            "--eval-only",
+            "--checkpoint",
+            str(out),
+        ],
+        env,
+    )
+    assert (
+        p.returncode == 2
+        and p.stderr.strip() == f"error: --checkpoint {out / 'best.pt'} holds a segnet model, not fcn"
+    )
+    p = run(
+        [
+            sys.executable,
+            "segnet/train.py",
+            "--data-dir",
+            str(phantoms),
+            "--eval-only",
+            "--checkpoint",
+            str(out / "best.pt"),
+            "--width",
+            "0.5",
+        ],
+        env,
+    )
     assert p.returncode == 2
-    assert p.stderr.strip() == f"error: --checkpoint {out / 'best.pt'} holds a model of --width 0.125, not 0.5"
+    assert (
+        p.stderr.strip() == f"error: --checkpoint {out / 'best.pt'} holds a model of --width 0.125, not 0.5"
+    )
 
 
 def test_two_gloo_processes_through_accelerate_launch(phantoms, tmp_path, env):
     out = tmp_path / "run"
     # 6 validation and 6 test slices over 2 processes x batch 4: the second process's batch is padded
-    train("unet", "--data-dir", str(phantoms), *TINY, "--batch-size", "4", "--output-dir", str(out), env=env,
-          launcher=["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml"])
+    train(
+        "unet",
+        "--data-dir",
+        str(phantoms),
+        *TINY,
+        "--batch-size",
+        "4",
+        "--output-dir",
+        str(out),
+        env=env,
+        launcher=["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml"],
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 8
-    assert summary["best_val"]["slices"] == 6 and summary["test"]["slices"] == 6  # no padded duplicates counted
+    assert (
+        summary["best_val"]["slices"] == 6 and summary["test"]["slices"] == 6
+    )  # no padded duplicates counted
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--epochs", "-1"], "--epochs"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--val-frac", "0.6", "--test-frac", "0.5"], "--val-frac"),
-    (["--image-size", "100"], "--image-size"),
-    (["--bogus"], "--bogus"),
-    (["--split", "volume"], "--split"),
-    (["--eval-only"], "--checkpoint"),
-    (["--checkpoint", "nowhere.pt"], "nowhere.pt"),
-    (["--data-dir", "no/such/folder"], "no/such/folder"),
-    (["--output-dir", "README.md"], "--output-dir"),
-    (["--eval-only", "--checkpoint", "README.md"], "not a checkpoint"),
-    (["--folds", "1"], "--folds"),
-    (["--folds", "3", "--fold", "3"], "--fold"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--epochs", "-1"], "--epochs"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--val-frac", "0.6", "--test-frac", "0.5"], "--val-frac"),
+        (["--image-size", "100"], "--image-size"),
+        (["--bogus"], "--bogus"),
+        (["--split", "volume"], "--split"),
+        (["--eval-only"], "--checkpoint"),
+        (["--checkpoint", "nowhere.pt"], "nowhere.pt"),
+        (["--data-dir", "no/such/folder"], "no/such/folder"),
+        (["--output-dir", "README.md"], "--output-dir"),
+        (["--eval-only", "--checkpoint", "README.md"], "not a checkpoint"),
+        (["--folds", "1"], "--folds"),
+        (["--folds", "3", "--fold", "3"], "--fold"),
+    ],
+)
 def test_user_errors_end_in_one_line_and_exit_code_2(flags, named, env):
     p = run([sys.executable, "unet/train.py", *flags], env)
     assert p.returncode == 2, p.stderr
@@ -117,14 +169,31 @@ def test_debug_shows_the_traceback(env):
 def test_output_dir_holding_a_run_is_not_overwritten(phantoms, tmp_path, env):
     out = tmp_path / "run"
     train("unet", "--data-dir", str(phantoms), *TINY, "--epochs", "1", "--output-dir", str(out), env=env)
-    p = run([sys.executable, "unet/train.py", "--data-dir", str(phantoms), *TINY, "--output-dir", str(out)], env)
+    p = run(
+        [sys.executable, "unet/train.py", "--data-dir", str(phantoms), *TINY, "--output-dir", str(out)], env
+    )
     assert p.returncode == 2 and "--resume" in p.stderr
 
 
 def test_synthetic_run_through_run_sh_without_slurm(tmp_path, env):
     out = tmp_path / "run"
-    p = run(["bash", "run.sh", "fcn", "--synthetic", "--image-size", "64", "--width", "0.125", "--epochs", "1",
-             "--output-dir", str(out)], env)
+    p = run(
+        [
+            "bash",
+            "run.sh",
+            "fcn",
+            "--synthetic",
+            "--image-size",
+            "64",
+            "--width",
+            "0.125",
+            "--epochs",
+            "1",
+            "--output-dir",
+            str(out),
+        ],
+        env,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "1 process" in p.stdout and (out / "summary.json").exists()
 
@@ -149,8 +218,25 @@ def test_a_few_real_patients(real_data, tmp_path, env):
 
 def test_cross_validation_runs_every_fold_and_reports_mean_and_std(phantoms, tmp_path, env):
     out = tmp_path / "cv"
-    p = run([sys.executable, "-m", "common.folds", "unet", "--folds", "3", "--output-dir", str(out), "--",
-             "--data-dir", str(phantoms), *TINY, "--epochs", "1"], env)
+    p = run(
+        [
+            sys.executable,
+            "-m",
+            "common.folds",
+            "unet",
+            "--folds",
+            "3",
+            "--output-dir",
+            str(out),
+            "--",
+            "--data-dir",
+            str(phantoms),
+            *TINY,
+            "--epochs",
+            "1",
+        ],
+        env,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     folds = [json.loads((out / f"fold-{i}" / "split.json").read_text()) for i in range(3)]
     assert sorted(sum((f["val"] for f in folds), [])) == sorted(folds[0]["train"] + folds[0]["val"])
@@ -164,11 +250,35 @@ def test_cross_validation_runs_every_fold_and_reports_mean_and_std(phantoms, tmp
 def test_predict_and_results_from_two_runs(phantoms, tmp_path, env):
     runs = tmp_path / "runs"
     for model in ("unet", "segnet"):
-        train(model, "--data-dir", str(phantoms), *TINY, "--epochs", "1", "--output-dir", str(runs / model), env=env)
+        train(
+            model,
+            "--data-dir",
+            str(phantoms),
+            *TINY,
+            "--epochs",
+            "1",
+            "--output-dir",
+            str(runs / model),
+            env=env,
+        )
     patient = sorted(p for p in phantoms.iterdir() if p.is_dir())[0]
     pred = tmp_path / "pred"
-    p = run([sys.executable, "-m", "common.predict", "--checkpoint", str(runs / "unet"), "--checkpoint",
-             str(runs / "segnet" / "best.pt"), "--data-dir", str(patient), "--output-dir", str(pred)], env)
+    p = run(
+        [
+            sys.executable,
+            "-m",
+            "common.predict",
+            "--checkpoint",
+            str(runs / "unet"),
+            "--checkpoint",
+            str(runs / "segnet" / "best.pt"),
+            "--data-dir",
+            str(patient),
+            "--output-dir",
+            str(pred),
+        ],
+        env,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     for model in ("unet", "segnet"):
         masks = sorted((pred / model / "masks").glob("*_pred.tif"))
@@ -190,7 +300,10 @@ def test_predict_and_results_from_two_runs(phantoms, tmp_path, env):
 
 
 def test_predict_names_a_bad_folder(env, tmp_path):
-    p = run([sys.executable, "-m", "common.predict", "--checkpoint", str(tmp_path), "--data-dir", str(tmp_path)], env)
+    p = run(
+        [sys.executable, "-m", "common.predict", "--checkpoint", str(tmp_path), "--data-dir", str(tmp_path)],
+        env,
+    )
     assert p.returncode == 2 and p.stderr.startswith("error:") and str(tmp_path) in p.stderr
 
 
@@ -200,7 +313,10 @@ def test_tensorboard_missing_is_a_clear_error(phantoms, env):
 
     if is_tensorboard_available():
         pytest.skip("tensorboard is installed here")
-    p = run([sys.executable, "unet/train.py", "--data-dir", str(phantoms), *TINY, "--log-with", "tensorboard"], env)
+    p = run(
+        [sys.executable, "unet/train.py", "--data-dir", str(phantoms), *TINY, "--log-with", "tensorboard"],
+        env,
+    )
     assert p.returncode == 2 and "pip install tensorboard" in p.stderr
 
 
@@ -210,26 +326,73 @@ def test_sync_bn_over_two_processes_equals_one_process_on_the_whole_batch(phanto
     first step is about lr * sign(gradient), which float noise flips where a gradient is ~0. The
     float32 gradients themselves differ by ~5e-4 between reduction orders (1 or 2 threads already),
     so lr 0.01 keeps that noise under 1e-5 while a missing sync (~2e-2 in gradients) stays far above."""
-    same = ["--data-dir", str(phantoms), "--image-size", "64", "--width", "0.125", "--epochs", "1",
-            "--max-steps", "1", "--loss", "bce", "--flip", "0", "--rotate", "0", "--scale", "0",
-            "--optimizer", "sgd", "--lr", "0.01"]
+    same = [
+        "--data-dir",
+        str(phantoms),
+        "--image-size",
+        "64",
+        "--width",
+        "0.125",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+        "--loss",
+        "bce",
+        "--flip",
+        "0",
+        "--rotate",
+        "0",
+        "--scale",
+        "0",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.01",
+    ]
     two = ["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml"]
     train("unet", *same, "--batch-size", "8", "--output-dir", str(tmp_path / "one"), env=env)
-    train("unet", *same, "--batch-size", "4", "--sync-bn", "--output-dir", str(tmp_path / "sync"), env=env, launcher=two)
+    train(
+        "unet",
+        *same,
+        "--batch-size",
+        "4",
+        "--sync-bn",
+        "--output-dir",
+        str(tmp_path / "sync"),
+        env=env,
+        launcher=two,
+    )
     train("unet", *same, "--batch-size", "4", "--output-dir", str(tmp_path / "local"), env=env, launcher=two)
-    one, sync, local = (torch.load(tmp_path / r / "best.pt", weights_only=True)["model"] for r in ("one", "sync", "local"))
+    one, sync, local = (
+        torch.load(tmp_path / r / "best.pt", weights_only=True)["model"] for r in ("one", "sync", "local")
+    )
     assert one.keys() == sync.keys()
     for k in one:
         assert torch.allclose(one[k].double(), sync[k].double(), rtol=0, atol=1e-5), k
     # the control: batch norm without --sync-bn sees half the batch; its statistics and gradients differ
     for kind in ("running", "weight"):
-        assert not all(torch.allclose(one[k].double(), local[k].double(), rtol=0, atol=1e-5) for k in one if kind in k)
+        assert not all(
+            torch.allclose(one[k].double(), local[k].double(), rtol=0, atol=1e-5) for k in one if kind in k
+        )
 
 
 def test_time_limit_stops_every_process_at_the_same_epoch(phantoms, tmp_path, env):
     out = tmp_path / "run"
-    train("unet", "--data-dir", str(phantoms), *TINY, "--epochs", "500", "--time-limit", "6", "--output-dir", str(out),
-          env=env, launcher=["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml"])
+    train(
+        "unet",
+        "--data-dir",
+        str(phantoms),
+        *TINY,
+        "--epochs",
+        "500",
+        "--time-limit",
+        "6",
+        "--output-dir",
+        str(out),
+        env=env,
+        launcher=["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml"],
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert 1 <= summary["epochs"] < 500 and summary["stopped_by"].startswith("--time-limit 6 s before epoch")
     assert len(rows(out)) == summary["epochs"] and summary["test"] is not None
@@ -241,7 +404,18 @@ def test_bad_data_leaves_no_run_folder_and_no_cache(phantoms, tmp_path, env):
     patient = sorted(p for p in root.iterdir() if p.is_dir())[1]
     broken = patient / f"{patient.name}_3.tif"
     broken.write_bytes(broken.read_bytes()[:200])
-    p = run([sys.executable, "unet/train.py", "--data-dir", str(root), *TINY, "--output-dir", str(tmp_path / "run")], env)
+    p = run(
+        [
+            sys.executable,
+            "unet/train.py",
+            "--data-dir",
+            str(root),
+            *TINY,
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        env,
+    )
     assert p.returncode == 2 and p.stderr.startswith("error: cannot decode") and str(broken) in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()

@@ -1,5 +1,6 @@
 """U-Net (Ronneberger et al. 2015) as the original study built it: 5 levels of two conv-BN-ReLU,
 64..1024 channels at width 1.0 (34.5 M parameters), nearest-neighbour upsampling in the decoder."""
+
 import torch
 import torch.nn as nn
 
@@ -26,7 +27,9 @@ class UNet(nn.Module):
     def __init__(self, in_channels=3, out_channels=1, width=1.0):
         super().__init__()
         ch = [scaled(c, width) for c in (64, 128, 256, 512, 1024)]
-        self.down = nn.ModuleList([double_conv(in_channels, ch[0])] + [double_conv(a, b) for a, b in zip(ch, ch[1:])])
+        self.down = nn.ModuleList(
+            [double_conv(in_channels, ch[0])] + [double_conv(a, b) for a, b in zip(ch, ch[1:])]
+        )
         self.pool = nn.MaxPool2d(2)
         self.up = nn.ModuleList([Up(a, b) for a, b in zip(ch[:0:-1], ch[-2::-1])])
         self.head = nn.Conv2d(ch[0], out_channels, 1)

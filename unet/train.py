@@ -7,6 +7,7 @@ The original U-Net (64..1024 channels, 34.5 M parameters at --width 1.0) trained
 with --encoder, segmentation-models-pytorch's U-Net on that encoder (resnet34, or a timm encoder
 such as tu-convnext_tiny), randomly initialised: nothing is downloaded.
 """
+
 from common.cli import make_parser
 from common.entry import main
 from common.errors import UserError
@@ -20,16 +21,20 @@ def build_model(args):
         try:  # only this variant needs it
             import segmentation_models_pytorch as smp
         except ImportError as e:
-            raise UserError(f"--encoder needs segmentation-models-pytorch ({e}): "
-                            "pip install segmentation-models-pytorch") from e
+            raise UserError(
+                f"--encoder needs segmentation-models-pytorch ({e}): pip install segmentation-models-pytorch"
+            ) from e
         return smp.Unet(args.encoder, encoder_weights=None, in_channels=3, classes=1)
     return UNet(in_channels=3, out_channels=1, width=args.width)
 
 
 def parser():
     p = make_parser(__file__, __doc__)
-    p.add_argument("--encoder", default=None,
-                   help="segmentation-models-pytorch encoder (e.g. resnet34); --width then does not apply")
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="segmentation-models-pytorch encoder (e.g. resnet34); --width then does not apply",
+    )
     p.set_defaults(network_flags=("encoder",))
     return p
 
