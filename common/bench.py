@@ -303,7 +303,17 @@ def markdown(rows, columns):
     )
 
 
-def main(argv=None):
+COLUMNS = {
+    "data": ["pipeline", "workers", "images_per_s", "vs_decode_0"],
+    "step": ["model", "width", "image_size", "gflops_per_image", "bare_images_per_s", "pipeline",
+             "images_per_s", "efficiency", "mfu", "data_wait_share", "step_data_median_ms",
+             "step_compute_median_ms"],
+    "suite": ["model", "setting", "images_per_s", "speedup_vs_fp32_decode", "mfu", "data_wait_share",
+              "step_data_median_ms", "step_compute_median_ms", "peak_memory_mb"],
+}  # fmt: skip
+
+
+def make_parser():
     p = argparse.ArgumentParser(
         prog="python -m common.bench",
         description=__doc__,
@@ -313,16 +323,10 @@ def main(argv=None):
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LGG_DATA_DIR", "data/kaggle_3m")))
     p.add_argument("--synthetic", action="store_true", help="phantoms (written once into the cache)")
     p.add_argument(
-        "--phantoms",
-        type=int,
-        default=10,
-        help="with --synthetic: how many phantom patients (20 slices each)",
+        "--phantoms", type=int, default=10, help="with --synthetic: phantom patients (20 slices each)"
     )
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=Path(os.environ.get("LGG_CACHE_DIR", Path.home() / ".cache" / "lgg-seg")),
-    )
+    cache = Path(os.environ.get("LGG_CACHE_DIR", Path.home() / ".cache" / "lgg-seg"))
+    p.add_argument("--cache-dir", type=Path, default=cache)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -331,18 +335,18 @@ def main(argv=None):
     p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2], help="bench data: DataLoader workers")
     p.add_argument("--warmup", type=int, default=3, help="steps (batches) not timed")
     p.add_argument("--batches", type=int, default=20, help="steps (batches) timed")
-    p.add_argument(
-        "--compile-models",
-        nargs="*",
-        default=registry.names(),
-        help="suite: the models also timed with torch.compile (compiling takes a minute each)",
-    )
+    compiled = "suite: the models also timed with torch.compile (compiling takes a minute each)"
+    p.add_argument("--compile-models", nargs="*", default=registry.names(), help=compiled)
     p.add_argument(
         "--budget", type=float, default=480, help="gpu: seconds for the suite and the training run"
     )
     p.add_argument("--train-width", type=float, default=1.0, help="gpu: width of the U-Net training run")
     p.add_argument("--output-dir", type=Path, default=Path("bench"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
     started, what = time.perf_counter(), args.what
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(default_threads(1))
@@ -358,46 +362,22 @@ def main(argv=None):
         report.console.print(head)
         if args.what == "data":
             rows, extra = bench_data(args, device)
-            columns = ["pipeline", "workers", "images_per_s", "vs_decode_0"]
         elif args.what == "step":
             rows, extra = bench_step(args, device), {}
-            columns = [
-                "model",
-                "width",
-                "image_size",
-                "gflops_per_image",
-                "bare_images_per_s",
-                "pipeline",
-                "images_per_s",
-                "efficiency",
-                "mfu",
-                "data_wait_share",
-                "step_data_median_ms",
-                "step_compute_median_ms",
-            ]
         else:
             rows, extra = bench_suite(args, device)
-            columns = [
-                "model",
-                "setting",
-                "images_per_s",
-                "speedup_vs_fp32_decode",
-                "mfu",
-                "data_wait_share",
-                "step_data_median_ms",
-                "step_compute_median_ms",
-                "peak_memory_mb",
-            ]
             args.what = "suite"
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = (
-        f"{args.what}: {head}\n\n"
-        + markdown(rows, columns)
-        + "".join(f"\n{k}: {v:.4g}" for k, v in extra.items() if v is not None)
-        + "\n"
-    )
+    write_table(args, head, rows, extra)
+    return train_in_time_left(args, started) if what == "gpu" else 0
+
+
+def write_table(args, head, rows, extra):
+    """<what>.md (the table, printed too) and <what>.csv in --output-dir."""
+    lines = "".join(f"\n{k}: {v:.4g}" for k, v in extra.items() if v is not None)
+    table = f"{args.what}: {head}\n\n" + markdown(rows, COLUMNS[args.what]) + lines + "\n"
     (args.output_dir / f"{args.what}.md").write_text(table)
     with open(args.output_dir / f"{args.what}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
@@ -407,7 +387,6 @@ def main(argv=None):
     report.console.print(
         f"wrote {args.output_dir / (args.what + '.md')} and {args.output_dir / (args.what + '.csv')}"
     )
-    return train_in_time_left(args, started) if what == "gpu" else 0
 
 
 def train_in_time_left(args, started):

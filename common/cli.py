@@ -23,15 +23,22 @@ PRESETS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help, and the description's usage examples kept as written."""
+
+
 def make_parser(script, description, **defaults):
     """The flags every <model>/train.py shares; `script` is its __file__, whose folder names the model."""
     model = Path(script).resolve().parent.name
-    p = Parser(
-        prog=f"{model}/train.py",
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = Parser(prog=f"{model}/train.py", description=description, formatter_class=HelpFormatter)
     p.set_defaults(model=model)
+    for add in (data_flags, training_flags, speed_flags, run_flags):
+        add(p)
+    p.set_defaults(network_flags=(), **defaults)  # a model's own flags that shape its network
+    return p
+
+
+def data_flags(p):
     d = p.add_argument_group("data")
     d.add_argument(
         "--data-dir",
@@ -86,6 +93,9 @@ def make_parser(script, description, **defaults):
         default=None,
         help="pinned host memory for batches (decode, cached); default: on with CUDA",
     )
+
+
+def training_flags(p):
     a = p.add_argument_group("augmentation (on the training device, training batches only)")
     a.add_argument("--flip", type=float, default=0.5, help="probability of a horizontal flip")
     a.add_argument("--rotate", type=float, default=15.0, help="max rotation in degrees")
@@ -128,6 +138,9 @@ def make_parser(script, description, **defaults):
         default=0,
         help="seconds: start no epoch that would end past this (0: none); for job and lease limits",
     )
+
+
+def speed_flags(p):
     f = p.add_argument_group("speed")
     f.add_argument(
         "--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)"
@@ -157,6 +170,9 @@ def make_parser(script, description, **defaults):
         help="synchronise the device around every step to split data wait from compute "
         "(free on a CPU, which is always timed so; costs a little on a GPU)",
     )
+
+
+def run_flags(p):
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", type=Path, default=None, help="run folder; default runs/<model>-<time>")
     r.add_argument(
@@ -179,8 +195,6 @@ def make_parser(script, description, **defaults):
         help="also log the per-epoch metrics with this Accelerate tracker (into the run folder)",
     )
     r.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(network_flags=(), **defaults)  # a model's own flags that shape its network
-    return p
 
 
 def parse_with_train_flags(parser, argv=None):

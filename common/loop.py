@@ -297,263 +297,321 @@ def open_tracker(args, out, accelerator):
     return tracker
 
 
-def train(args, build_model):
-    started = time.perf_counter()
-    if args.resume is not None:
-        args = resumed_args(args)
-    if args.log_with == "tensorboard" and not is_tensorboard_available():
-        raise UserError("--log-with tensorboard: tensorboard is not installed (pip install tensorboard)")
+@dataclass
+class Run:
+    """What a training run holds between its steps."""
+
+    args: object
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loaders: tuple  # train, val, test (prepared; test may be None)
+    d: Data
+    state: RunState
+    out: Path
+    tracker: object
+    n_params: int
+
+    @property
+    def main(self):
+        return self.accelerator.is_main_process
+
+
+def make_optimizer(args, model):
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def setup(args, build_model):
+    """Processes, model, data, run folder, optimiser; the last checkpoint loaded with --resume."""
     accelerator = make_accelerator(args)
-    main = accelerator.is_main_process
     set_seed(
         args.seed, device_specific=True
     )  # rank 0 = a 1-process run; DDP copies its weights to the others
     model = build_model(args)
     d = load_data(args, accelerator)
     out = make_run_dir(args, accelerator)
-    if main and args.resume is None:
-        report.write_json(
-            out / "args.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        )
+    if accelerator.is_main_process and args.resume is None:
+        flags = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        report.write_json(out / "args.json", flags)
         report.write_json(out / "split.json", split_record(args, d))
-
     if args.sync_bn and accelerator.num_processes > 1:
         model = sync_batchnorm(model, accelerator.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
-        )
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, d.loaders["train"], d.loaders["val"], d.loaders["test"]
+    model, optimizer, *loaders = accelerator.prepare(
+        model, make_optimizer(args, model), d.loaders["train"], d.loaders["val"], d.loaders["test"]
     )
     state = RunState()
     accelerator.register_for_checkpointing(state)
-    if args.resume is not None:
-        last = out / "last" if (out / "last").is_dir() else out / "last.old"
-        try:
-            accelerator.load_state(last)
-        except Exception as e:
-            raise UserError(f"--resume {out}: cannot load {last} with these flags: {e}") from e
-        for group in optimizer.param_groups:  # the optimiser's state carries the old values: flags win
-            group.update(lr=args.lr, weight_decay=args.weight_decay)
-        if main:  # drop epochs that ran after the last checkpoint
-            rows = [r for r in report.read_jsonl(out / "metrics.jsonl") if r["epoch"] <= state.epoch]
-            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tracker = open_tracker(args, out, accelerator)
-
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    global_batch = args.batch_size * accelerator.num_processes
-    if main:
-        report.console.print(
-            f"[bold]{args.model}[/] width {args.width}: {n_params / 1e6:.2f} M parameters | "
-            f"{accelerator.num_processes} process(es) on {accelerator.device.type} | "
-            f"global batch {global_batch} | precision {accelerator.mixed_precision}\n"
-            f"{', '.join(f'{k} {len(v)}' for k, v in d.parts.items())} slices | run folder {out}"
-        )
-        report.epoch_header()
+    run = Run(args, accelerator, model, optimizer, tuple(loaders), d, state, out, None, n_params)
+    if args.resume is not None:
+        load_last(run)
+    run.tracker = open_tracker(args, out, accelerator)
+    return run
 
-    sync_steps = args.step_timing or accelerator.device.type == "cpu"
-    stopped_by, first, preemption, epoch_s = None, state.epoch + 1, Preemption(), 0.0
+
+def load_last(run):
+    """--resume: the state of last/ (or last.old/), the flags given again winning over the saved ones."""
+    last = run.out / "last" if (run.out / "last").is_dir() else run.out / "last.old"
+    try:
+        run.accelerator.load_state(last)
+    except Exception as e:
+        raise UserError(f"--resume {run.out}: cannot load {last} with these flags: {e}") from e
+    for group in run.optimizer.param_groups:  # the optimiser's state carries the old values: flags win
+        group.update(lr=run.args.lr, weight_decay=run.args.weight_decay)
+    if run.main:  # drop epochs that ran after the last checkpoint
+        rows = [r for r in report.read_jsonl(run.out / "metrics.jsonl") if r["epoch"] <= run.state.epoch]
+        (run.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def announce(run):
+    a, args = run.accelerator, run.args
+    report.console.print(
+        f"[bold]{args.model}[/] width {args.width}: {run.n_params / 1e6:.2f} M parameters | "
+        f"{a.num_processes} process(es) on {a.device.type} | "
+        f"global batch {args.batch_size * a.num_processes} | precision {a.mixed_precision}\n"
+        f"{', '.join(f'{k} {len(v)}' for k, v in run.d.parts.items())} slices | run folder {run.out}"
+    )
+    report.epoch_header()
+
+
+def train(args, build_model):
+    started = time.perf_counter()
+    if args.resume is not None:
+        args = resumed_args(args)
+    if args.log_with == "tensorboard" and not is_tensorboard_available():
+        raise UserError("--log-with tensorboard: tensorboard is not installed (pip install tensorboard)")
+    run = setup(args, build_model)
+    if run.main:
+        announce(run)
+    stopped_by, first, preemption, epoch_s = None, run.state.epoch + 1, Preemption(), 0.0
     for epoch in range(first, args.epochs + 1):
         # the main process decides for all: clocks differ between processes, and all must stop together
-        if (
-            args.time_limit
-            and epoch > first
-            and main_value(accelerator, time.perf_counter() - started + epoch_s > args.time_limit)
-        ):
+        late = time.perf_counter() - started + epoch_s > args.time_limit
+        if args.time_limit and epoch > first and main_value(run.accelerator, late):
             stopped_by = f"--time-limit {args.time_limit:g} s before epoch {epoch}"
-            if main:
+            if run.main:
                 report.console.print(f"stopped: {stopped_by}")
             break
-        train_loader.set_epoch(epoch)
-        model.train()
-        if accelerator.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(accelerator.device)
-        clock = Stopwatch(accelerator.device)
-        times = StepTimes(clock, sync_steps)
-        done = state.step  # > 0 when resuming an epoch stopped part-way
-        loss_sum = torch.tensor(state.partial_loss if main else 0.0, device=accelerator.device)
-        seen = torch.tensor(state.partial_seen if main else 0, device=accelerator.device)
-        first_bad = torch.zeros(
-            (), device=accelerator.device, dtype=torch.long
-        )  # step of the first non-finite loss
-        steps = min(len(train_loader), args.max_steps or len(train_loader))
-        batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
-        with report.bar(main) as bar:  # the loss stays on the device: no host sync per step
-            task = bar.add_task(f"epoch {epoch}/{args.epochs}", total=steps, completed=done)
-            for step, (images, masks, _) in enumerate(batches, done + 1):
-                times.waited()
-                x, y = data.to_inputs(images, masks, args.flip, args.rotate, args.scale, args.channels_last)
-                loss = loss_from_terms(loss_terms(model(x), y), args.loss)
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                optimizer.step()
-                times.computed()
-                loss_sum += loss.detach() * len(x)
-                seen += len(x)
-                first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-                bar.advance(task)
-                times.done()
-                if step == steps:
-                    break
-                if step % Preemption.CHECK_EVERY == 0 and preemption.now(accelerator):
-                    state.step, state.partial_time_s = step, state.partial_time_s + clock.elapsed()
-                    state.partial_loss = accelerator.reduce(loss_sum, "sum").item()
-                    state.partial_seen = accelerator.reduce(seen, "sum").item()
-                    stopped_by = f"SIGTERM at epoch {epoch}, step {step}"
-                    break
-        if stopped_by:
+        epoch_stats = train_epoch(run, epoch, preemption)
+        if epoch_stats is None:
+            stopped_by = f"SIGTERM at epoch {epoch}, step {run.state.step}"
             break
-        train_time = clock.elapsed() + state.partial_time_s
-        state.step, state.partial_loss, state.partial_seen, state.partial_time_s = 0, 0.0, 0, 0.0
-        timing = times.summary()
-        # the slowest process sets the pace: its times stand for the epoch
-        per_rank = accelerator.gather(
-            torch.tensor(
-                [
-                    [
-                        train_time,
-                        timing["data_wait_s"],
-                        timing["compute_s"],
-                        timing["rest_s"],
-                        peak_memory(accelerator.device)["peak_memory_mb"],
-                    ]
-                ],
-                dtype=torch.float64,
-                device=accelerator.device,
-            )
-        ).cpu()
-        slowest = per_rank[per_rank[:, 0].argmax()].tolist()
-        loss_sum, seen = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(seen, "sum")
-        bad = accelerator.gather(first_bad.view(1))
-        if bad.any():  # checked once an epoch: a check per step would stall the device every step
-            at = int(bad[bad > 0].min())
-            kept = (
-                f"the last good checkpoint (epoch {state.epoch}) is in {out / 'last'}"
-                if state.epoch
-                else "no epoch had finished: there is no checkpoint"
-            )
-            raise UserError(f"non-finite loss at epoch {epoch}, step {at} (lower --lr?); {kept}")
-        val = (
-            {}
-            if args.no_eval
-            else evaluate(model, val_loader, accelerator, args, d, "validating" if main else None)
-        )
-        row = {
-            "epoch": epoch,
-            "train_loss": loss_sum.item() / max(seen.item(), 1),
-            "val_loss": val.get("loss"),
-            **{f"val_{k}": v for k, v in val.items() if k != "loss"},
-            "epoch_time_s": clock.elapsed(),
-            "train_time_s": slowest[0],
-            "images_per_s": seen.item() / slowest[0],
-            "peak_memory_mb": per_rank[:, 4].max().item(),
-            **{k: timing[k] for k in ("step_median_s", "steps", "step_timing_synced")},
-        }
-        # without a sync per step the host runs ahead until the device's queue is full, then blocks
-        # wherever it next waits (often in fetching the next batch): that is no data wait, so unsynced
-        # runs do not report one (measured on an H200: 39% "data wait" unsynced, 2% with --step-timing)
-        row.update(
-            {
-                k: v if sync_steps else None
-                for k, v in (
-                    ("data_wait_s", slowest[1]),
-                    ("compute_s", slowest[2]),
-                    ("rest_s", slowest[3]),
-                    ("data_wait_share", slowest[1] / slowest[0]),
-                    ("step_data_median_s", timing["step_data_median_s"]),
-                    ("step_compute_median_s", timing["step_compute_median_s"]),
-                )
-            }
-        )
-        state.epoch, state.train_time_s, epoch_s = epoch, state.train_time_s + slowest[0], row["epoch_time_s"]
-        if main:
-            report.append_jsonl(out / "metrics.jsonl", row)
-            report.epoch_line(row)
-            if tracker:
-                tracker.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
+        val = {} if args.no_eval else validate(run)
+        row = epoch_row(run, epoch, epoch_stats, val)
+        epoch_s = row["epoch_time_s"]
         if args.no_eval:
             continue
-        if val["dice"] > state.best_dice:
-            state.best_dice, state.best_epoch = val["dice"], epoch
-            weights = accelerator.get_state_dict(model)
-            if main:
-                report.save_torch(
-                    {"model": weights, "config": model_config(args), "epoch": epoch, "val": val},
-                    out / "best.pt",
-                )
-        save_last(accelerator, out)
-        if preemption.now(accelerator):
+        checkpoint(run, epoch, val)
+        if preemption.now(run.accelerator):
             stopped_by = f"SIGTERM after epoch {epoch}"
             break
-    if tracker:
-        tracker.finish()
+    if run.tracker:
+        run.tracker.finish()
     if stopped_by and stopped_by.startswith("SIGTERM"):
-        if state.step:  # stopped part-way through an epoch: save where
-            save_last(accelerator, out)
-        if main:
-            report.console.print(
-                f"stopped by {stopped_by}: checkpoint in {out / 'last'}; continue with --resume {out}"
-            )
-        accelerator.end_training()
-        return None
-
+        return pause(run, stopped_by)
     try:  # an error from here on must not cost the training: best.pt, last/ and metrics.jsonl stay
-        summary = final_report(
-            args,
-            build_model,
-            accelerator,
-            model,
-            (val_loader, test_loader),
-            d,
-            state,
-            out,
-            n_params,
-            stopped_by,
-            tracker,
-        )
+        summary = final_report(run, build_model, stopped_by)
     except Exception as e:
         if args.debug:
             raise
         raise Unfinished(
-            f"training ended ({state.epoch} epochs: best.pt, last/ and metrics.jsonl are in {out}) "
+            f"training ended ({run.state.epoch} epochs: best.pt, last/ and metrics.jsonl are in {run.out}) "
             f"but the final evaluation failed ({type(e).__name__}: {e}); "
-            f"finish it with: python {args.model}/train.py --resume {out}"
+            f"finish it with: python {args.model}/train.py --resume {run.out}"
         ) from e
-    accelerator.end_training()
+    run.accelerator.end_training()
     return summary
 
 
-def final_report(
-    args, build_model, accelerator, model, loaders, d, state, out, n_params, stopped_by, tracker
-):
+def train_epoch(run, epoch, preemption):
+    """One pass over the training patients, from state.step when resuming part-way. Returns the
+    epoch's figures, or None when SIGTERM stopped it (its progress then in run.state)."""
+    args, accelerator, state, (train_loader, _, _) = run.args, run.accelerator, run.state, run.loaders
+    device, sync = accelerator.device, args.step_timing or accelerator.device.type == "cpu"
+    train_loader.set_epoch(epoch)
+    run.model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = Stopwatch(device)
+    times = StepTimes(clock, sync)
+    done = state.step  # > 0 when resuming an epoch stopped part-way
+    loss_sum = torch.tensor(state.partial_loss if run.main else 0.0, device=device)
+    seen = torch.tensor(state.partial_seen if run.main else 0, device=device)
+    first_bad = torch.zeros((), device=device, dtype=torch.long)  # step of the first non-finite loss
+    steps = min(len(train_loader), args.max_steps or len(train_loader))
+    batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
+    with report.bar(run.main) as bar:  # the loss stays on the device: no host sync per step
+        task = bar.add_task(f"epoch {epoch}/{args.epochs}", total=steps, completed=done)
+        for step, (images, masks, _) in enumerate(batches, done + 1):
+            times.waited()
+            x, y = data.to_inputs(images, masks, args.flip, args.rotate, args.scale, args.channels_last)
+            loss = loss_from_terms(loss_terms(run.model(x), y), args.loss)
+            run.optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            run.optimizer.step()
+            times.computed()
+            loss_sum += loss.detach() * len(x)
+            seen += len(x)
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+            bar.advance(task)
+            times.done()
+            if step == steps:
+                break
+            if step % Preemption.CHECK_EVERY == 0 and preemption.now(accelerator):
+                state.step, state.partial_time_s = step, state.partial_time_s + clock.elapsed()
+                state.partial_loss = accelerator.reduce(loss_sum, "sum").item()
+                state.partial_seen = accelerator.reduce(seen, "sum").item()
+                return None
+    train_time = clock.elapsed() + state.partial_time_s
+    state.step, state.partial_loss, state.partial_seen, state.partial_time_s = 0, 0.0, 0, 0.0
+    timing = times.summary()
+    figures = [train_time, timing["data_wait_s"], timing["compute_s"], timing["rest_s"]]
+    figures.append(peak_memory(device)["peak_memory_mb"])
+    per_rank = accelerator.gather(torch.tensor([figures], dtype=torch.float64, device=device)).cpu()
+    loss_sum, seen = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(seen, "sum")
+    check_finite(run, epoch, first_bad)
+    return {
+        "clock": clock,
+        "timing": timing,
+        "synced": sync,
+        "per_rank": per_rank,
+        "loss": loss_sum,
+        "seen": seen,
+    }
+
+
+def check_finite(run, epoch, first_bad):
+    """Checked once an epoch: a check per step would stall the device every step."""
+    bad = run.accelerator.gather(first_bad.view(1))
+    if bad.any():
+        at = int(bad[bad > 0].min())
+        kept = (
+            f"the last good checkpoint (epoch {run.state.epoch}) is in {run.out / 'last'}"
+            if run.state.epoch
+            else "no epoch had finished: there is no checkpoint"
+        )
+        raise UserError(f"non-finite loss at epoch {epoch}, step {at} (lower --lr?); {kept}")
+
+
+def validate(run):
+    _, val_loader, _ = run.loaders
+    return evaluate(
+        run.model, val_loader, run.accelerator, run.args, run.d, "validating" if run.main else None
+    )
+
+
+def epoch_row(run, epoch, e, val):
+    """The epoch's line of metrics.jsonl (written, printed and logged by the main process). The
+    slowest process sets the pace: its times stand for the epoch."""
+    timing, per_rank = e["timing"], e["per_rank"]
+    slowest = per_rank[per_rank[:, 0].argmax()].tolist()
+    row = {
+        "epoch": epoch,
+        "train_loss": e["loss"].item() / max(e["seen"].item(), 1),
+        "val_loss": val.get("loss"),
+        **{f"val_{k}": v for k, v in val.items() if k != "loss"},
+        "epoch_time_s": e["clock"].elapsed(),
+        "train_time_s": slowest[0],
+        "images_per_s": e["seen"].item() / slowest[0],
+        "peak_memory_mb": per_rank[:, 4].max().item(),
+        **{k: timing[k] for k in ("step_median_s", "steps", "step_timing_synced")},
+    }
+    # without a sync per step the host runs ahead until the device's queue is full, then blocks
+    # wherever it next waits (often in fetching the next batch): that is no data wait, so unsynced
+    # runs do not report one (measured on an H200: 39% "data wait" unsynced, 2% with --step-timing)
+    waits = {
+        "data_wait_s": slowest[1],
+        "compute_s": slowest[2],
+        "rest_s": slowest[3],
+        "data_wait_share": slowest[1] / slowest[0],
+        "step_data_median_s": timing["step_data_median_s"],
+        "step_compute_median_s": timing["step_compute_median_s"],
+    }
+    row.update({k: v if e["synced"] else None for k, v in waits.items()})
+    run.state.epoch, run.state.train_time_s = epoch, run.state.train_time_s + slowest[0]
+    if run.main:
+        report.append_jsonl(run.out / "metrics.jsonl", row)
+        report.epoch_line(row)
+        if run.tracker:
+            run.tracker.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
+    return row
+
+
+def checkpoint(run, epoch, val):
+    """best.pt when validation Dice improved; last/ always."""
+    if val["dice"] > run.state.best_dice:
+        run.state.best_dice, run.state.best_epoch = val["dice"], epoch
+        weights = run.accelerator.get_state_dict(run.model)
+        if run.main:
+            ckpt = {"model": weights, "config": model_config(run.args), "epoch": epoch, "val": val}
+            report.save_torch(ckpt, run.out / "best.pt")
+    save_last(run.accelerator, run.out)
+
+
+def pause(run, stopped_by):
+    """SIGTERM: save where the run stands (part-way through an epoch if need be) and stop."""
+    if run.state.step:
+        save_last(run.accelerator, run.out)
+    if run.main:
+        report.console.print(
+            f"stopped by {stopped_by}: checkpoint in {run.out / 'last'}; continue with --resume {run.out}"
+        )
+    run.accelerator.end_training()
+    return None
+
+
+def final_report(run, build_model, stopped_by):
     """The best epoch once more on validation and once on test, with the 3-D metrics too; then
     summary.json and the results table."""
-    main, (val_loader, test_loader) = accelerator.is_main_process, loaders
+    args, accelerator, state, out = run.args, run.accelerator, run.state, run.out
+    _, val_loader, test_loader = run.loaders
     accelerator.wait_for_everyone()
     results = {}
     if not args.no_eval:
         best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
-        accelerator.unwrap_model(model).load_state_dict(best["model"])
-        results[f"val (epoch {state.best_epoch})"] = evaluate(
-            model, val_loader, accelerator, args, d, volumes=True
-        )
+        accelerator.unwrap_model(run.model).load_state_dict(best["model"])
+        val = evaluate(run.model, val_loader, accelerator, args, run.d, volumes=True)
+        results[f"val (epoch {state.best_epoch})"] = val
         if test_loader:
-            results["test"] = evaluate(
-                model, test_loader, accelerator, args, d, "testing" if main else None, volumes=True
+            title = "testing" if run.main else None
+            results["test"] = evaluate(run.model, test_loader, accelerator, args, run.d, title, volumes=True)
+    summary = run_summary(run, build_model, stopped_by, results)
+    if run.main:
+        report.write_json(out / "summary.json", summary)
+        if results:
+            report.results_table(
+                f"{args.model}: {run.n_params / 1e6:.2f} M parameters, {state.epoch} epochs, "
+                f"{state.train_time_s:.0f} s training",
+                results,
             )
-    rows = report.read_jsonl(out / "metrics.jsonl") if main else []
-    last_rows = rows[-3:]
-    summary = {
+        report.console.print(
+            f"wrote {out}/: args.json split.json metrics.jsonl summary.json"
+            + ("" if args.no_eval else " best.pt last/")
+            + (" tensorboard/" if run.tracker else "")
+        )
+    return summary
+
+
+def run_summary(run, build_model, stopped_by, results):
+    args, accelerator, state = run.args, run.accelerator, run.state
+    rows = report.read_jsonl(run.out / "metrics.jsonl") if run.main else []
+    medians = (
+        "images_per_s",
+        "data_wait_share",
+        "step_median_s",
+        "step_data_median_s",
+        "step_compute_median_s",
+    )
+    return {
         **model_config(args),
-        "parameters": n_params,
+        "parameters": run.n_params,
         "gflops_per_image": gflops(build_model, args),
         **{k: getattr(args, k) for k in SPEED_FLAGS},
-        "pin_memory": d.loaders["train"].pin_memory,
+        "pin_memory": run.d.loaders["train"].pin_memory,
         "device": device_name(accelerator.device),
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
@@ -561,15 +619,10 @@ def final_report(
         "global_batch_size": args.batch_size * accelerator.num_processes,
         "epochs": state.epoch,
         "train_time_s": state.train_time_s,
+        # medians over the last epochs that have each figure (a resumed run may mix synced and unsynced)
         **{
-            k: statistics.median(v) if (v := [r[k] for r in last_rows if r.get(k) is not None]) else None
-            for k in (
-                "images_per_s",
-                "data_wait_share",
-                "step_median_s",
-                "step_data_median_s",
-                "step_compute_median_s",
-            )
+            k: statistics.median(v) if (v := [r[k] for r in rows[-3:] if r.get(k) is not None]) else None
+            for k in medians
         },
         "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
         "peak_memory_of": peak_memory(accelerator.device)["peak_memory_of"],
@@ -577,22 +630,8 @@ def final_report(
         "best_epoch": state.best_epoch,
         "best_val": results.get(f"val (epoch {state.best_epoch})"),
         "test": results.get("test"),
-        "split": {k: len(v) for k, v in d.parts.items()},
+        "split": {k: len(v) for k, v in run.d.parts.items()},
     }
-    if main:
-        report.write_json(out / "summary.json", summary)
-        if results:
-            report.results_table(
-                f"{args.model}: {n_params / 1e6:.2f} M parameters, {state.epoch} epochs, "
-                f"{state.train_time_s:.0f} s training",
-                results,
-            )
-        report.console.print(
-            f"wrote {out}/: args.json split.json metrics.jsonl summary.json"
-            + ("" if args.no_eval else " best.pt last/")
-            + (" tensorboard/" if tracker else "")
-        )
-    return summary
 
 
 def load_checkpoint(path, model_name=None):

@@ -41,7 +41,7 @@ def launcher(processes):
     ]
 
 
-def main(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(
         prog="python -m common.sweep",
         description=__doc__,
@@ -54,76 +54,32 @@ def main(argv=None):
         "--pipelines", nargs="+", default=["decode", "cached"], choices=("decode", "cached", "device")
     )
     p.add_argument("--precisions", nargs="+", default=["no"], choices=("no", "bf16", "fp16"))
-    p.add_argument(
-        "--threads",
-        nargs="+",
-        type=int,
-        default=[0],
-        help="threads per process; 0: automatic (cores / processes); more shows oversubscription",
-    )
+    threads = "threads per process; 0: automatic (cores / processes); more shows oversubscription"
+    p.add_argument("--threads", nargs="+", type=int, default=[0], help=threads)
     p.add_argument("--steps", type=int, default=20, help="steps per process and epoch")
     p.add_argument("--output-dir", type=Path, default=Path("sweeps"))
-    args, flags = parse_with_train_flags(p, argv)
+    return p
+
+
+def main(argv=None):
+    args, flags = parse_with_train_flags(make_parser(), argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    grid = [
-        g
-        for g in itertools.product(
-            args.processes, args.pipelines, args.workers, args.precisions, args.threads
-        )
-        if not (g[1] == "device" and g[2] > 0)
-    ]  # the device pipeline has no workers
+    settings = itertools.product(args.processes, args.pipelines, args.workers, args.precisions, args.threads)
+    grid = [g for g in settings if not (g[1] == "device" and g[2] > 0)]  # the device pipeline has no workers
     rows = []
     for k, (procs, pipeline, workers, precision, threads) in enumerate(grid, 1):
         name = f"{args.model}-p{procs}-{pipeline}-w{workers}-{precision}-t{threads}"
         out = args.output_dir / "runs" / name
-        cmd = [
-            *launcher(procs),
-            str(ROOT / args.model / "train.py"),
-            *flags,
-            "--epochs",
-            "2",
-            "--max-steps",
-            str(args.steps),
-            "--no-eval",
-            "--step-timing",
-            "--data-pipeline",
-            pipeline,
-            "--num-workers",
-            str(workers),
-            "--mixed-precision",
-            precision,
-            "--threads",
-            str(threads),
-            "--output-dir",
-            str(out),
-        ]
+        setting = ["--data-pipeline", pipeline, "--num-workers", str(workers), "--mixed-precision", precision]
+        timing = ["--epochs", "2", "--max-steps", str(args.steps), "--no-eval", "--step-timing"]
+        cmd = [*launcher(procs), str(ROOT / args.model / "train.py"), *flags, *timing, *setting,
+               "--threads", str(threads), "--output-dir", str(out)]  # fmt: skip
         report.console.print(f"[{k}/{len(grid)}] {name}")
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             print(f"error: run {name} failed ({shlex.join(cmd)}):\n{result.stderr[-3000:]}", file=sys.stderr)
             return 1
-        s = json.loads((out / "summary.json").read_text())
-        r = report.read_jsonl(out / "metrics.jsonl")[-1]
-        rows.append(
-            {
-                "model": args.model,
-                "device": s["device"],
-                "processes": procs,
-                "pipeline": pipeline,
-                "workers": workers,
-                "precision": precision,
-                "threads_setting": threads or "auto",
-                "threads": s["threads"],
-                "global_batch": s["global_batch_size"],
-                "images_per_s": r["images_per_s"],
-                "s_per_3929": FULL_DATASET / r["images_per_s"],
-                "data_wait_share": r["data_wait_share"],
-                "step_ms": 1e3 * r["step_median_s"],
-                "step_data_ms": 1e3 * r["step_data_median_s"],
-                "step_compute_ms": 1e3 * r["step_compute_median_s"],
-                "peak_memory_mb": r["peak_memory_mb"],
-            }
-        )
+        rows.append(sweep_row(args.model, out, procs, pipeline, workers, precision, threads))
         report.console.print(
             f"    {rows[-1]['images_per_s']:.1f} images/s, data wait {rows[-1]['data_wait_share']:.1%}"
         )
@@ -134,6 +90,30 @@ def main(argv=None):
         w.writerows(rows)
     report.console.print(f"wrote {path} ({len(rows)} runs)")
     return 0
+
+
+def sweep_row(model, out, procs, pipeline, workers, precision, threads):
+    """A run's line of the sweep's CSV, from its summary.json and its last epoch."""
+    s = json.loads((out / "summary.json").read_text())
+    r = report.read_jsonl(out / "metrics.jsonl")[-1]
+    return {
+        "model": model,
+        "device": s["device"],
+        "processes": procs,
+        "pipeline": pipeline,
+        "workers": workers,
+        "precision": precision,
+        "threads_setting": threads or "auto",
+        "threads": s["threads"],
+        "global_batch": s["global_batch_size"],
+        "images_per_s": r["images_per_s"],
+        "s_per_3929": FULL_DATASET / r["images_per_s"],
+        "data_wait_share": r["data_wait_share"],
+        "step_ms": 1e3 * r["step_median_s"],
+        "step_data_ms": 1e3 * r["step_data_median_s"],
+        "step_compute_ms": 1e3 * r["step_compute_median_s"],
+        "peak_memory_mb": r["peak_memory_mb"],
+    }
 
 
 if __name__ == "__main__":
