@@ -8,7 +8,7 @@
 #   sbatch --array=0-2 run.sh unet,fcn,segnet --data-dir data/kaggle_3m   # a job array: task i, model i
 #   sbatch --array=0-2 run.sh unet,fcn,segnet --output-dir runs/cmp --val-frac 0.1 --test-frac 0.2 ...
 #                                  # the comparison: task i into runs/cmp/<model i>; then, once all ended,
-#                                  # python -m common.compare --table --output-dir runs/cmp
+#                                  # python -m tools.compare --table --output-dir runs/cmp
 #   sbatch run.sh sweep unet --processes 1 2 4 --workers 0 1 8 -- --data-dir data/kaggle_3m
 #                                                            # the speed study's grid on one node
 #
@@ -36,7 +36,7 @@ if [[ "$model" == *,* ]]; then  # a job array over models: task i trains the i-t
 fi
 # sbatch runs a copy of this script from a spool folder: the repository is where the job was submitted
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$(readlink -f "$0")")}"
-if [ "$model" = sweep ]; then shift; exec python -m common.sweep "$@"; fi  # it launches each run itself
+if [ "$model" = sweep ]; then shift; exec python -m tools.sweep "$@"; fi  # it launches each run itself
 if [ -z "$model" ] || [ ! -f "$model/train.py" ] || [ ! -f "$model/model.py" ]; then
   models_here=$(for f in */train.py; do [ -f "${f%/train.py}/model.py" ] && printf '%s ' "${f%/train.py}"; done)
   echo "error: first argument must be a model (a folder with model.py and train.py: ${models_here% }) or sweep (got '${model}')" >&2
@@ -61,7 +61,7 @@ echo "run.sh: $model on $nodes node(s) x $procs process(es) ($gpus GPU(s) per no
 # under Slurm, the run folder is named after the job, so that a requeued job finds it and resumes
 run_dir=""
 if [ "$array" = 1 ] && printf '%s\n' "$@" | grep -qE '^--output-dir(=|$)'; then
-  # an array with --output-dir D (a comparison, common.compare): task i writes D/<model i>
+  # an array with --output-dir D (a comparison, tools.compare): task i writes D/<model i>
   args=()
   while [ $# -gt 0 ]; do
     case "$1" in

@@ -1,7 +1,6 @@
 """Layers shared by the models: conv-BN-ReLU and the VGG16-BN encoder stages (FCN and SegNet)."""
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torchvision.models import vgg
 
@@ -45,59 +44,3 @@ def vgg16_bn_stages(width=1.0, weights_path=None):
 def vgg_state_dict(path):
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("state_dict", state)
-
-
-class AllReduceSum(torch.autograd.Function):
-    """Sum over all processes, differentiable: the gradient of a sum is the sum of the gradients."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class CPUSyncBatchNorm(nn.BatchNorm2d):
-    """Batch norm with statistics over all processes, for CPU (gloo) runs: torch's SyncBatchNorm
-    accepts GPU modules only. Mean, then variance (two passes: E[x^2] - E[x]^2 loses digits in
-    float32) are summed over processes with autograd, so the gradient is that of one process
-    holding the whole global batch."""
-
-    def forward(self, x):
-        if not (self.training and dist.is_available() and dist.is_initialized()):
-            return super().forward(x)
-        c, shape = x.shape[1], (1, x.shape[1], 1, 1)
-        local = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
-        sums = AllReduceSum.apply(torch.cat([x.sum((0, 2, 3)), local]))
-        n = sums[-1]
-        mean = sums[:c] / n
-        var = AllReduceSum.apply(((x - mean.view(shape)) ** 2).sum((0, 2, 3))) / n
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape)
-
-
-def sync_batchnorm(model, device):
-    """Every BatchNorm2d of `model` with statistics over all processes: torch's SyncBatchNorm on
-    GPUs, CPUSyncBatchNorm elsewhere."""
-    if device.type != "cpu":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for name, child in model.named_children():
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, CPUSyncBatchNorm):
-            sync = CPUSyncBatchNorm(
-                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
-            )
-            sync.load_state_dict(child.state_dict())
-            setattr(model, name, sync)
-        else:
-            sync_batchnorm(child, device)
-    return model

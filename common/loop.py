@@ -8,7 +8,6 @@ of the best epoch) and last/ (Accelerate state of the last epoch, for --resume).
 import json
 import os
 import shutil
-import signal
 import statistics
 import time
 from dataclasses import dataclass
@@ -19,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, is_tensorboard_available, set_seed
+from accelerate.utils import is_tensorboard_available, set_seed
 
 from common import data, metrics, report, synthetic
-from common.blocks import sync_batchnorm
+from common.distributed import Preemption, main_value, on_main_first, sync_batchnorm
 from common.errors import Unfinished, UserError
 from common.timing import StepTimes, Stopwatch, default_threads, device_name, gflops, peak_memory
 
@@ -74,52 +73,6 @@ class RunState:
 
     def load_state_dict(self, state):
         vars(self).update(state)
-
-
-class Preemption:
-    """SIGTERM (what Slurm sends before pre-empting a job or at its time limit): noted when it comes,
-    acted upon at the next check, which all processes make together."""
-
-    CHECK_EVERY = 10  # steps: a check costs a collective, i.e. a host sync
-
-    def __init__(self):
-        self.asked = False
-        signal.signal(signal.SIGTERM, self.note)
-
-    def note(self, *_):
-        self.asked = True
-
-    def now(self, accelerator):
-        if accelerator.num_processes == 1:
-            return self.asked
-        return (
-            accelerator.reduce(torch.tensor([float(self.asked)], device=accelerator.device), "max").item() > 0
-        )
-
-
-def on_main_first(accelerator, fn):
-    """fn() on the main process, then on the others (which find its cache in place). A failure on the
-    main process is raised on every process, rather than leaving them waiting at a barrier."""
-    result, failure, error = None, None, None
-    if accelerator.is_main_process:
-        try:
-            result = fn()
-        except Exception as e:
-            failure, error = e, str(e) if isinstance(e, UserError) else f"main process failed: {e!r}"
-    error = main_value(accelerator, error)
-    if failure is not None:
-        raise failure
-    if error is not None:
-        raise UserError(error)
-    return result if accelerator.is_main_process else fn()
-
-
-def main_value(accelerator, value):
-    """The main process's value, on every process."""
-    box = [value]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(box)
-    return box[0]
 
 
 def make_accelerator(args):

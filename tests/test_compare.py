@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from conftest import run
 
-from common import compare, stats
+from common import stats
 from common.synthetic import write_phantoms
+from tools import compare
 
 TINY = ["--image-size", "64", "--width", "0.125", "--epochs", "1", "--batch-size", "4"]
 
@@ -56,7 +57,7 @@ def comparison(tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "common.compare",
+            "tools.compare",
             "--output-dir",
             str(root / "cmp"),
             "--original",
@@ -131,7 +132,7 @@ def test_table_only_refuses_runs_tested_on_other_patients(comparison, tmp_path):
     summary = json.loads((copy / "fcn" / "split.json").read_text())
     summary["test"] = ["someone else"]
     (copy / "fcn" / "split.json").write_text(json.dumps(summary))
-    p = run([sys.executable, "-m", "common.compare", "--table", "--output-dir", str(copy)], env)
+    p = run([sys.executable, "-m", "tools.compare", "--table", "--output-dir", str(copy)], env)
     assert (
         p.returncode == 2 and p.stderr.startswith("error: --output-dir") and "different patients" in p.stderr
     )
@@ -148,7 +149,7 @@ def test_the_comparison_through_accelerate_launch(tmp_path):
         [
             sys.executable,
             "-m",
-            "common.compare",
+            "tools.compare",
             "--output-dir",
             str(tmp_path / "cmp"),
             "--models",

@@ -108,7 +108,7 @@ def test_a_fourth_model_folder_is_all_it_takes(copy):
         [
             py,
             "-m",
-            "common.predict",
+            "tools.predict",
             "--checkpoint",
             str(out),
             "--data-dir",
@@ -125,7 +125,7 @@ def test_a_fourth_model_folder_is_all_it_takes(copy):
         [
             py,
             "-m",
-            "common.bench",
+            "tools.bench",
             "step",
             "--data-dir",
             str(data),

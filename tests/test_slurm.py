@@ -106,7 +106,7 @@ def test_a_job_array_then_the_table_is_the_comparison(slurm, tmp_path):
     logs = "\n".join(f.read_text() for f in tmp_path.glob("*.out"))
     assert all((out / m / "summary.json").exists() for m in ("unet", "fcn", "segnet")), logs
     p = subprocess.run(
-        [sys.executable, "-m", "common.compare", "--table", "--output-dir", str(out)],
+        [sys.executable, "-m", "tools.compare", "--table", "--output-dir", str(out)],
         cwd=ROOT,
         env=slurm,
         capture_output=True,

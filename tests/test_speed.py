@@ -13,7 +13,7 @@ def test_bench_data_compares_every_pipeline(tmp_path, env):
         [
             sys.executable,
             "-m",
-            "common.bench",
+            "tools.bench",
             "data",
             "--synthetic",
             "--phantoms",
@@ -51,7 +51,7 @@ def test_bench_step_reports_the_loop_against_bare_compute(tmp_path, env):
         [
             sys.executable,
             "-m",
-            "common.bench",
+            "tools.bench",
             "step",
             "--synthetic",
             "--phantoms",
@@ -86,7 +86,7 @@ def test_sweep_runs_the_grid_through_the_launcher_and_plots(tmp_path, env):
         [
             sys.executable,
             "-m",
-            "common.sweep",
+            "tools.sweep",
             "unet",
             "--processes",
             "1",
@@ -122,7 +122,7 @@ def test_sweep_runs_the_grid_through_the_launcher_and_plots(tmp_path, env):
         [
             sys.executable,
             "-m",
-            "common.results",
+            "tools.results",
             "--sweep",
             str(tmp_path / "sweep-unet.csv"),
             "--output-dir",
@@ -141,7 +141,7 @@ def test_the_gpu_command_runs_end_to_end_on_a_cpu(tmp_path, env):
         [
             sys.executable,
             "-m",
-            "common.bench",
+            "tools.bench",
             "gpu",
             "--synthetic",
             "--phantoms",

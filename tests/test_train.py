@@ -222,7 +222,7 @@ def test_cross_validation_runs_every_fold_and_reports_mean_and_std(phantoms, tmp
         [
             sys.executable,
             "-m",
-            "common.folds",
+            "tools.folds",
             "unet",
             "--folds",
             "3",
@@ -267,7 +267,7 @@ def test_predict_and_results_from_two_runs(phantoms, tmp_path, env):
         [
             sys.executable,
             "-m",
-            "common.predict",
+            "tools.predict",
             "--checkpoint",
             str(runs / "unet"),
             "--checkpoint",
@@ -288,7 +288,7 @@ def test_predict_and_results_from_two_runs(phantoms, tmp_path, env):
     assert (pred / "comparison.png").stat().st_size > 0 and "comparison.png" in p.stdout
 
     res = tmp_path / "results"
-    p = run([sys.executable, "-m", "common.results", str(runs), "--output-dir", str(res)], env)
+    p = run([sys.executable, "-m", "tools.results", str(runs), "--output-dir", str(res)], env)
     assert p.returncode == 0, p.stdout + p.stderr
     md = (res / "results.md").read_text()
     assert "| unet | unet |" in md and "| segnet | segnet |" in md and "0.8340" in md
@@ -301,7 +301,7 @@ def test_predict_and_results_from_two_runs(phantoms, tmp_path, env):
 
 def test_predict_names_a_bad_folder(env, tmp_path):
     p = run(
-        [sys.executable, "-m", "common.predict", "--checkpoint", str(tmp_path), "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "tools.predict", "--checkpoint", str(tmp_path), "--data-dir", str(tmp_path)],
         env,
     )
     assert p.returncode == 2 and p.stderr.startswith("error:") and str(tmp_path) in p.stderr

@@ -1,0 +1,74 @@
+"""The library's layers: each module imports only from layers below its own (or its own layer, with
+no circle); models and tools sit on top."""
+
+import ast
+
+from conftest import ROOT
+
+# a module's layer: higher numbers may import lower ones, never the reverse
+LAYERS = {
+    "tools": 5,
+    "models": 5,
+    "common.entry": 4,
+    "common.loop": 3,
+    "common.registry": 3,
+    "common.distributed": 2,
+    "common.cli": 2,
+    "common.data": 1,
+    "common.synthetic": 1,
+    "common.report": 1,
+    "common.metrics": 0,
+    "common.stats": 0,
+    "common.timing": 0,
+    "common.blocks": 0,
+    "common.errors": 0,
+}
+MOVED = {"bench", "sweep", "folds", "results", "predict", "compare"}  # one-line pointers to tools/
+
+
+def layer(module):
+    if module.startswith("tools"):
+        return LAYERS["tools"]
+    if not module.startswith("common"):
+        return LAYERS["models"]
+    return LAYERS[module]
+
+
+def project_imports():
+    """{module: set of project modules it imports}, for common/, tools/ and the model folders."""
+    graph = {}
+    for path in [*ROOT.glob("common/*.py"), *ROOT.glob("tools/*.py"), *ROOT.glob("*/train.py")]:
+        if path.stem == "__init__" or (path.parent.name == "common" and path.stem in MOVED):
+            continue
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "common":
+                if node.module == "common":
+                    found |= {f"common.{a.name}" for a in node.names}
+                else:
+                    found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("common.")}
+        graph[name] = found
+    return graph
+
+
+def test_every_library_module_has_a_layer():
+    assert {m for m in project_imports() if m.startswith("common.")} <= set(LAYERS)
+
+
+def test_no_import_goes_up():
+    wrong = [f"{m} -> {d}" for m, deps in project_imports().items() for d in deps if layer(d) > layer(m)]
+    assert not wrong, wrong
+
+
+def test_no_import_circle():
+    graph = project_imports()
+
+    def reaches(start, target, seen):
+        return any(
+            d == target or (d not in seen and reaches(d, target, seen | {d})) for d in graph.get(start, ())
+        )
+
+    assert not [m for m in graph if reaches(m, m, {m})]

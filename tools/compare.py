@@ -1,0 +1,462 @@
+"""The comparison the project exists for: U-Net, FCN-8s and SegNet trained with one recipe on one
+patient split, the best epoch of each chosen on the validation patients, each tested once on the
+test patients; intervals over patients and paired tests between the models.
+
+    python -m tools.compare --output-dir runs/comparison -- --data-dir data/kaggle_3m
+    python -m tools.compare --original --output-dir runs/comparison \\
+        --launch "accelerate launch --config_file accelerate_configs/4gpu.yaml" \\
+        -- --data-dir data/kaggle_3m --mixed-precision bf16
+    sbatch --array=0-2 run.sh unet,fcn,segnet --output-dir runs/comparison --val-frac 0.1 --test-frac 0.2 ...
+    python -m tools.compare --table --output-dir runs/comparison     # after the array: the table only
+
+Flags after `--` go to every train.py; the split defaults to 70 / 10 / 20 % of the patients
+(`--val-frac 0.1 --test-frac 0.2`). A finished run is kept, an interrupted one resumed. --original
+adds U-Net on the original's leaky slice split (`unet-slice/`), reported apart, for contrast.
+Writes into --output-dir: a run folder per model, per-patient.csv, summary.csv, split.json,
+comparison.md and the figures paired-dice.png, dice-vs-volume.png and predictions.png.
+"""
+
+import argparse
+import csv
+import itertools
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common import registry, report, stats
+from common.cli import parse_with_train_flags
+from common.errors import UserError
+from common.metrics import ratio
+
+ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL = "unet-slice"  # U-Net on the original's leaky slice split, for contrast
+
+
+def title(name):
+    """How tables name a run: its model's TITLE (the original protocol's run says so)."""
+    if name == ORIGINAL:
+        return f"{registry.title('unet')}, slice split"
+    return registry.title(name)
+
+
+SPLIT = ["--val-frac", "0.1", "--test-frac", "0.2"]  # before the user's flags: theirs win
+PATIENT_COLUMNS = [
+    "model",
+    "patient",
+    "slices",
+    "tumour_slices",
+    "tumour_voxels",
+    "dice",
+    "iou",
+    "hd95",
+    "dice_lcc",
+    "iou_lcc",
+    "hd95_lcc",
+    "tp",
+    "fp",
+    "fn",
+    "tn",
+]
+RUN_COLUMNS = [
+    "model",
+    "parameters",
+    "train_time_s",
+    "images_per_s",
+    "device",
+    "world_size",
+    "precision",
+    "width",
+    "image_size",
+    "epochs",
+    "best_epoch",
+    "loss",
+    "miou_bg_seed",
+]
+
+
+def train_all(out, runs, launch, flags):
+    """Train each run that has no summary.json yet (resuming one that has a checkpoint)."""
+    for name in runs:
+        run_dir = out / name
+        if (run_dir / "summary.json").exists():
+            report.console.print(f"{name}: finished, kept ({run_dir})")
+            continue
+        extra = ["--split", "slice"] if name == ORIGINAL else []
+        again = ["--resume", str(run_dir)] if (run_dir / "last").is_dir() else []
+        model = name.split("-")[0]
+        cmd = [
+            *launch,
+            str(ROOT / model / "train.py"),
+            *SPLIT,
+            *flags,
+            *extra,
+            "--output-dir",
+            str(run_dir),
+            *again,
+        ]
+        report.console.print(f"[bold]{name}[/]: {shlex.join(cmd)}")
+        code = subprocess.call(cmd)
+        if code != 0:
+            raise SystemExit(
+                f"error: {name} failed (exit code {code}); run the same command again to resume it"
+            )
+
+
+def load_runs(out):
+    """{name: (args, summary, split)} of the finished run folders in `out`."""
+    runs = {}
+    for folder in sorted(p for p in out.iterdir() if (p / "summary.json").exists()):
+        read = lambda f: json.loads((folder / f).read_text())  # noqa: E731
+        runs[folder.name] = read("args.json"), read("summary.json"), read("split.json")
+    return runs
+
+
+def patient_rows(name, summary):
+    if not summary.get("test") or "per_patient" not in summary["test"]:
+        raise UserError(
+            f"{name}: its summary.json has no per-patient test rows (a run of an older version, "
+            f"or one without test patients)"
+        )
+    return [{"model": name, **{k: r[k] for k in PATIENT_COLUMNS[1:]}} for r in summary["test"]["per_patient"]]
+
+
+def scores(rows):
+    """Test scores of one model from its per-patient rows alone (tests recompute summary.csv so)."""
+    dice = [r["dice"] for r in rows]
+    tp, fp, fn, tn = (sum(int(r[k]) for r in rows) for k in ("tp", "fp", "fn", "tn"))
+    hd = [r["hd95"] for r in rows if r["hd95"] not in (None, "")]
+    iou_tumor, iou_bg = ratio(tp, tp + fp + fn), ratio(tn, tn + fp + fn)
+    mean_lo, mean_hi = stats.bootstrap_ci(dice)
+    med_lo, med_hi = stats.bootstrap_ci(dice, np.median)
+    return {
+        "test_patients": len(rows),
+        "dice_patient_mean": float(np.mean(dice)),
+        "dice_patient_mean_ci_low": mean_lo,
+        "dice_patient_mean_ci_high": mean_hi,
+        "dice_patient_median": float(np.median(dice)),
+        "dice_patient_median_ci_low": med_lo,
+        "dice_patient_median_ci_high": med_hi,
+        "dice_patient_lcc_mean": float(np.mean([r["dice_lcc"] for r in rows])),
+        "dice_pooled": ratio(2 * tp, 2 * tp + fp + fn),
+        "iou_tumor": iou_tumor,
+        "miou_bg": (iou_tumor + iou_bg) / 2,
+        "hd95_mean": float(np.mean(hd)) if hd else None,
+        "hd95_median": float(np.median(hd)) if hd else None,
+        "hd95_patients": len(hd),
+    }
+
+
+def run_row(name, args, summary):
+    return {
+        "model": name,
+        "parameters": summary["parameters"],
+        "train_time_s": summary["train_time_s"],
+        "images_per_s": summary["images_per_s"],
+        "device": summary["device"],
+        "world_size": summary["world_size"],
+        "precision": summary["mixed_precision"],
+        "width": summary["width"],
+        "image_size": summary["image_size"],
+        "epochs": summary["epochs"],
+        "best_epoch": summary["best_epoch"],
+        "loss": args["loss"],
+        "miou_bg_seed": summary["test"]["miou_bg_seed"],
+    }
+
+
+def write_csv(path, rows):
+    with open(report.tmp_name(path), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    report.tmp_name(path).replace(path)
+
+
+def read_csv(path):
+    """Rows of a CSV written by write_csv, numbers as floats, empty cells as None."""
+
+    def value(v):
+        try:
+            return float(v)
+        except ValueError:
+            return v or None
+
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def pairs(per_patient, names):
+    """Paired statistics of per-patient Dice for each pair of models, on the patients they share."""
+    by = {n: {r["patient"]: r["dice"] for r in per_patient if r["model"] == n} for n in names}
+    out = []
+    for a, b in itertools.combinations(names, 2):
+        common = sorted(by[a].keys() & by[b].keys())
+        out.append({"a": a, "b": b, **stats.paired([by[a][p] for p in common], [by[b][p] for p in common])})
+    return out
+
+
+def table(out):
+    runs = load_runs(out)
+    names = [n for n in runs if runs[n][0]["split"] == "patient"]
+    if not names:
+        raise UserError(f"--output-dir {out}: no finished run with a patient split there")
+    tests = {n: runs[n][2]["test"] for n in names}
+    if any(t != tests[names[0]] for t in tests.values()):
+        raise UserError(
+            f"--output-dir {out}: the runs were tested on different patients ("
+            + "; ".join(f"{n}: {len(t)}" for n, t in tests.items())
+            + "): give them the same split flags"
+        )
+    per_patient = [row for n in names for row in patient_rows(n, runs[n][1])]
+    write_csv(out / "per-patient.csv", per_patient)
+    summary = [
+        {**run_row(n, runs[n][0], runs[n][1]), **scores([r for r in per_patient if r["model"] == n])}
+        for n in names
+    ]
+    write_csv(out / "summary.csv", summary)
+    report.write_json(out / "split.json", runs[names[0]][2])
+    paired = pairs(per_patient, names)
+    report.write_json(out / "paired.json", paired)
+    original = {n: runs[n] for n in runs if runs[n][0]["split"] == "slice"}
+    (out / "comparison.md").write_text(markdown(summary, paired, original, runs))
+    figures(out, names, per_patient, runs)
+    report.console.print((out / "comparison.md").read_text())
+    report.console.print(
+        f"wrote {out}/: per-patient.csv summary.csv split.json paired.json comparison.md "
+        "paired-dice.png dice-vs-volume.png predictions.png"
+    )
+
+
+def fmt(v, f="{:.3f}"):
+    return "-" if v is None else f.format(v)
+
+
+def verdict(p):
+    """One sentence on a pair, no stronger than its interval and test allow."""
+    a, b, d = title(p["a"]), title(p["b"]), p["mean_diff"]
+    interval = f"mean {d:+.3f}, 95 % interval {p['ci_low']:+.3f} to {p['ci_high']:+.3f}"
+    test = f"Wilcoxon p = {fmt(p['wilcoxon_p'], '{:.3g}')}"
+    excludes_zero = p["ci_low"] > 0 or p["ci_high"] < 0
+    significant = p["wilcoxon_p"] is not None and p["wilcoxon_p"] < 0.05
+    better, worse = (a, b) if d > 0 else (b, a)
+    if excludes_zero and significant:
+        return f"{better} scores higher than {worse} on these patients ({interval}; {test})."
+    if excludes_zero or significant:
+        return (
+            f"{better} tends to score higher than {worse}, but the interval and the rank test disagree "
+            f"({interval}; {test}): not shown."
+        )
+    return f"{a} and {b}: no difference shown ({interval}; {test})."
+
+
+PROTOCOL = (
+    "Best epoch chosen on validation Dice; test patients used once. Per-patient Dice: Dice of each "
+    "patient's volume, mean and median over patients with percentile-bootstrap 95 % intervals (10,000 "
+    "resamples of patients). Pooled: over all test pixels. mIoU+bg: mean of background and tumour IoU "
+    "(background IoU ~0.99), pooled, and by the original's per-batch protocol. HD95 in voxels of the run's "
+    "image size, over patients with tumour in both truth and prediction."
+)
+COLUMNS = (
+    "| model | params | epochs (best) | training | img/s | Dice per patient, mean [95 % CI] "
+    "| median [95 % CI] | after LCC | pooled Dice | tumour IoU | mIoU+bg pooled / per batch "
+    "| HD95 mean / median (n) |"
+)
+
+
+def with_ci(s, key):
+    return f"{s[key]:.3f} [{s[key + '_ci_low']:.3f}, {s[key + '_ci_high']:.3f}]"
+
+
+def model_row(s):
+    cells = [
+        title(s["model"]),
+        f"{s['parameters'] / 1e6:.2f} M",
+        f"{s['epochs']} ({s['best_epoch']})",
+        f"{s['train_time_s']:.0f} s",
+        f"{s['images_per_s']:.0f}",
+        with_ci(s, "dice_patient_mean"),
+        with_ci(s, "dice_patient_median"),
+        f"{s['dice_patient_lcc_mean']:.3f}",
+        f"{s['dice_pooled']:.3f}",
+        f"{s['iou_tumor']:.3f}",
+        f"{s['miou_bg']:.3f} / {fmt(s['miou_bg_seed'])}",
+        f"{fmt(s['hd95_mean'], '{:.1f}')} / {fmt(s['hd95_median'], '{:.1f}')} ({s['hd95_patients']})",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(summary, paired, original, runs):
+    s0 = summary[0]
+    setup = (
+        f"Width {s0['width']:g}, {s0['image_size']} px, loss `{s0['loss']}`, "
+        f"{s0['device']} x {s0['world_size']}, precision {s0['precision']}."
+    )
+    lines = [
+        f"# {', '.join(title(s['model']) for s in summary)} on {s0['test_patients']} test patients",
+        "",
+        f"{setup} {PROTOCOL}",
+        "",
+        COLUMNS,
+        "|---" * COLUMNS.count(" | ") + "|---|",
+        *[model_row(s) for s in summary],
+        "",
+        "## Paired comparison (per-patient Dice, same test patients)",
+        "",
+        "| A - B | mean difference [95 % CI] | Wilcoxon p | A better / worse (patients) |",
+        "|---|---|---|---|",
+    ]
+    for p in paired:
+        lines.append(
+            f"| {title(p['a'])} - {title(p['b'])} | {p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, "
+            f"{p['ci_high']:+.3f}] | {fmt(p['wilcoxon_p'], '{:.3g}')} | {p['wins']} / {p['losses']} |"
+        )
+    lines += ["", *[f"- {verdict(p)}" for p in paired]]
+    if original:
+        lines += original_section(original, runs)
+    return "\n".join(lines) + "\n"
+
+
+def original_section(original, runs):
+    lines = [
+        "",
+        "## The original's protocol on the same data",
+        "",
+        "U-Net with the slices of every patient shuffled into train / validation / test (`--split slice`, "
+        "the original's leak), against the same U-Net on the patient split.",
+        "",
+        "| run | split | val mIoU+bg per batch | test mIoU+bg per batch | test pooled mIoU+bg | test Dice |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, (args, s, _) in [(n, runs[n]) for n in ("unet",) if n in runs] + list(original.items()):
+        lines.append(
+            f"| {title(name)} | {args['split']} | {fmt(s['best_val']['miou_bg_seed'])} "
+            f"| {fmt(s['test']['miou_bg_seed'])} | {fmt(s['test']['miou_bg'])} | {fmt(s['test']['dice'])} |"
+        )
+    return lines
+
+
+def figures(out, names, per_patient, runs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dice = {n: {r["patient"]: r["dice"] for r in per_patient if r["model"] == n} for n in names}
+    patients = sorted(dice[names[0]])
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 4.2))
+    ys = np.array([[dice[n][p] for n in names] for p in patients])
+    ax.plot(range(len(names)), ys.T, color="0.75", linewidth=0.7, zorder=1)  # a line per patient
+    for k in range(len(names)):
+        ax.scatter(np.full(len(ys), k), ys[:, k], s=14, zorder=2)
+        ax.hlines(ys[:, k].mean(), k - 0.25, k + 0.25, color="k", zorder=3)
+    ax.set_xticks(range(len(names)), [title(n) for n in names])
+    ax.set_ylabel("Dice of the patient's volume")
+    ax.set_title(f"{len(patients)} test patients (bar: mean)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "paired-dice.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for n in names:
+        rows = [r for r in per_patient if r["model"] == n]
+        ax.scatter(
+            [max(r["tumour_voxels"], 1) for r in rows], [r["dice"] for r in rows], s=14, label=title(n)
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"tumour volume (voxels at {runs[names[0]][1]['image_size']} px; 1 = none)")
+    ax.set_ylabel("Dice of the patient's volume")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "dice-vs-volume.png", dpi=110)
+    plt.close(fig)
+    prediction_figure(out, names, runs)
+
+
+def prediction_figure(out, names, runs):
+    """The three models on the same test slices: a large tumour, a small one, an empty slice."""
+    import torch
+    from PIL import Image
+
+    from common import data
+    from tools import predict
+
+    args = runs[names[0]][0]
+    test = set(runs[names[0]][2]["test"])
+    found = [s for s in data.discover(Path(args["data_dir"])) if s.patient in test]
+    images, truths = zip(*(predict.read(s.image, s.mask) for s in found))
+    flairs = [im[..., 1] for im in images]
+    picks = predict.choose(truths, flairs)
+    preds = {}
+    for n in names:
+        model, cfg = predict.load_model(out / n / "best.pt", torch.device("cpu"))
+        size = (cfg["image_size"],) * 2
+        masks = predict.predict(
+            model,
+            np.stack([data.resize(images[i], size, Image.BILINEAR) for i in picks]),
+            torch.device("cpu"),
+        )
+        full = {
+            i: data.resize(m.astype(np.uint8), images[i].shape[:2], Image.NEAREST) > 0
+            for i, m in zip(picks, masks)
+        }
+        preds[title(n)] = [full.get(i, np.zeros(images[i].shape[:2], bool)) for i in range(len(images))]
+    predict.comparison_figure(
+        out / "predictions.png",
+        [s.image.stem for s in found],
+        flairs,
+        truths,
+        preds,
+        [title(n) for n in names],
+        picks,
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m tools.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--output-dir", type=Path, required=True, help="the comparison folder (a run folder per model)"
+    )
+    p.add_argument(
+        "--models",
+        default=",".join(registry.names()),
+        help="comma-separated, from " + ", ".join(registry.names()),
+    )
+    p.add_argument("--original", action="store_true", help="also U-Net on the original's leaky slice split")
+    p.add_argument("--launch", default=None, help="launcher for each run (default: this python)")
+    p.add_argument(
+        "--table", action="store_true", help="only tabulate the finished runs (after a Slurm array)"
+    )
+    p.add_argument("--debug", action="store_true")
+    args, flags = parse_with_train_flags(p, argv)
+    names = args.models.split(",")
+    if bad := [n for n in names if n not in registry.names()]:
+        p.error(f"argument --models: unknown model {bad[0]!r} (choose from {', '.join(registry.names())})")
+    try:
+        if not args.table:
+            train_all(
+                args.output_dir,
+                names + ([ORIGINAL] if args.original else []),
+                shlex.split(args.launch) if args.launch else [sys.executable],
+                flags,
+            )
+        if not args.output_dir.is_dir():
+            raise UserError(f"--output-dir {args.output_dir}: not a folder")
+        table(args.output_dir)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Predict tumour masks with one or more checkpoints, and draw them.
+
+    python -m tools.predict --checkpoint runs/unet-x/best.pt --data-dir some/slices --output-dir predictions
+    python -m tools.predict --checkpoint runs/unet-x --checkpoint runs/fcn-y --checkpoint runs/segnet-z \\
+        --data-dir data/kaggle_3m/TCGA_CS_4941_19960909 --output-dir predictions
+
+--data-dir: a kaggle_3m folder (patient sub-folders), or a folder of `<name>.tif` slices with
+optional `<name>_mask.tif` beside them. For each model: `<label>/masks/<name>_pred.tif` (0/255, at
+the slice's own size) and `<label>/figures/<name>.png` (FLAIR, true mask, prediction, overlay with
+contours: truth green, prediction red). With several checkpoints, also `comparison.png`: a row per
+model on three slices chosen to show a large tumour, a small one and an empty slice.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import data, registry, report
+from common.errors import UserError
+from common.loop import load_checkpoint
+
+TRUTH, PRED = "#2ca02c", "#d62728"
+
+
+def find_slices(folder):
+    """[(name, image path, mask path or None)] of a kaggle_3m folder or a flat folder of slices."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--data-dir: not a folder: {folder}")
+    if any(p.is_dir() for p in folder.iterdir()):
+        return [(s.image.stem, s.image, s.mask) for s in data.discover(folder)]
+    images = sorted(f for f in folder.glob("*.tif") if not f.name.endswith("_mask.tif"))
+    if not images:
+        raise UserError(f"--data-dir: no .tif slices in {folder}")
+    return [
+        (f.stem, f, f.with_name(f"{f.stem}_mask.tif") if f.with_name(f"{f.stem}_mask.tif").exists() else None)
+        for f in images
+    ]
+
+
+def read(image_path, mask_path):
+    """(image, true mask as bool or None), both at the slice's own size, checked as in training."""
+    image = data.read_tiff(image_path, ("RGB",))
+    return image, None if mask_path is None else data.read_mask(mask_path, image.shape[:2]) > 0
+
+
+def load_model(path, device):
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
+    model = registry.build(config)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), config
+
+
+@torch.inference_mode()
+def predict(model, images, device, batch_size=16):
+    """Boolean masks (N, size, size) for uint8 images (N, size, size, 3)."""
+    out = []
+    for k in range(0, len(images), batch_size):
+        x, _ = data.to_inputs(
+            torch.from_numpy(images[k : k + batch_size]).to(device),
+            torch.zeros(images[k : k + batch_size].shape[:3], dtype=torch.uint8, device=device),
+        )
+        out.append((model(x)[:, 0] > 0).cpu().numpy())
+    return np.concatenate(out)
+
+
+def dice(pred, truth):
+    den = pred.sum() + truth.sum()
+    return 1.0 if den == 0 else 2 * (pred & truth).sum() / den
+
+
+def overlay(ax, flair, truth, pred):
+    ax.imshow(flair, cmap="gray")
+    if truth is not None and truth.any():
+        ax.contour(truth, levels=[0.5], colors=TRUTH, linewidths=1)
+    if pred.any():
+        ax.contour(pred, levels=[0.5], colors=PRED, linewidths=1)
+    ax.axis("off")
+
+
+def slice_figure(path, name, flair, truth, pred):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
+    panels = [
+        (flair, "FLAIR"),
+        (truth if truth is not None else np.zeros_like(pred), "true mask"),
+        (pred, "prediction"),
+    ]
+    for ax, (img, title) in zip(axes, panels):
+        ax.imshow(img, cmap="gray")
+        ax.set_title(title)
+        ax.axis("off")
+    overlay(axes[3], flair, truth, pred)
+    axes[3].set_title("overlay" + (f" (Dice {dice(pred, truth):.2f})" if truth is not None else ""))
+    fig.suptitle(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def choose(truths, flairs):
+    """Indices of a large tumour, a small one and an empty slice (first, middle, last without masks)."""
+    n = len(flairs)
+    if any(t is None for t in truths):
+        return sorted({0, n // 2, n - 1})
+    area = np.array([t.sum() for t in truths])
+    tumour = np.flatnonzero(area > 0)
+    picks = []
+    if len(tumour):
+        picks.append(int(tumour[np.argmax(area[tumour])]))
+        by_size = tumour[np.argsort(area[tumour])]
+        picks.append(int(by_size[len(by_size) // 10]))  # small, but not the tiniest sliver
+    empty = np.flatnonzero(area == 0)
+    if len(empty):
+        picks.append(int(empty[np.argmax([flairs[i].mean() for i in empty])]))  # most brain in view
+    return list(dict.fromkeys(picks))
+
+
+def comparison_figure(path, names, flairs, truths, preds, labels, picks):
+    import matplotlib.pyplot as plt
+
+    rows = 1 + len(labels)
+    fig, axes = plt.subplots(rows, len(picks), figsize=(3.2 * len(picks), 3.2 * rows), squeeze=False)
+    for c, i in enumerate(picks):
+        overlay(axes[0, c], flairs[i], truths[i], np.zeros_like(flairs[i], dtype=bool))
+        axes[0, c].set_title(f"{names[i]}\ntruth", fontsize=8)
+        for r, label in enumerate(labels, start=1):
+            overlay(axes[r, c], flairs[i], truths[i], preds[label][i])
+            score = f" Dice {dice(preds[label][i], truths[i]):.2f}" if truths[i] is not None else ""
+            axes[r, c].set_title(f"{label}{score}", fontsize=9)
+    fig.suptitle("truth green, prediction red", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m tools.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        required=True,
+        help="best.pt or a run folder; repeat to compare models",
+    )
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--output-dir", type=Path, default=Path("predictions"))
+    p.add_argument("--no-figures", action="store_true", help="write the masks only")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    found = find_slices(args.data_dir)
+    models = [load_model(c, device) for c in args.checkpoint]
+    labels = [cfg["model"] for _, cfg in models]
+    labels = [lab if labels.count(lab) == 1 else f"{lab}-{i + 1}" for i, lab in enumerate(labels)]
+    names = [name for name, _, _ in found]
+    images, truths = zip(*(read(i, m) for _, i, m in report.track(found, f"reading {len(found)} slices")))
+    flairs = [im[..., 1] for im in images]
+    preds, written = {}, []
+    for (model, cfg), label in zip(models, labels):
+        size = (cfg["image_size"],) * 2
+        masks = predict(model, np.stack([data.resize(im, size, Image.BILINEAR) for im in images]), device)
+        preds[label] = [
+            data.resize(m.astype(np.uint8), im.shape[:2], Image.NEAREST) > 0 for m, im in zip(masks, images)
+        ]
+        folder = args.output_dir / label
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+        for name, m in zip(names, preds[label]):
+            Image.fromarray(m.astype(np.uint8) * 255).save(folder / "masks" / f"{name}_pred.tif")
+        written.append(f"{folder / 'masks'}/ ({len(names)} masks)")
+        if not args.no_figures:
+            (folder / "figures").mkdir(exist_ok=True)
+            for i in report.track(range(len(names)), f"drawing {label}"):
+                slice_figure(
+                    folder / "figures" / f"{names[i]}.png", names[i], flairs[i], truths[i], preds[label][i]
+                )
+            written.append(f"{folder / 'figures'}/ ({len(names)} figures)")
+    if len(models) > 1 and not args.no_figures:
+        path = args.output_dir / "comparison.png"
+        comparison_figure(path, names, flairs, truths, preds, labels, choose(truths, flairs))
+        written.append(str(path))
+    for line in written:
+        report.console.print(f"wrote {line}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

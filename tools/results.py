@@ -1,0 +1,271 @@
+"""Turn run folders into a results table (markdown and CSV) and learning-curve plots; and speed
+measurements into the speed study's figures.
+
+    python -m tools.results runs/ --output-dir docs/results
+    python -m tools.results --sweep sweeps/sweep-unet.csv --suite docs/gpu/suite.csv --output-dir docs/speed
+
+Each run argument is a run folder (holding summary.json) or a folder searched for them: writes
+results.md, results.csv and curves-<model>.png (loss and validation Dice per epoch).
+--sweep (from tools.sweep): sweep-time-<model>.png (the original study's figure: time per epoch
+of the 3929 slices against processes, a bar per number of workers, for each pipeline),
+sweep-breakdown.png (data wait / compute / rest per step) and sweep-scaling.png (scaling
+efficiency against processes). --suite (from tools.bench suite): suite-speedup.png.
+"""
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from common import report
+from common.metrics import METRICS
+
+# the original study's reported numbers: per-batch mIoU incl. background, validation, leaky slice split
+ORIGINAL = {"fcn": 0.8095, "unet": 0.8340, "segnet": 0.7802}
+SETUP = [
+    ("model", "model", "{}"),
+    ("width", "width", "{:g}"),
+    ("image_size", "px", "{}"),
+    ("parameters", "params M", lambda v: f"{v / 1e6:.2f}"),
+    ("gflops_per_image", "GFLOPs/img", "{:.2f}"),
+    ("device", "device", "{}"),
+    ("world_size", "procs", "{}"),
+    ("epochs", "epochs", "{}"),
+    ("train_time_s", "train s", "{:.0f}"),
+    ("images_per_s", "img/s", "{:.1f}"),
+    ("peak_memory_mb", "peak MB", "{:.0f}"),
+]
+
+
+def find_runs(paths):
+    runs = []
+    for p in map(Path, paths):
+        found = [p] if (p / "summary.json").is_file() else sorted(q.parent for q in p.rglob("summary.json"))
+        if not found:
+            raise SystemExit(f"error: no run folder (with summary.json) in {p}")
+        runs += found
+    return runs
+
+
+def cell(value, fmt="{:.4f}"):
+    if value is None:
+        return "-"
+    return fmt(value) if callable(fmt) else fmt.format(value)
+
+
+def markdown(runs, summaries):
+    lines = ["| run | " + " | ".join(t for _, t, _ in SETUP) + " |", "|---" * (len(SETUP) + 1) + "|"]
+    for run, s in zip(runs, summaries):
+        lines.append(f"| {run.name} | " + " | ".join(cell(s.get(k), f) for k, _, f in SETUP) + " |")
+    for side, key in (("Test patients", "test"), ("Validation patients, best epoch", "best_val")):
+        lines += [
+            "",
+            f"**{side}**",
+            "",
+            "| run | " + " | ".join(m.title for m in METRICS) + " |",
+            "|---" * (len(METRICS) + 1) + "|",
+        ]
+        for run, s in zip(runs, summaries):
+            m = s.get(key) or {}
+            lines.append(f"| {run.name} | " + " | ".join(cell(m.get(x.key), x.fmt) for x in METRICS) + " |")
+    lines += [
+        "",
+        "Reference, the original study (validation slices of a split that leaks patients, mIoU+bg "
+        "per batch of 4): " + ", ".join(f"{m} {v:.4f}" for m, v in ORIGINAL.items()) + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path, runs, summaries):
+    keys = [k for k, _, _ in SETUP]
+    header = ["run", *keys] + [f"{side}_{m.key}" for side in ("test", "val") for m in METRICS]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for run, s in zip(runs, summaries):
+            w.writerow(
+                [run.name, *(s.get(k) for k in keys)]
+                + [(s.get(key) or {}).get(m.key) for key in ("test", "best_val") for m in METRICS]
+            )
+        for model, v in ORIGINAL.items():
+            w.writerow(
+                [f"original-{model}", model]
+                + [None] * (len(keys) - 1)
+                + [None] * len(METRICS)
+                + [None, v]
+                + [None] * (len(METRICS) - 2)
+            )
+
+
+def curves(path, model, runs):
+    plt, fig, (ax_loss, ax_dice) = plt_figure(1, 2, figsize=(10, 3.8))
+    for run in runs:
+        rows = report.read_jsonl(run / "metrics.jsonl")
+        epochs = [r["epoch"] for r in rows]
+        (line,) = ax_loss.plot(epochs, [r["train_loss"] for r in rows], label=f"{run.name} train")
+        ax_loss.plot(
+            epochs, [r["val_loss"] for r in rows], "--", color=line.get_color(), label=f"{run.name} val"
+        )
+        ax_dice.plot(epochs, [r["val_dice"] for r in rows], color=line.get_color(), label=run.name)
+    ax_loss.set(title=f"{model}: loss (BCE + soft Dice)", xlabel="epoch")
+    ax_dice.set(title=f"{model}: validation Dice", xlabel="epoch", ylim=(0, 1))
+    ax_loss.legend(fontsize=7), ax_dice.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plt_figure(*args, **kwargs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(*args, **kwargs)
+
+
+def bars(ax, groups, series, values, labels=None):
+    """Grouped bars: values[(group, series)], the value printed on each bar."""
+    width = 0.8 / max(len(series), 1)
+    for j, s in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        ys = [values.get((g, s), 0) for g in groups]
+        rects = ax.bar(xs, ys, width, label=str(s) if labels is None else labels[j])
+        ax.bar_label(rects, [f"{v:.3g}" if v else "" for v in ys], fontsize=6)
+    ax.set_xticks(range(len(groups)), [str(g) for g in groups])
+
+
+def sweep_figures(path, out):
+    rows = list(csv.DictReader(open(path)))
+    for r in rows:
+        for k in ("processes", "workers", "threads"):
+            r[k] = int(r[k])
+        for k in ("images_per_s", "s_per_3929", "step_ms", "step_data_ms", "step_compute_ms"):
+            r[k] = float(r[k])
+    written = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        panels = list(dict.fromkeys((r["threads_setting"], r["pipeline"]) for r in mine))
+        plt, fig, axes = plt_figure(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+        for ax, (threads, pipeline) in zip(axes[0], panels):
+            sel = [r for r in mine if (r["threads_setting"], r["pipeline"]) == (threads, pipeline)]
+            procs = sorted({r["processes"] for r in sel})
+            workers = sorted({r["workers"] for r in sel})
+            bars(
+                ax,
+                procs,
+                workers,
+                {(r["processes"], r["workers"]): r["s_per_3929"] for r in sel},
+                [f"{w} workers" for w in workers],
+            )
+            ax.set(
+                title=f"{model}, {pipeline}, threads/process: {threads}",
+                xlabel="processes",
+                ylabel="s per epoch of 3929 slices",
+            )
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{mine[0]['device']}: time per epoch (lower is better)", fontsize=9)
+        fig.tight_layout()
+        written.append(out / f"sweep-time-{model}.png")
+        fig.savefig(written[-1], dpi=90)
+        plt.close(fig)
+
+    labels = [f"{r['model']} p{r['processes']} {r['pipeline']} w{r['workers']} t{r['threads']}" for r in rows]
+    plt, fig, ax = plt_figure(figsize=(max(6, 0.45 * len(rows)), 4))
+    bottom = [0.0] * len(rows)
+    for key, name in (("step_data_ms", "data wait"), ("step_compute_ms", "compute"), ("step_ms", "rest")):
+        ys = [r[key] - (r["step_data_ms"] + r["step_compute_ms"] if key == "step_ms" else 0) for r in rows]
+        ys = [max(y, 0.0) for y in ys]
+        ax.bar(range(len(rows)), ys, bottom=bottom, label=name)
+        bottom = [b + y for b, y in zip(bottom, ys)]
+    ax.set_xticks(range(len(rows)), labels, rotation=70, ha="right", fontsize=6)
+    ax.set(ylabel="ms per step (median)", title="where a step's time goes")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out / "sweep-breakdown.png")
+    fig.savefig(written[-1], dpi=90)
+    plt.close(fig)
+
+    plt, fig, ax = plt_figure(figsize=(6, 3.8))
+    configs = dict.fromkeys(
+        (r["model"], r["pipeline"], f"w{r['workers']}", f"threads {r['threads_setting']}") for r in rows
+    )
+    for c in configs:
+        sel = sorted(
+            (
+                r
+                for r in rows
+                if (r["model"], r["pipeline"], f"w{r['workers']}", f"threads {r['threads_setting']}") == c
+            ),
+            key=lambda r: r["processes"],
+        )
+        one = next((r["images_per_s"] for r in sel if r["processes"] == 1), None)
+        if one and len(sel) > 1:
+            ax.plot(
+                [r["processes"] for r in sel],
+                [r["images_per_s"] / (one * r["processes"]) for r in sel],
+                "o-",
+                label=" ".join(map(str, c)),
+            )
+    ax.axhline(1, color="gray", lw=0.5)
+    ax.set(xlabel="processes", ylabel="images/s / (processes x images/s of 1)", title="scaling efficiency")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    written.append(out / "sweep-scaling.png")
+    fig.savefig(written[-1], dpi=90)
+    plt.close(fig)
+    return written
+
+
+def suite_figure(path, out):
+    rows = list(csv.DictReader(open(path)))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    settings = [s for s in dict.fromkeys(r["setting"] for r in rows) if not s.startswith("bare")]
+    plt, fig, ax = plt_figure(figsize=(8, 4))
+    bars(ax, models, settings, {(r["model"], r["setting"]): float(r["speedup_vs_fp32_decode"]) for r in rows})
+    ax.set(ylabel="images/s relative to fp32 + decode", title="speed-up of each technique (higher is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written = out / "suite-speedup.png"
+    fig.savefig(written, dpi=90)
+    plt.close(fig)
+    return [written]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m tools.results",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("runs", nargs="*", type=Path, help="run folders, or folders holding them")
+    p.add_argument("--sweep", type=Path, help="a CSV from tools.sweep")
+    p.add_argument("--suite", type=Path, help="a CSV from tools.bench suite")
+    p.add_argument("--output-dir", type=Path, default=Path("results"))
+    args = p.parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    written = (sweep_figures(args.sweep, args.output_dir) if args.sweep else []) + (
+        suite_figure(args.suite, args.output_dir) if args.suite else []
+    )
+    if not args.runs:
+        for path in written:
+            report.console.print(f"wrote {path}")
+        return 0
+    runs = find_runs(args.runs)
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+    written += [args.output_dir / "results.md", args.output_dir / "results.csv"]
+    written[-2].write_text(markdown(runs, summaries))
+    write_csv(written[-1], runs, summaries)
+    for model in dict.fromkeys(s["model"] for s in summaries):
+        path = args.output_dir / f"curves-{model}.png"
+        curves(path, model, [r for r, s in zip(runs, summaries) if s["model"] == model])
+        written.append(path)
+    report.console.print(markdown(runs, summaries))
+    for path in written:
+        report.console.print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
