@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from common import data
 from common.errors import UserError
 
 
@@ -78,20 +79,21 @@ def data_flags(p):
     d.add_argument("--fold", type=int, default=0, help="with --folds: the fold that validates")
     d.add_argument(
         "--data-pipeline",
-        choices=("decode", "cached", "device"),
+        choices=tuple(data.PIPELINES),
         default="cached",
-        help="decode: read and decode each TIFF per item (the original's design, a baseline); "
-        "cached: one read of the decoded cache per batch; device: the whole uint8 cache on the "
-        "training device",
+        help="; ".join(f"{k}: {v}" for k, v in data.PIPELINES.items()),
     )
     d.add_argument(
-        "--num-workers", type=int, default=0, help="DataLoader workers per process (decode, cached)"
+        "--num-workers",
+        type=int,
+        default=0,
+        help=f"DataLoader workers per process ({', '.join(data.WORKERS)})",
     )
     d.add_argument(
         "--pin-memory",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="pinned host memory for batches (decode, cached); default: on with CUDA",
+        help=f"pinned host memory for batches ({', '.join(data.WORKERS)}); default: on with CUDA",
     )
 
 
@@ -194,6 +196,11 @@ def run_flags(p):
         default=None,
         help="also log the per-epoch metrics with this Accelerate tracker (into the run folder)",
     )
+    r.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="--resume, --eval-only: go on when data of the run's split.json are missing (said; left out)",
+    )
     r.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -236,9 +243,9 @@ def check(args):
     need(args.lr > 0, "--lr", f"must be positive, got {args.lr}")
     need(args.num_workers >= 0, "--num-workers", f"must be 0 or more, got {args.num_workers}")
     need(
-        args.data_pipeline != "device" or args.num_workers == 0,
+        args.data_pipeline in data.WORKERS or args.num_workers == 0,
         "--num-workers",
-        "must be 0 with --data-pipeline device (batches are cut on the training device)",
+        f"must be 0 with --data-pipeline {args.data_pipeline} (batches are cut on the training device)",
     )
     need(args.threads >= 0, "--threads", f"must be 0 (automatic) or more, got {args.threads}")
     need(args.time_limit >= 0, "--time-limit", f"must be 0 (none) or more, got {args.time_limit}")

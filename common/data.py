@@ -25,6 +25,13 @@ from PIL import Image
 from common.errors import UserError
 
 CACHE_VERSION = 2
+# the data pipelines and their rules, for the loop, the flags' checks and the tools
+PIPELINES = {
+    "decode": "read and decode each TIFF per item (the original's design, a baseline); needs the TIFF folder",
+    "cached": "one read of the decoded cache per batch",
+    "device": "the whole uint8 cache on the training device; no DataLoader workers",
+}
+WORKERS = ("decode", "cached")  # the pipelines that can use DataLoader workers and pinned memory
 NAME = re.compile(r"^(?P<stem>.+_(?P<n>\d+))(?P<mask>_mask)?\.tif$")
 
 
@@ -215,6 +222,38 @@ def split(slices, how, val_frac, test_frac, seed, tumour_pixels=None, folds=0, f
     return out
 
 
+SPLIT_FLAGS = ("split", "seed", "val_frac", "test_frac", "folds", "fold")
+
+
+def split_from_record(slices, record, allow_missing=False):
+    """The split a run recorded in its split.json, on the slices found now: the record is the truth
+    for everything that uses the run. Returns (parts, notes); data that no longer match the record
+    are a UserError, or with allow_missing a note (and evaluated on what is left)."""
+    key = (lambda s: s.patient) if record["split"] == "patient" else (lambda s: f"{s.patient}_{s.n}")
+    side = {k: name for name in ("train", "val", "test") for k in record[name]}
+    parts = {name: [] for name in ("train", "val", "test")}
+    for i, s in enumerate(slices):
+        if key(s) in side:
+            parts[side[key(s)]].append(i)
+    unit = "patients" if record["split"] == "patient" else "slices"
+    missing = sorted(set(side) - {key(s) for s in slices})
+    changed = [f"{name} has {len(parts[name])} slices, split.json {record[name + '_slices']}"
+               for name in parts if len(parts[name]) != record[name + "_slices"]]  # fmt: skip
+    notes = []
+    if missing:
+        notes.append(f"{len(missing)} {unit} of split.json are not in the data ({', '.join(missing[:3])}"
+                     + (", ..." if len(missing) > 3 else "") + ")")  # fmt: skip
+    elif changed:
+        notes.append("; ".join(changed))
+    if notes and not allow_missing:
+        raise UserError(f"the data no longer match the run's split.json: {notes[0]}; restore them, or pass "
+                        "--allow-missing to use what is left")  # fmt: skip
+    extra = len({key(s) for s in slices} - set(side))
+    if extra:
+        notes.append(f"{extra} {unit} in the data are not in split.json: left out")
+    return parts, notes
+
+
 class Slices(torch.utils.data.Dataset):
     """A subset of the cached slices (pipeline `cached`, or `device` when the arrays are tensors on
     the training device). The DataLoader fetches a whole batch with one call to `__getitems__`: one
@@ -268,7 +307,7 @@ def loaders(parts, pipeline, slices, images, masks, size, batch_size, num_worker
             "--data-pipeline decode reads the TIFF files: give --data-dir a kaggle_3m folder, not a pack"
         )
     if (
-        pipeline == "device"
+        pipeline not in WORKERS
     ):  # once, the whole uint8 dataset onto the training device (out of the read-only map)
         images = torch.from_numpy(np.array(images)).to(device)
         masks = torch.from_numpy(np.array(masks)).to(device)

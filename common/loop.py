@@ -25,6 +25,8 @@ from common.distributed import Preemption, main_value, on_main_first, sync_batch
 from common.errors import Unfinished, UserError
 from common.timing import StepTimes, Stopwatch, default_threads, device_name, gflops, peak_memory
 
+# flags that may differ when the same run is started again
+UNCOMPARED = ("resume", "output_dir", "debug", "allow_missing", "time_limit", "log_with")
 PATH_FLAGS = ("data_dir", "cache_dir", "output_dir", "resume", "checkpoint", "pretrained")
 # what decides speed, recorded in summary.json beside the figures
 SPEED_FLAGS = (
@@ -97,10 +99,12 @@ class Data:
     masks: np.ndarray  # (N, H, W) uint8, memory-mapped
     parts: dict  # "train"/"val"/"test" -> slice indices
     loaders: dict  # "train"/"val"/"test" -> DataLoader, or None for an empty part
+    notes: list  # how the data differ from a recorded split (with --allow-missing)
 
 
-def load_data(args, accelerator):
-    """Slices, their cached arrays, the split and the loaders (identical on every process)."""
+def load_data(args, accelerator, record=None):
+    """Slices, their cached arrays, the split and the loaders (identical on every process). With
+    `record` (a run's split.json) the split is the recorded one, not one computed from the flags."""
 
     def prepare():
         if args.synthetic:
@@ -110,9 +114,22 @@ def load_data(args, accelerator):
         )
 
     slices, images, masks, tumour_pixels = on_main_first(accelerator, prepare)
-    parts = data.split(
-        slices, args.split, args.val_frac, args.test_frac, args.seed, tumour_pixels, args.folds, args.fold
-    )
+    if record is None:
+        parts, notes = (
+            data.split(
+                slices,
+                args.split,
+                args.val_frac,
+                args.test_frac,
+                args.seed,
+                tumour_pixels,
+                args.folds,
+                args.fold,
+            ),
+            [],
+        )
+    else:
+        parts, notes = recorded_split(args, accelerator, slices, record)
     pin = accelerator.device.type == "cuda" if args.pin_memory is None else args.pin_memory
     loaders = data.loaders(
         parts,
@@ -126,7 +143,31 @@ def load_data(args, accelerator):
         pin,
         accelerator.device,
     )
-    return Data(slices, masks, parts, loaders)
+    return Data(slices, masks, parts, loaders, notes)
+
+
+def recorded(folder):
+    """A run folder's split.json, or None."""
+    path = Path(folder) / "split.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def recorded_split(args, accelerator, slices, record):
+    """The run's own split (its split.json), whatever the flags say: flags given that contradict it
+    are refused, since another split would put training patients in validation or test."""
+    for key in data.SPLIT_FLAGS:
+        if key in args.given and getattr(args, key) != record[key]:
+            raise UserError(
+                f"--{key.replace('_', '-')} {getattr(args, key)}: the run was split with "
+                f"--{key.replace('_', '-')} {record[key]} (its split.json); another split would test on "
+                "patients it trained on"
+            )
+        setattr(args, key, record[key])
+    parts, notes = data.split_from_record(slices, record, args.allow_missing)
+    if accelerator.is_main_process:
+        for note in notes:
+            report.console.print(f"note: {note}")
+    return parts, notes
 
 
 def split_record(args, d):
@@ -154,7 +195,7 @@ def make_run_dir(args, accelerator, tag=""):
             out = base.with_name(f"{base.name}-{k}")
     else:
         out = args.output_dir
-        if (out / "args.json").exists() and args.resume is None:
+        if (out / "args.json").exists() and args.resume is None and (tag or has_checkpoint(out)):
             raise UserError(
                 f"--output-dir {out} already holds a run: continue it with --resume {out}, or pick another"
             )
@@ -164,17 +205,46 @@ def make_run_dir(args, accelerator, tag=""):
     return out
 
 
-def resumed_args(args):
-    """The flags saved in the run folder, except those given again on the command line."""
-    saved = args.resume / "args.json"
-    if not saved.is_file() or not ((args.resume / "last").is_dir() or (args.resume / "last.old").is_dir()):
-        raise UserError(f"--resume {args.resume}: no checkpoint there (expected args.json and last/)")
-    values = json.loads(saved.read_text())
-    for key, value in values.items():
+def has_checkpoint(folder):
+    return (folder / "last").is_dir() or (folder / "last.old").is_dir()
+
+
+def starting_point(args):
+    """The same command run again always makes progress: a run folder with a checkpoint is resumed
+    (when the flags given agree with the run's own), one without (stopped before its first epoch
+    ended) is started afresh, with its own flags under --resume."""
+    folder = args.resume if args.resume is not None else args.output_dir
+    if folder is None or not (folder / "args.json").is_file():
+        if args.resume is not None:
+            raise UserError(f"--resume {args.resume}: no run there (expected args.json and last/)")
+        return args
+    saved = json.loads((folder / "args.json").read_text())
+    if args.resume is None and has_checkpoint(folder):
+        differ = [k for k in args.given if k not in UNCOMPARED and as_json(getattr(args, k)) != saved.get(k)]
+        if differ:
+            flag = "--" + differ[0].replace("_", "-")
+            raise UserError(
+                f"--output-dir {folder} holds a run made with {flag} {saved.get(differ[0])}, not "
+                f"{getattr(args, differ[0])}: continue it with --resume {folder} (flags given again win), "
+                "or pick another folder"
+            )
+        args.resume = folder
+    for key, value in saved.items() if args.resume is not None else ():
         if key not in args.given and key not in ("resume", "given"):
             setattr(args, key, Path(value) if key in PATH_FLAGS and value is not None else value)
-    args.output_dir = args.resume
+    args.output_dir = folder
+    if not has_checkpoint(folder):
+        if os.environ.get("RANK", "0") == "0":  # before the processes are set up: one note per job
+            report.console.print(
+                f"note: no checkpoint in {folder} (it stopped in its first epoch): starting afresh"
+            )
+        args.resume = None
     return args
+
+
+def as_json(value):
+    """A flag's value as args.json holds it."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def save_last(accelerator, out):
@@ -283,9 +353,11 @@ def setup(args, build_model):
         args.seed, device_specific=True
     )  # rank 0 = a 1-process run; DDP copies its weights to the others
     model = build_model(args)
-    d = load_data(args, accelerator)
+    d = load_data(args, accelerator, recorded(args.output_dir) if args.resume is not None else None)
     out = make_run_dir(args, accelerator)
     if accelerator.is_main_process and args.resume is None:
+        for stale in ("metrics.jsonl", "best.pt", "summary.json"):  # of a run that stopped in its first epoch
+            (out / stale).unlink(missing_ok=True)
         flags = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         report.write_json(out / "args.json", flags)
         report.write_json(out / "split.json", split_record(args, d))
@@ -333,8 +405,7 @@ def announce(run):
 
 def train(args, build_model):
     started = time.perf_counter()
-    if args.resume is not None:
-        args = resumed_args(args)
+    args = starting_point(args)
     if args.log_with == "tensorboard" and not is_tensorboard_available():
         raise UserError("--log-with tensorboard: tensorboard is not installed (pip install tensorboard)")
     run = setup(args, build_model)
@@ -622,7 +693,11 @@ def evaluate_checkpoint(args, build_model):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"--checkpoint {args.checkpoint}: weights do not fit the model ({e})") from e
-    d = load_data(args, accelerator)
+    run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
+    record = recorded(run_dir)
+    if record is None and accelerator.is_main_process:
+        report.console.print(f"note: no split.json in {run_dir}: the split comes from the flags")
+    d = load_data(args, accelerator, record)
     model = accelerator.prepare(model)
     main = accelerator.is_main_process
     results = {
@@ -646,6 +721,7 @@ def evaluate_checkpoint(args, build_model):
                 "checkpoint": str(args.checkpoint),
                 **model_config(args),
                 "split": split_record(args, d),
+                "split_notes": d.notes,
                 **results,
             },
         )

@@ -51,7 +51,8 @@ def bench_data(args, device):
     parts = {"train": list(range(len(slices))), "val": [], "test": []}
     batches = min(args.batches, len(slices) // args.batch_size - args.warmup)
     rows = []
-    for pipeline, workers in [(p, w) for p in ("decode", "cached") for w in args.workers] + [("device", 0)]:
+    settings = [(p, w) for p in data.PIPELINES for w in (args.workers if p in data.WORKERS else [0])]
+    for pipeline, workers in settings:
         loader = data.loaders(
             parts,
             pipeline,
@@ -331,7 +332,7 @@ def make_parser():
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--models", nargs="+", default=registry.names(), choices=registry.names())
-    p.add_argument("--pipelines", nargs="+", default=["decode", "cached", "device"])
+    p.add_argument("--pipelines", nargs="+", default=list(data.PIPELINES), choices=list(data.PIPELINES))
     p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2], help="bench data: DataLoader workers")
     p.add_argument("--warmup", type=int, default=3, help="steps (batches) not timed")
     p.add_argument("--batches", type=int, default=20, help="steps (batches) timed")

@@ -1,0 +1,86 @@
+"""A run folder is the truth for everything that uses the run: its split.json decides resume and
+evaluation, and running the same command again always makes progress."""
+
+import json
+import shutil
+import sys
+
+import pytest
+from conftest import TINY, run, train
+
+from common.synthetic import write_phantoms
+
+
+@pytest.fixture
+def six(tmp_path):
+    """6 phantom patients (4 train, 1 validate, 1 test with the default fractions)."""
+    return write_phantoms(tmp_path / "data" / "kaggle_3m", patients=6, slices=4, size=64, seed=3)
+
+
+def split_of(folder, name="split.json"):
+    return json.loads((folder / name).read_text())
+
+
+def test_eval_only_uses_the_runs_own_split(six, tmp_path, env):
+    out = tmp_path / "run"
+    train("unet", "--data-dir", str(six), *TINY, "--seed", "5", "--output-dir", str(out), env=env)
+    train("unet", "--data-dir", str(six), "--eval-only", "--checkpoint", str(out / "best.pt"),
+          "--output-dir", str(tmp_path / "eval"), env=env)  # fmt: skip
+    evaluated = split_of(tmp_path / "eval", "eval.json")["split"]
+    assert evaluated["seed"] == 5 and evaluated["test"] == split_of(out)["test"]
+    p = run([sys.executable, "unet/train.py", "--data-dir", str(six), "--eval-only", "--checkpoint", str(out),
+             "--seed", "0"], env)  # fmt: skip
+    assert p.returncode == 2 and p.stderr.startswith("error: --seed 0: the run was split with --seed 5")
+
+
+def test_missing_patients_are_refused_or_with_allow_missing_said(six, tmp_path, env):
+    out = tmp_path / "run"
+    train("unet", "--data-dir", str(six), *TINY, "--epochs", "1", "--output-dir", str(out), env=env)
+    gone = split_of(out)["test"][0]
+    shutil.rmtree(six / gone)
+    for extra in (["--resume", str(out), "--epochs", "2"], ["--eval-only", "--checkpoint", str(out)]):
+        p = run([sys.executable, "unet/train.py", "--data-dir", str(six), *extra], env)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "no longer match the run's split.json" in p.stderr and gone in p.stderr
+    train("unet", "--data-dir", str(six), "--eval-only", "--checkpoint", str(out), "--allow-missing",
+          "--output-dir", str(tmp_path / "eval"), env=env)  # fmt: skip
+    result = split_of(tmp_path / "eval", "eval.json")
+    assert "test" not in result and gone in result["split_notes"][0]  # nothing left to test on, and said
+
+
+def test_resume_keeps_the_split_when_the_data_grow(six, tmp_path, env):
+    out = tmp_path / "run"
+    train("unet", "--data-dir", str(six), *TINY, "--epochs", "1", "--output-dir", str(out), env=env)
+    before = split_of(out)
+    shutil.copytree(six / before["train"][0], six / "TCGA_ZZ_0000_20000101", dirs_exist_ok=True)
+    for f in (six / "TCGA_ZZ_0000_20000101").iterdir():
+        f.rename(f.with_name(f.name.replace(before["train"][0], "TCGA_ZZ_0000_20000101")))
+    p = train("unet", "--resume", str(out), "--epochs", "2", env=env)
+    assert "1 patients in the data are not in split.json: left out" in p.stdout
+    assert split_of(out) == before and json.loads((out / "summary.json").read_text())["split"]["train"] == \
+        before["train_slices"]  # fmt: skip
+
+
+@pytest.mark.parametrize("again", [[], ["--resume"]])
+def test_a_run_stopped_before_its_first_checkpoint_starts_afresh(phantoms, tmp_path, env, again):
+    out = tmp_path / "run"
+    cmd = ["--data-dir", str(phantoms), *TINY, "--output-dir", str(out)]
+    train("unet", *cmd, env=env)
+    for f in ("best.pt", "summary.json"):
+        (out / f).unlink()
+    shutil.rmtree(out / "last")  # as a Ctrl-C, an out-of-memory or a full disk in epoch 1 leaves it
+    p = train("unet", *(cmd if not again else ["--resume", str(out)]), env=env)
+    assert "starting afresh" in p.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and (out / "summary.json").exists()
+
+
+def test_the_same_command_again_resumes_and_other_flags_are_refused(phantoms, tmp_path, env):
+    out = tmp_path / "run"
+    cmd = ["--data-dir", str(phantoms), "--image-size", "64", "--width", "0.125", "--batch-size", "4",
+           "--output-dir", str(out)]  # fmt: skip
+    train("unet", *cmd, "--epochs", "1", env=env)
+    train("unet", *cmd, "--epochs", "1", env=env)  # the same again: resumes, with nothing left to do
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    p = run([sys.executable, "unet/train.py", *cmd, "--epochs", "2"], env)
+    assert p.returncode == 2 and "--epochs 1, not 2: continue it with --resume" in p.stderr
