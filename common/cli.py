@@ -281,6 +281,7 @@ def check(args):
     if args.eval_only:
         need(args.checkpoint is not None, "--checkpoint", "is required with --eval-only")
     if args.checkpoint is not None:
+        need(args.eval_only, "--checkpoint", "only with --eval-only (to continue a run: --resume RUN_DIR)")
         need(args.checkpoint.exists(), "--checkpoint", f"not found: {args.checkpoint}")
     if args.resume is not None:
         need(args.resume.is_dir(), "--resume", f"not a run folder: {args.resume}")

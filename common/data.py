@@ -71,7 +71,9 @@ def discover(data_dir):
         if len(images) == 1:  # volumes have tens of slices: a lone one is what a half-extracted copy leaves
             raise UserError(f"patient folder {folder} holds a single slice: is the copy complete?")
     if not slices:
-        raise UserError(f"no slices in {data_dir}: patient folders hold no <patient>_<n>.tif files")
+        inner = [p / "kaggle_3m" for p in (data_dir, *patients) if (p / "kaggle_3m").is_dir()]
+        hint = f" (did you mean --data-dir {inner[0]}?)" if inner else ""
+        raise UserError(f"no slices in {data_dir}: patient folders hold no <patient>_<n>.tif files{hint}")
     return sorted(slices, key=lambda s: (s.patient, s.n))
 
 

@@ -3,6 +3,7 @@ on_main_first), SIGTERM acted upon together (Preemption), and batch-norm statist
 processes on CPUs too (sync_batchnorm)."""
 
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -13,17 +14,25 @@ from common.errors import UserError
 
 
 class Preemption:
-    """SIGTERM (what Slurm sends before pre-empting a job or at its time limit): noted when it comes,
-    acted upon at the next check, which all processes make together."""
+    """SIGTERM (what Slurm sends before pre-empting a job or at its time limit) and a first Ctrl-C:
+    noted when they come, acted upon at the next check, which all processes make together. A second
+    Ctrl-C stops at once."""
 
     CHECK_EVERY = 10  # steps: a check costs a collective, i.e. a host sync
 
     def __init__(self):
-        self.asked = False
+        self.asked, self.name = False, "SIGTERM"  # name: what asked (another process's signal: SIGTERM)
         signal.signal(signal.SIGTERM, self.note)
+        signal.signal(signal.SIGINT, self.interrupt)
 
     def note(self, *_):
         self.asked = True
+
+    def interrupt(self, *_):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not self.asked:
+            print("Ctrl-C: saving at the next check (Ctrl-C again to stop at once)", file=sys.stderr)
+        self.asked, self.name = True, "Ctrl-C"
 
     def now(self, accelerator):
         if accelerator.num_processes == 1:

@@ -15,6 +15,11 @@ def main(parser, build_model, argv=None):
         from common import loop  # after parsing, so that --help and flag errors stay fast
 
         loop.evaluate_checkpoint(args, build_model) if args.eval_only else loop.train(args, build_model)
+    except KeyboardInterrupt:
+        if "--debug" in argv:
+            raise
+        print("error: interrupted (a second Ctrl-C): the last checkpoint, if any, is kept", file=sys.stderr)
+        sys.exit(130)
     except UserError as e:
         if "--debug" in argv:
             raise

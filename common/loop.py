@@ -422,7 +422,7 @@ def train(args, build_model):
             break
         epoch_stats = train_epoch(run, epoch, preemption)
         if epoch_stats is None:
-            stopped_by = f"SIGTERM at epoch {epoch}, step {run.state.step}"
+            stopped_by = f"{preemption.name} at epoch {epoch}, step {run.state.step}"
             break
         val = {} if args.no_eval else validate(run)
         row = epoch_row(run, epoch, epoch_stats, val)
@@ -431,11 +431,11 @@ def train(args, build_model):
             continue
         checkpoint(run, epoch, val)
         if preemption.now(run.accelerator):
-            stopped_by = f"SIGTERM after epoch {epoch}"
+            stopped_by = f"{preemption.name} after epoch {epoch}"
             break
     if run.tracker:
         run.tracker.finish()
-    if stopped_by and stopped_by.startswith("SIGTERM"):
+    if stopped_by and stopped_by.startswith(preemption.name):
         return pause(run, stopped_by)
     try:  # an error from here on must not cost the training: best.pt, last/ and metrics.jsonl stay
         summary = final_report(run, build_model, stopped_by)
@@ -577,7 +577,7 @@ def checkpoint(run, epoch, val):
 
 
 def pause(run, stopped_by):
-    """SIGTERM: save where the run stands (part-way through an epoch if need be) and stop."""
+    """SIGTERM or Ctrl-C: save where the run stands (part-way through an epoch if need be) and stop."""
     if run.state.step:
         save_last(run.accelerator, run.out)
     if run.main:

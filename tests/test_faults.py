@@ -154,8 +154,8 @@ def test_when_one_process_dies_the_launcher_ends_the_others(phantoms, tmp_path, 
             os.killpg(launcher.pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.4])
-def test_sigterm_saves_where_it_stopped_and_resume_matches(phantoms, tmp_path, env, delay):
+@pytest.mark.parametrize("sig, delay", [(signal.SIGTERM, 0.05), (signal.SIGTERM, 0.4), (signal.SIGINT, 0.05)])
+def test_sigterm_saves_where_it_stopped_and_resume_matches(phantoms, tmp_path, env, sig, delay):
     """Slurm's SIGTERM before pre-emption: the run saves (part-way through an epoch, or after it) and
     exits cleanly; --resume then ends exactly where an uninterrupted run does."""
     flags = ["--data-dir", str(phantoms), *TINY, "--batch-size", "1", "--epochs", "4"]
@@ -173,10 +173,12 @@ def test_sigterm_saves_where_it_stopped_and_resume_matches(phantoms, tmp_path, e
     while not rows(cut) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     time.sleep(delay)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert "stopped by SIGTERM" in out and f"--resume {cut}" in out
+    assert (
+        f"stopped by {'SIGTERM' if sig == signal.SIGTERM else 'Ctrl-C'}" in out and f"--resume {cut}" in out
+    )
     assert not (cut / "summary.json").exists()  # not finished: no summary that could pass for one
     train("unet", "--resume", str(cut), env=env)
     whole, resumed = rows(tmp_path / "whole"), rows(cut)
