@@ -460,6 +460,11 @@ def load_pack(path, cache_dir, size, progress=False):
     )
 
 
+def counts(slices, tumour_pixels):
+    patients, with_tumour = len({s.patient for s in slices}), int((np.asarray(tumour_pixels) > 0).sum())
+    return f"{patients} patients, {len(slices)} slices, {with_tumour} with tumour"
+
+
 def main(argv=None):
     import argparse
 
@@ -490,12 +495,10 @@ def main(argv=None):
                 args.data_dir, args.out, args.cache_dir, args.image_size, int(args.part_size * 2**20)
             )
             print("wrote " + ", ".join(f"{w} ({w.stat().st_size / 2**20:.1f} MiB)" for w in written))
+            print(counts(*open_dataset(args.data_dir, args.cache_dir, args.image_size)[::3]))
         else:
-            slices = load_pack(args.pack, args.cache_dir, args.image_size, progress=True)[0]
-            print(
-                f"unpacked {len(slices)} slices of {len({s.patient for s in slices})} patients "
-                f"into {args.cache_dir}"
-            )
+            slices, _, _, tumour = load_pack(args.pack, args.cache_dir, args.image_size, progress=True)
+            print(f"unpacked into {args.cache_dir}: {counts(slices, tumour)}")
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
