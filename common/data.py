@@ -6,6 +6,7 @@ memory-map it. A DataLoader batch is one fancy-indexing read of that cache; norm
 augmentation then run on the whole batch on the training device.
 """
 
+import errno
 import hashlib
 import json
 import math
@@ -13,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +150,27 @@ def load_cache(slices, data_dir, cache_dir, size, progress=False):
     )
 
 
+def reserve(path):
+    """The file's blocks allocated now: a full disk is an error here, not a SIGBUS later."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without it: nothing reserved
+                raise
+
+
+def remove_orphans(cache_dir):
+    """Temporary cache folders of processes of this machine that are gone (killed while building)."""
+    for tmp in cache_dir.glob(f"lgg-*.tmp-{socket.gethostname()}-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass  # not ours to judge, or alive
+
+
 def build_cache(slices, folder, size, progress):
     from rich.progress import track
 
@@ -159,14 +182,28 @@ def build_cache(slices, folder, size, progress):
 
 def write_cache(folder, n, size, pairs, extra=None):
     """A cache folder of n slices from (image, mask) pairs (and `extra` {file name: text}), written
-    to a temporary name and renamed."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    to a temporary name and renamed. Its space is checked and reserved first: the arrays are
+    memory-mapped, and a page that cannot be backed would kill the process (SIGBUS) with no word."""
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphans(folder.parent)
+        need, free = n * size * size * 4 + 2**20, shutil.disk_usage(folder.parent).free
+    except OSError as e:
+        raise UserError(
+            f"cannot use {folder.parent} as the cache folder (--cache-dir): {e.strerror or e}"
+        ) from e
+    if free < need:
+        raise UserError(
+            f"not enough space for the decoded data in {folder.parent} (--cache-dir): {need / 2**20:.0f} MiB "
+            f"needed, {free / 2**20:.0f} MiB free; point --cache-dir (or $LGG_CACHE_DIR) at a larger disk"
+        )
+    tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size, 3))
         masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, size, size))
+        reserve(tmp / "images.npy"), reserve(tmp / "masks.npy")
         for i, (image, mask) in enumerate(pairs):
             images[i], masks[i] = image, mask
         images.flush(), masks.flush()

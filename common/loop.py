@@ -254,7 +254,16 @@ def save_last(accelerator, out):
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    try:
+        accelerator.save_state(tmp)
+    except (OSError, RuntimeError) as e:  # a full disk: the previous checkpoint stays whole
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = (
+            f"the previous checkpoint is intact in {last}" if last.exists() else "there is no checkpoint yet"
+        )
+        raise UserError(
+            f"cannot write the checkpoint in {out}: {getattr(e, 'strerror', None) or e}; {kept}"
+        ) from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if last.exists():

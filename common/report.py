@@ -18,6 +18,7 @@ from rich.progress import (
 from rich.progress import track as progress_track
 from rich.table import Table
 
+from common.errors import UserError
 from common.metrics import METRICS
 
 console = Console(highlight=False, soft_wrap=True)  # long paths stay on one line in logs
@@ -40,17 +41,24 @@ def tmp_name(path):
 
 
 def write_json(path, obj):
-    path = Path(path)
-    tmp = tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    replace(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 def save_torch(obj, path):
-    path = Path(path)
+    replace(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def replace(path, write):
+    """write(tmp), then tmp renamed to path: the old file stays whole until the new one is. A failed
+    write (a full disk) leaves no hidden temporary file and says so in one line."""
     tmp = tmp_name(path)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        kept = " (the previous one is intact)" if path.exists() else ""
+        raise UserError(f"cannot write {path}{kept}: {getattr(e, 'strerror', None) or e}") from e
 
 
 def append_jsonl(path, row):

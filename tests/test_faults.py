@@ -244,3 +244,61 @@ def test_a_failing_final_evaluation_keeps_the_training_and_resume_finishes_it(ph
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["test"]["dice_patient_lcc_mean"] is not None
     assert len(summary["test"]["per_patient"]) == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB file system (tmpfs), as a nearly full disk or a small quota."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_a_cache_on_a_full_disk_says_so_before_writing(phantoms, small_disk, env):
+    p = run([sys.executable, "unet/train.py", "--data-dir", str(phantoms), *TINY, "--image-size", "256",
+             "--cache-dir", str(small_disk)], env)  # fmt: skip
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "not enough space for the decoded data" in p.stderr and "MiB needed" in p.stderr
+    assert "--cache-dir" in p.stderr and list(small_disk.iterdir()) == []
+
+
+def test_checkpoints_on_a_full_disk_end_in_one_line_and_leave_nothing_hidden(phantoms, small_disk, env):
+    out = small_disk / "run"
+    p = run(
+        [
+            sys.executable,
+            "unet/train.py",
+            "--data-dir",
+            str(phantoms),
+            *TINY,
+            "--width",
+            "1",
+            "--output-dir",
+            str(out),
+        ],
+        env,
+    )  # fmt: skip  (a 34 M-parameter U-Net: 130 MiB of weights)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert (
+        p.stderr.startswith(f"error: cannot write {out / 'best.pt'}")
+        or "cannot write the checkpoint" in p.stderr
+    )
+    assert not [f for f in out.iterdir() if ".tmp" in f.name]
+
+
+def test_temporary_caches_of_dead_processes_are_removed(phantoms, tmp_path):
+    import socket
+
+    host = socket.gethostname()
+    dead = tmp_path / f"lgg-64px-x.tmp-{host}-{2**22 + 12345}"  # above any pid this machine hands out
+    alive = tmp_path / f"lgg-64px-y.tmp-{host}-{os.getpid()}"
+    other = tmp_path / "lgg-64px-z.tmp-another-host-1"
+    for d in (dead, alive, other):
+        d.mkdir()
+    data.load_cache(data.discover(phantoms), phantoms, tmp_path, 48)
+    assert not dead.exists() and alive.exists() and other.exists()
