@@ -34,7 +34,7 @@ PIPELINES = {
     "device": "the whole uint8 cache on the training device; no DataLoader workers",
 }
 WORKERS = ("decode", "cached")  # the pipelines that can use DataLoader workers and pinned memory
-NAME = re.compile(r"^(?P<stem>.+_(?P<n>\d+))(?P<mask>_mask)?\.tif$")
+NAME = re.compile(r"^(?P<stem>(?P<patient>.+)_(?P<n>\d+))(?P<mask>_mask)?\.tif$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,9 @@ def discover(data_dir):
     for folder in patients:
         images, masks = {}, {}
         for f in folder.iterdir():
-            m = NAME.match(f.name)
-            if m and f.name.startswith(folder.name + "_"):
+            if m := NAME.match(f.name):
                 (masks if m["mask"] else images)[m["stem"]] = (int(m["n"]), f)
+        check_names(folder, [f for _, f in (*images.values(), *masks.values())])
         for stem in sorted(set(images) | set(masks)):
             if stem not in masks:
                 raise UserError(f"image without mask: {images[stem][1]} (expected {stem}_mask.tif beside it)")
@@ -79,12 +79,31 @@ def discover(data_dir):
     return sorted(slices, key=lambda s: (s.patient, s.n))
 
 
+def check_names(folder, files):
+    """One patient per folder: slices named after another patient are used, and said; slices of
+    several patients in one folder are an error (which would they be?)."""
+    named = sorted({NAME.match(f.name)["patient"] for f in files})
+    if len(named) > 1:
+        some = ", ".join(named[:3])
+        raise UserError(
+            f"patient folder {folder} holds slices of {len(named)} patients ({some}): one per folder"
+        )
+    if named and named[0] != folder.name and os.environ.get("RANK", "0") == "0":
+        print(
+            f"note: {folder} holds slices named {named[0]}_<n>: used as patient {folder.name}",
+            file=sys.stderr,
+        )
+
+
 def read_tiff(path, modes):
     try:
         with Image.open(path) as im:
             im.load()
             if im.mode not in modes:
                 raise UserError(f"{path}: expected a {'/'.join(modes)} TIFF, got mode {im.mode}")
+            bits = max(getattr(im, "tag_v2", {}).get(258, (8,)) or (8,))
+            if bits > 8:  # PIL would keep only the high byte of each sample
+                raise UserError(f"{path}: {bits}-bit samples; kaggle_3m slices are 8-bit: convert it first")
             return np.array(im.convert(modes[0]))  # a writable copy: torch.from_numpy wants one
     except UserError:
         raise

@@ -312,3 +312,46 @@ def test_a_damaged_pack_is_a_one_line_error(phantoms, tmp_path, env, damage):
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert p.stderr.startswith(f"error: --data-dir {written[0]}")
     assert (part.name in p.stderr) != (damage == "not a pack")
+
+
+def tiff16(path, rgb):
+    """A 16-bit RGB TIFF (PIL reads it as 8-bit RGB, keeping only each sample's high byte)."""
+    import struct
+
+    h, w, _ = rgb.shape
+    pixels = rgb.astype("<u2").tobytes()
+    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, 0), (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, 0),
+            (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(pixels)), (284, 3, 1, 1)]  # fmt: skip
+    bits_at = 8 + 2 + 12 * len(tags) + 4
+    out = bytearray(b"II*\x00" + struct.pack("<IH", 8, len(tags)))
+    for tag, kind, count, value in tags:
+        value = {258: bits_at, 273: bits_at + 6}.get(tag, value)
+        out += struct.pack("<HHII" if kind == 4 or tag in (258, 273) else "<HHIHH", tag, kind, count, value,
+                           *([] if kind == 4 or tag in (258, 273) else [0]))  # fmt: skip
+    path.write_bytes(bytes(out + struct.pack("<I3H", 0, 16, 16, 16) + pixels))
+
+
+def test_no_slice_is_dropped_or_degraded_in_silence(phantoms, tmp_path, capfd):
+    root = tmp_path / "kaggle_3m"
+    shutil.copytree(phantoms, root)
+    first, second = sorted(p for p in root.iterdir())[:2]
+    for f in first.iterdir():  # upper-case suffixes, as some copies have them
+        f.rename(f.with_name(f.name.replace(".tif", ".TIF")))
+    renamed = second.with_name("TCGA_XX_0000_19990101")  # a folder renamed, its files not
+    second.rename(renamed)
+    slices = data.discover(root)
+    assert (
+        sum(s.patient == first.name for s in slices) == 6
+        and sum(s.patient == renamed.name for s in slices) == 6
+    )
+    assert f"used as patient {renamed.name}" in capfd.readouterr().err
+    stray = next(renamed.iterdir())
+    shutil.copy(stray, renamed / stray.name.replace(second.name, "TCGA_YY_0000_19990101"))
+    with pytest.raises(UserError, match="holds slices of 2 patients"):
+        data.discover(root)
+
+
+def test_a_16_bit_tiff_is_refused_not_truncated(tmp_path):
+    tiff16(tmp_path / "x_1.tif", np.full((8, 8, 3), 40000, np.uint16))
+    with pytest.raises(UserError, match="16-bit samples"):
+        data.read_tiff(tmp_path / "x_1.tif", ("RGB",))
