@@ -160,13 +160,25 @@ def load_cache(slices, data_dir, cache_dir, size, progress=False):
     """Decoded arrays for `slices` (images, masks memory-mapped; tumour pixels per slice), from the
     cache; built first if absent or stale."""
     folder = Path(cache_dir) / f"lgg-{size}px-{cache_key(slices, data_dir, size)}"
-    if not (folder / "meta.json").is_file():
-        build_cache(slices, folder, size, progress)
-    return (
+    if (folder / "meta.json").is_file():
+        try:
+            return open_cache(folder, len(slices), size)
+        except (OSError, ValueError):  # arrays damaged after the cache was complete: build it again
+            shutil.rmtree(folder, ignore_errors=True)
+    build_cache(slices, folder, size, progress)
+    return open_cache(folder, len(slices), size)
+
+
+def open_cache(folder, n, size):
+    """The cache's arrays, memory-mapped, checked to be whole (a truncated file maps short)."""
+    images, masks = (
         np.load(folder / "images.npy", mmap_mode="r"),
         np.load(folder / "masks.npy", mmap_mode="r"),
-        np.load(folder / "tumour_pixels.npy"),
     )
+    tumour = np.load(folder / "tumour_pixels.npy")
+    if images.shape != (n, size, size, 3) or masks.shape != (n, size, size) or tumour.shape != (n,):
+        raise ValueError(f"{folder}: arrays of another shape")
+    return images, masks, tumour
 
 
 def reserve(path):

@@ -5,6 +5,7 @@ Run folder: args.json, split.json, metrics.jsonl (a line per epoch), summary.jso
 of the best epoch) and last/ (Accelerate state of the last epoch, for --resume).
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -201,8 +202,26 @@ def make_run_dir(args, accelerator, tag=""):
             )
     out = Path(main_value(accelerator, str(out)))
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".write-check").touch()  # before the work whose results it will hold
+            (out / ".write-check").unlink()
+        except OSError as e:
+            raise UserError(f"--output-dir {out}: cannot write there ({e.strerror or e})") from e
     return out
+
+
+def lock(out):
+    """The run folder, for this run only: a second process training it (a second --resume, the same
+    command twice) would interleave epochs in metrics.jsonl. Held until the process ends."""
+    handle = open(out / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        raise UserError(
+            f"--output-dir {out}: another process is training this run (its .lock is held)"
+        ) from e
+    return handle
 
 
 def has_checkpoint(folder):
@@ -343,6 +362,7 @@ class Run:
     out: Path
     tracker: object
     n_params: int
+    lock: object  # the run folder's lock (main process)
 
     @property
     def main(self):
@@ -364,6 +384,7 @@ def setup(args, build_model):
     model = build_model(args)
     d = load_data(args, accelerator, recorded(args.output_dir) if args.resume is not None else None)
     out = make_run_dir(args, accelerator)
+    held = lock(out) if accelerator.is_main_process else None
     if accelerator.is_main_process and args.resume is None:
         for stale in ("metrics.jsonl", "best.pt", "summary.json"):  # of a run that stopped in its first epoch
             (out / stale).unlink(missing_ok=True)
@@ -380,7 +401,7 @@ def setup(args, build_model):
     state = RunState()
     accelerator.register_for_checkpointing(state)
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    run = Run(args, accelerator, model, optimizer, tuple(loaders), d, state, out, None, n_params)
+    run = Run(args, accelerator, model, optimizer, tuple(loaders), d, state, out, None, n_params, held)
     if args.resume is not None:
         load_last(run)
     run.tracker = open_tracker(args, out, accelerator)
@@ -707,6 +728,7 @@ def evaluate_checkpoint(args, build_model):
     if record is None and accelerator.is_main_process:
         report.console.print(f"note: no split.json in {run_dir}: the split comes from the flags")
     d = load_data(args, accelerator, record)
+    out = make_run_dir(args, accelerator, tag="-eval")  # before the work: a folder we cannot write fails now
     model = accelerator.prepare(model)
     main = accelerator.is_main_process
     results = {
@@ -722,7 +744,6 @@ def evaluate_checkpoint(args, build_model):
         for name, dl in d.loaders.items()
         if dl is not None and name != "train"
     }
-    out = make_run_dir(args, accelerator, tag="-eval")
     if main:
         report.write_json(
             out / "eval.json",

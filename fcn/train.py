@@ -7,7 +7,11 @@ The original study started from ImageNet weights: pass torchvision's vgg16_bn we
 file with --pretrained (width 1.0); without it the encoder is randomly initialised (no download).
 """
 
+import sys
 from pathlib import Path
+
+# the code beside this script, not that of another checkout `pip install -e` may have registered
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import make_parser
 from common.entry import main

@@ -5,6 +5,12 @@ or on phantoms with --synthetic. Trained from scratch, as in the original study.
     accelerate launch --config_file accelerate_configs/4gpu.yaml segnet/train.py --data-dir data/kaggle_3m
 """
 
+import sys
+from pathlib import Path
+
+# the code beside this script, not that of another checkout `pip install -e` may have registered
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from common.cli import make_parser
 from common.entry import main
 from segnet.model import SegNet

@@ -57,6 +57,17 @@ def test_a_cache_without_its_completion_mark_is_rebuilt(phantoms, tmp_path):
     assert masks.shape == (len(slices), 64, 64) and (folder / "meta.json").exists()
 
 
+def test_a_complete_cache_with_a_damaged_array_is_rebuilt(phantoms, tmp_path):
+    slices = data.discover(phantoms)
+    images, _, _ = data.load_cache(slices, phantoms, tmp_path, 64)
+    expected = np.array(images)
+    (folder,) = tmp_path.iterdir()
+    with open(folder / "images.npy", "r+b") as f:  # a disk error, a copy cut short
+        f.truncate(1000)
+    images, _, _ = data.load_cache(slices, phantoms, tmp_path, 64)
+    assert np.array_equal(images, expected)
+
+
 def build(args):
     slices = data.discover(args[0])
     images, masks, _ = data.load_cache(slices, *args, 64)

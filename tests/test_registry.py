@@ -166,3 +166,12 @@ def test_a_fourth_model_folder_is_all_it_takes(copy):
     )
     assert (root.parent / "cmp" / "tiny" / "summary.json").exists()
     assert not (root.parent / "cmp" / "unet").exists()
+
+
+def test_a_script_runs_the_code_beside_it_not_the_installed_checkout(copy):
+    root, env, _ = copy
+    cli = root / "common" / "cli.py"
+    cli.write_text(cli.read_text().replace("DataLoader workers per process", "WORKERS OF THE COPY"))
+    bare = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # the installed checkout is another one
+    p = sh([sys.executable, str(root / "unet" / "train.py"), "--help"], root.parent, bare)
+    assert "WORKERS OF THE COPY" in p.stdout

@@ -84,3 +84,48 @@ def test_the_same_command_again_resumes_and_other_flags_are_refused(phantoms, tm
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     p = run([sys.executable, "unet/train.py", *cmd, "--epochs", "2"], env)
     assert p.returncode == 2 and "--epochs 1, not 2: continue it with --resume" in p.stderr
+
+
+def test_one_process_at_a_time_trains_a_run_folder(phantoms, tmp_path, env):
+    import subprocess
+    import time
+
+    from conftest import ROOT
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "unet/train.py", "--data-dir", str(phantoms), *TINY, "--epochs", "50",
+           "--batch-size", "1", "--output-dir", str(out)]  # fmt: skip
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 120
+        while not (out / "split.json").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.1)
+        p = run(cmd, env)
+        assert p.returncode == 2 and "another process is training this run" in p.stderr, p.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_more_bad_input_is_one_line(phantoms, tmp_path, env):
+    p = run(
+        [sys.executable, "unet/train.py", "--data-dir", str(phantoms), *TINY, "--encoder", "no-such-net"], env
+    )
+    assert p.returncode == 2 and p.stderr.startswith("error: --encoder no-such-net"), p.stderr
+    p = run(
+        [sys.executable, "unet/train.py", "--data-dir", str(phantoms), "--checkpoint", str(phantoms)], env
+    )
+    assert p.returncode == 2 and "only with --eval-only" in p.stderr
+    out = tmp_path / "run"
+    train("fcn", "--data-dir", str(phantoms), *TINY, "--no-eval", "--output-dir", str(out), env=env)
+    (tmp_path / "a-file").write_text("")
+    p = run([sys.executable, "-m", "tools.predict", "--checkpoint", str(out), "--data-dir", str(phantoms),
+             "--output-dir", str(tmp_path / "a-file")], env)  # fmt: skip
+    assert p.returncode == 2 and p.stderr.startswith("error: --output-dir"), p.stderr
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "summary.json").write_text("{not json")
+    p = run([sys.executable, "-m", "tools.results", str(out), str(tmp_path / "odd"), "--output-dir",
+             str(tmp_path / "tables")], env)  # fmt: skip
+    assert p.returncode == 0 and "left out" in p.stderr and (tmp_path / "tables" / "curves-fcn.png").exists()

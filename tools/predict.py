@@ -172,6 +172,8 @@ def run(args):
     import matplotlib
 
     matplotlib.use("Agg")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UserError(f"--output-dir {args.output_dir}: exists and is not a folder")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     found = find_slices(args.data_dir)
     models = [load_model(c, device) for c in args.checkpoint]

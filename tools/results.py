@@ -104,11 +104,12 @@ def curves(path, model, runs):
         rows = report.read_jsonl(run / "metrics.jsonl")
         epochs = [r["epoch"] for r in rows]
         (line,) = ax_loss.plot(epochs, [r["train_loss"] for r in rows], label=f"{run.name} train")
-        ax_loss.plot(
-            epochs, [r["val_loss"] for r in rows], "--", color=line.get_color(), label=f"{run.name} val"
+        val_loss, val_dice = (
+            [float("nan") if r.get(k) is None else r[k] for r in rows] for k in ("val_loss", "val_dice")
         )
-        ax_dice.plot(epochs, [r["val_dice"] for r in rows], color=line.get_color(), label=run.name)
-    ax_loss.set(title=f"{model}: loss (BCE + soft Dice)", xlabel="epoch")
+        ax_loss.plot(epochs, val_loss, "--", color=line.get_color(), label=f"{run.name} val")
+        ax_dice.plot(epochs, val_dice, color=line.get_color(), label=run.name)  # NaN: a --no-eval run
+    ax_loss.set(title=f"{model}: training loss", xlabel="epoch")
     ax_dice.set(title=f"{model}: validation Dice", xlabel="epoch", ylim=(0, 1))
     ax_loss.legend(fontsize=7), ax_dice.legend(fontsize=7)
     fig.tight_layout()
@@ -252,8 +253,13 @@ def main(argv=None):
         for path in written:
             report.console.print(f"wrote {path}")
         return 0
-    runs = find_runs(args.runs)
-    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+    runs, summaries = [], []
+    for run in find_runs(args.runs):  # one odd folder costs its own line, not the table
+        try:
+            summaries.append(json.loads((run / "summary.json").read_text()))
+            runs.append(run)
+        except (OSError, ValueError) as e:
+            print(f"note: {run} left out: its summary.json cannot be read ({e})", file=sys.stderr)
     written += [args.output_dir / "results.md", args.output_dir / "results.csv"]
     written[-2].write_text(markdown(runs, summaries))
     write_csv(written[-1], runs, summaries)

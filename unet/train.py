@@ -8,6 +8,12 @@ with --encoder, segmentation-models-pytorch's U-Net on that encoder (resnet34, o
 such as tu-convnext_tiny), randomly initialised: nothing is downloaded.
 """
 
+import sys
+from pathlib import Path
+
+# the code beside this script, not that of another checkout `pip install -e` may have registered
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from common.cli import make_parser
 from common.entry import main
 from common.errors import UserError
@@ -24,7 +30,12 @@ def build_model(args):
             raise UserError(
                 f"--encoder needs segmentation-models-pytorch ({e}): pip install segmentation-models-pytorch"
             ) from e
-        return smp.Unet(args.encoder, encoder_weights=None, in_channels=3, classes=1)
+        try:
+            return smp.Unet(args.encoder, encoder_weights=None, in_channels=3, classes=1)
+        except (KeyError, ValueError) as e:
+            raise UserError(
+                f"--encoder {args.encoder}: not an encoder segmentation-models-pytorch knows"
+            ) from e
     return UNet(in_channels=3, out_channels=1, width=args.width)
 
 
