@@ -377,42 +377,28 @@ def figures(out, names, per_patient, runs):
 
 
 def prediction_figure(out, names, runs):
-    """The three models on the same test slices: a large tumour, a small one, an empty slice."""
+    """The models on the same test slices (a large tumour, a small one, an empty slice), at the
+    runs' image size, from the data as the runs saw them (a kaggle_3m folder or a pack)."""
     import torch
-    from PIL import Image
 
     from common import data
     from tools import predict
 
     args = runs[names[0]][0]
     test = set(runs[names[0]][2]["test"])
-    found = [s for s in data.discover(Path(args["data_dir"])) if s.patient in test]
-    images, truths = zip(*(predict.read(s.image, s.mask) for s in found))
-    flairs = [im[..., 1] for im in images]
+    slices, images, masks, _ = data.open_dataset(
+        Path(args["data_dir"]), Path(args["cache_dir"]), args["image_size"]
+    )
+    index = [i for i, s in enumerate(slices) if s.patient in test]
+    flairs, truths = [images[i][..., 1] for i in index], [masks[i] > 0 for i in index]
     picks = predict.choose(truths, flairs)
+    batch = np.stack([images[index[k]] for k in picks])
     preds = {}
     for n in names:
-        model, cfg = predict.load_model(out / n / "best.pt", torch.device("cpu"))
-        size = (cfg["image_size"],) * 2
-        masks = predict.predict(
-            model,
-            np.stack([data.resize(images[i], size, Image.BILINEAR) for i in picks]),
-            torch.device("cpu"),
-        )
-        full = {
-            i: data.resize(m.astype(np.uint8), images[i].shape[:2], Image.NEAREST) > 0
-            for i, m in zip(picks, masks)
-        }
-        preds[title(n)] = [full.get(i, np.zeros(images[i].shape[:2], bool)) for i in range(len(images))]
-    predict.comparison_figure(
-        out / "predictions.png",
-        [s.image.stem for s in found],
-        flairs,
-        truths,
-        preds,
-        [title(n) for n in names],
-        picks,
-    )
+        model, _ = predict.load_model(out / n / "best.pt", torch.device("cpu"))
+        preds[title(n)] = dict(zip(picks, predict.predict(model, batch, torch.device("cpu"))))
+    names_shown = [f"{slices[i].patient}_{slices[i].n}" for i in index]
+    predict.comparison_figure(out / "predictions.png", names_shown, flairs, truths, preds, list(preds), picks)
 
 
 def main(argv=None):
