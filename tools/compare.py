@@ -303,6 +303,16 @@ def markdown(summary, paired, original, runs):
         COLUMNS,
         "|---" * COLUMNS.count(" | ") + "|---|",
         *[model_row(s) for s in summary],
+    ]
+    if paired:
+        lines += paired_section(paired)
+    if original:
+        lines += original_section(original, runs)
+    return "\n".join(lines) + "\n"
+
+
+def paired_section(paired):
+    lines = [
         "",
         "## Paired comparison (per-patient Dice, same test patients)",
         "",
@@ -314,10 +324,7 @@ def markdown(summary, paired, original, runs):
             f"| {title(p['a'])} - {title(p['b'])} | {p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, "
             f"{p['ci_high']:+.3f}] | {fmt(p['wilcoxon_p'], '{:.3g}')} | {p['wins']} / {p['losses']} |"
         )
-    lines += ["", *[f"- {verdict(p)}" for p in paired]]
-    if original:
-        lines += original_section(original, runs)
-    return "\n".join(lines) + "\n"
+    return lines + ["", *[f"- {verdict(p)}" for p in paired]]
 
 
 def original_section(original, runs):
