@@ -42,6 +42,10 @@ def test_verdict_claims_no_more_than_the_statistics():
     assert compare.verdict(shown).startswith("U-Net scores higher than FCN-8s")
     assert "no difference shown" in compare.verdict({**shown, "ci_low": -0.01, "wilcoxon_p": 0.3})
     assert "not shown" in compare.verdict({**shown, "wilcoxon_p": 0.2})
+    p03 = {**shown, "wilcoxon_p": 0.03}  # below 0.05, above 0.05 / 3: shown for one pair, not among three
+    assert "scores higher" in compare.verdict(p03) and "not shown" in compare.verdict(p03, pairs=3)
+    flipped = {**shown, "a": "fcn", "b": "unet", "mean_diff": -0.05, "ci_low": -0.09, "ci_high": -0.01}
+    assert compare.verdict(flipped).startswith("U-Net scores higher than FCN-8s on these patients, by 0.050")
 
 
 @pytest.fixture(scope="module")

@@ -235,22 +235,25 @@ def fmt(v, f="{:.3f}"):
     return "-" if v is None else f.format(v)
 
 
-def verdict(p):
-    """One sentence on a pair, no stronger than its interval and test allow."""
-    a, b, d = title(p["a"]), title(p["b"]), p["mean_diff"]
-    interval = f"mean {d:+.3f}, 95 % interval {p['ci_low']:+.3f} to {p['ci_high']:+.3f}"
-    test = f"Wilcoxon p = {fmt(p['wilcoxon_p'], '{:.3g}')}"
+def verdict(p, pairs=1):
+    """One sentence on a pair, no stronger than its interval and test allow: a model is called
+    better only where the paired interval excludes 0 and Wilcoxon's p is below 0.05 / pairs
+    (Bonferroni, for the several pairs tested on the same patients)."""
+    d, level = p["mean_diff"], 0.05 / pairs
+    better, worse, sign = (p["a"], p["b"], 1) if d > 0 else (p["b"], p["a"], -1)
+    low, high = sorted((sign * p["ci_low"], sign * p["ci_high"]))
+    by = f"by {abs(d):.3f} Dice per patient on average, 95 % interval {low:+.3f} to {high:+.3f}"
+    test = f"Wilcoxon p = {fmt(p['wilcoxon_p'], '{:.3g}')}, threshold {level:.3g}"
     excludes_zero = p["ci_low"] > 0 or p["ci_high"] < 0
-    significant = p["wilcoxon_p"] is not None and p["wilcoxon_p"] < 0.05
-    better, worse = (a, b) if d > 0 else (b, a)
+    significant = p["wilcoxon_p"] is not None and p["wilcoxon_p"] < level
     if excludes_zero and significant:
-        return f"{better} scores higher than {worse} on these patients ({interval}; {test})."
+        return f"{title(better)} scores higher than {title(worse)} on these patients, {by} ({test})."
     if excludes_zero or significant:
         return (
-            f"{better} tends to score higher than {worse}, but the interval and the rank test disagree "
-            f"({interval}; {test}): not shown."
+            f"{title(better)} tends to score higher than {title(worse)} ({by}; {test}), but the interval "
+            "and the rank test disagree: not shown."
         )
-    return f"{a} and {b}: no difference shown ({interval}; {test})."
+    return f"{title(p['a'])} and {title(p['b'])}: no difference shown ({by} for {title(better)}; {test})."
 
 
 PROTOCOL = (
@@ -258,7 +261,9 @@ PROTOCOL = (
     "patient's volume, mean and median over patients with percentile-bootstrap 95 % intervals (10,000 "
     "resamples of patients). Pooled: over all test pixels. mIoU+bg: mean of background and tumour IoU "
     "(background IoU ~0.99), pooled, and by the original's per-batch protocol. HD95 in voxels of the run's "
-    "image size, over patients with tumour in both truth and prediction."
+    "image size, over patients with tumour in both truth and prediction. A model is called better than "
+    "another only where the paired bootstrap interval of their per-patient Dice difference excludes 0 "
+    "and Wilcoxon's signed-rank p is below 0.05 divided by the number of pairs (Bonferroni)."
 )
 COLUMNS = (
     "| model | params | epochs (best) | training | img/s | Dice per patient, mean [95 % CI] "
@@ -324,7 +329,7 @@ def paired_section(paired):
             f"| {title(p['a'])} - {title(p['b'])} | {p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, "
             f"{p['ci_high']:+.3f}] | {fmt(p['wilcoxon_p'], '{:.3g}')} | {p['wins']} / {p['losses']} |"
         )
-    return lines + ["", *[f"- {verdict(p)}" for p in paired]]
+    return lines + ["", *[f"- {verdict(p, len(paired))}" for p in paired]]
 
 
 def original_section(original, runs):
