@@ -242,18 +242,18 @@ def verdict(p, pairs=1):
     d, level = p["mean_diff"], 0.05 / pairs
     better, worse, sign = (p["a"], p["b"], 1) if d > 0 else (p["b"], p["a"], -1)
     low, high = sorted((sign * p["ci_low"], sign * p["ci_high"]))
-    by = f"by {abs(d):.3f} Dice per patient on average, 95 % interval {low:+.3f} to {high:+.3f}"
+    by = f"by {abs(d):.3f} Dice per patient on average (95 % interval {low:+.3f} to {high:+.3f})"
     test = f"Wilcoxon p = {fmt(p['wilcoxon_p'], '{:.3g}')}, threshold {level:.3g}"
     excludes_zero = p["ci_low"] > 0 or p["ci_high"] < 0
     significant = p["wilcoxon_p"] is not None and p["wilcoxon_p"] < level
     if excludes_zero and significant:
-        return f"{title(better)} scores higher than {title(worse)} on these patients, {by} ({test})."
+        return f"{title(better)} scores higher than {title(worse)} on these patients, {by}; {test}."
     if excludes_zero or significant:
         return (
-            f"{title(better)} tends to score higher than {title(worse)} ({by}; {test}), but the interval "
+            f"{title(better)} tends to score higher than {title(worse)}, {by}; {test}; but the interval "
             "and the rank test disagree: not shown."
         )
-    return f"{title(p['a'])} and {title(p['b'])}: no difference shown ({by} for {title(better)}; {test})."
+    return f"{title(p['a'])} and {title(p['b'])}: no difference shown ({title(better)} ahead {by}; {test})."
 
 
 PROTOCOL = (
