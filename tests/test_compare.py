@@ -95,9 +95,9 @@ def test_the_comparison_writes_its_folder(comparison):
     assert len(split["test"]) == 2 and len(split["val"]) == 1 and split["split"] == "patient"
     rows = compare.read_csv(out / "per-patient.csv")
     assert sorted({r["patient"] for r in rows}) == split["test"]
-    assert [r["model"] for r in compare.read_csv(out / "summary.csv")] == ["unet", "fcn", "segnet"]
+    assert [r["model"] for r in compare.read_csv(out / "summary.csv")] == ["fcn", "segnet", "unet"]  # folder order
     text = (out / "comparison.md").read_text()
-    assert "U-Net - FCN-8s" in text and "slice split" in text
+    assert "FCN-8s - U-Net" in text and "slice split" in text
 
 
 def test_summary_csv_is_recomputed_from_per_patient_csv(comparison):
