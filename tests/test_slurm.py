@@ -113,4 +113,4 @@ def test_a_job_array_then_the_table_is_the_comparison(slurm, tmp_path):
         text=True,
     )
     assert p.returncode == 0, p.stderr
-    assert (out / "comparison.md").exists() and "U-Net - FCN-8s" in (out / "comparison.md").read_text()
+    assert (out / "comparison.md").exists() and "FCN-8s - U-Net" in (out / "comparison.md").read_text()
