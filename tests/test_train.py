@@ -146,7 +146,7 @@ def test_two_gloo_processes_through_accelerate_launch(phantoms, tmp_path, env):
         (["--bogus"], "--bogus"),
         (["--split", "volume"], "--split"),
         (["--eval-only"], "--checkpoint"),
-        (["--checkpoint", "nowhere.pt"], "nowhere.pt"),
+        (["--eval-only", "--checkpoint", "nowhere.pt"], "nowhere.pt"),
         (["--data-dir", "no/such/folder"], "no/such/folder"),
         (["--output-dir", "README.md"], "--output-dir"),
         (["--eval-only", "--checkpoint", "README.md"], "not a checkpoint"),
