@@ -95,7 +95,11 @@ def test_the_comparison_writes_its_folder(comparison):
     assert len(split["test"]) == 2 and len(split["val"]) == 1 and split["split"] == "patient"
     rows = compare.read_csv(out / "per-patient.csv")
     assert sorted({r["patient"] for r in rows}) == split["test"]
-    assert [r["model"] for r in compare.read_csv(out / "summary.csv")] == ["fcn", "segnet", "unet"]  # folder order
+    assert [r["model"] for r in compare.read_csv(out / "summary.csv")] == [
+        "fcn",
+        "segnet",
+        "unet",
+    ]  # folder order
     text = (out / "comparison.md").read_text()
     assert "FCN-8s - U-Net" in text and "slice split" in text
 

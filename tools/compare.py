@@ -340,14 +340,14 @@ def original_section(original, runs):
         "U-Net with the slices of every patient shuffled into train / validation / test (`--split slice`, "
         "the original's leak), against the same U-Net on the patient split.",
         "",
-        "| run | split | val mIoU+bg per batch | test mIoU+bg per batch | test pooled mIoU+bg | test Dice |",
-        "|---|---|---|---|---|---|",
+        "| run | split | epochs | validation: mIoU+bg per batch / pooled, Dice "
+        "| test: mIoU+bg per batch / pooled, Dice |",
+        "|---|---|---|---|---|",
     ]
     for name, (args, s, _) in [(n, runs[n]) for n in ("unet",) if n in runs] + list(original.items()):
-        lines.append(
-            f"| {title(name)} | {args['split']} | {fmt(s['best_val']['miou_bg_seed'])} "
-            f"| {fmt(s['test']['miou_bg_seed'])} | {fmt(s['test']['miou_bg'])} | {fmt(s['test']['dice'])} |"
-        )
+        scores = [" / ".join(fmt(s[key][m]) for m in ("miou_bg_seed", "miou_bg")) + f", {fmt(s[key]['dice'])}"
+                  for key in ("best_val", "test")]  # fmt: skip
+        lines.append(f"| {title(name)} | {args['split']} | {s['epochs']} | {scores[0]} | {scores[1]} |")
     return lines
 
 
