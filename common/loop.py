@@ -378,9 +378,8 @@ def make_optimizer(args, model):
 def setup(args, build_model):
     """Processes, model, data, run folder, optimiser; the last checkpoint loaded with --resume."""
     accelerator = make_accelerator(args)
-    set_seed(
-        args.seed, device_specific=True
-    )  # rank 0 = a 1-process run; DDP copies its weights to the others
+    # rank 0 draws what a 1-process run draws; DDP copies its weights to the others
+    set_seed(args.seed, device_specific=True)
     model = build_model(args)
     d = load_data(args, accelerator, recorded(args.output_dir) if args.resume is not None else None)
     out = make_run_dir(args, accelerator)
