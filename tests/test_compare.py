@@ -48,33 +48,20 @@ def test_verdict_claims_no_more_than_the_statistics():
     assert compare.verdict(flipped).startswith("U-Net scores higher than FCN-8s on these patients, by 0.050")
 
 
-@pytest.fixture(scope="module")
-def comparison(tmp_path_factory):
-    """The comparison command on 10 phantom patients (7 train, 1 validate, 2 test), tiny models."""
-    root = tmp_path_factory.mktemp("compare")
+def compare_in(root, *flags):
+    """tools.compare on 10 phantom patients (7 train, 1 validate, 2 test) in root, tiny models."""
     data = write_phantoms(root / "kaggle_3m", patients=10, slices=4, size=64, seed=2)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")},
-        "LGG_CACHE_DIR": str(root / "cache"),
-    }
-    p = run(
-        [
-            sys.executable,
-            "-m",
-            "tools.compare",
-            "--output-dir",
-            str(root / "cmp"),
-            "--original",
-            "--",
-            "--data-dir",
-            str(data),
-            *TINY,
-        ],
-        env,
-        timeout=600,
-    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env["LGG_CACHE_DIR"] = str(root / "cache")
+    cmd = [sys.executable, "-m", "tools.compare", "--output-dir", str(root / "cmp"), *flags]
+    p = run([*cmd, "--", "--data-dir", str(data), *TINY], env, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     return root / "cmp", env
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    return compare_in(tmp_path_factory.mktemp("compare"), "--original")
 
 
 def test_the_comparison_writes_its_folder(comparison):
@@ -147,31 +134,7 @@ def test_table_only_refuses_runs_tested_on_other_patients(comparison, tmp_path):
 
 
 def test_the_comparison_through_accelerate_launch(tmp_path):
-    data = write_phantoms(tmp_path / "kaggle_3m", patients=10, slices=4, size=64, seed=2)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")},
-        "LGG_CACHE_DIR": str(tmp_path / "cache"),
-    }
     launch = f"{sys.executable} -m accelerate.commands.launch --config_file accelerate_configs/cpu2.yaml"
-    p = run(
-        [
-            sys.executable,
-            "-m",
-            "tools.compare",
-            "--output-dir",
-            str(tmp_path / "cmp"),
-            "--models",
-            "fcn",
-            "--launch",
-            launch,
-            "--",
-            "--data-dir",
-            str(data),
-            *TINY,
-        ],
-        env,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stdout + p.stderr
-    (row,) = compare.read_csv(tmp_path / "cmp" / "summary.csv")
+    out, _ = compare_in(tmp_path, "--models", "fcn", "--launch", launch)
+    (row,) = compare.read_csv(out / "summary.csv")
     assert row["model"] == "fcn" and row["world_size"] == 2 and row["test_patients"] == 2
