@@ -520,12 +520,7 @@ def load_pack(path, cache_dir, size, progress=False):
         )
         write_cache(folder, len(images), size, pairs, {"index.json": index})
     slices = [Slice(patient, n, None, None) for patient, n in json.loads((folder / "index.json").read_text())]
-    return (
-        slices,
-        np.load(folder / "images.npy", mmap_mode="r"),
-        np.load(folder / "masks.npy", mmap_mode="r"),
-        np.load(folder / "tumour_pixels.npy"),
-    )
+    return slices, *open_cache(folder, len(slices), size)
 
 
 def counts(slices, tumour_pixels):
