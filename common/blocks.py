@@ -16,12 +16,12 @@ def conv_bn_relu(cin, cout):
     )
 
 
-def vgg16_bn_stages(width=1.0, weights_path=None):
+def vgg16_bn_stages(width=1.0, weights_path=None, in_channels=3):
     """The 13 conv-BN-ReLU layers of torchvision's VGG16-BN, cut into its 5 pooling stages
     (the pools themselves are left to the caller: FCN pools plainly, SegNet keeps the indices).
 
     weights_path: a local torchvision `vgg16_bn` state dict (ImageNet weights), width 1.0 only;
-    nothing is ever downloaded.
+    nothing is ever downloaded. in_channels other than 3 (--context) replace the first convolution.
     """
     cfg = [v if v == "M" else scaled(v, width) for v in vgg.cfgs["D"]]
     features = vgg.make_layers(cfg, batch_norm=True)
@@ -31,6 +31,10 @@ def vgg16_bn_stages(width=1.0, weights_path=None):
         full = vgg.vgg16_bn(weights=None)
         full.load_state_dict(vgg_state_dict(weights_path))
         features = full.features
+    if in_channels != 3:
+        if weights_path is not None:
+            raise ValueError("pretrained VGG16-BN weights take 3 input channels: --context needs them off")
+        features[0] = nn.Conv2d(in_channels, features[0].out_channels, 3, padding=1)
     stages, layers = [], []
     for m in features:
         if isinstance(m, nn.MaxPool2d):
@@ -44,3 +48,21 @@ def vgg16_bn_stages(width=1.0, weights_path=None):
 def vgg_state_dict(path):
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("state_dict", state)
+
+
+class Averaged(nn.Module):
+    """Several networks (an ensemble) and/or each slice with its mirror image (test-time
+    augmentation) as one network: the logit of their mean probability, so that what follows (the
+    threshold at 0, the loss, the metrics) stays as it is for one network."""
+
+    def __init__(self, models, mirror=False):
+        super().__init__()
+        self.models, self.mirror = nn.ModuleList(models), mirror
+
+    def forward(self, x):
+        probs = []
+        for model in self.models:
+            probs.append(torch.sigmoid(model(x).float()))
+            if self.mirror:  # left-right: the training flips do the same, and brains are near-symmetric
+                probs.append(torch.sigmoid(model(x.flip(-1)).float()).flip(-1))
+        return torch.logit(torch.stack(probs).mean(0), eps=1e-6)

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from common import data
+from common import pipelines
 from common.errors import UserError
 
 
@@ -78,22 +78,29 @@ def data_flags(p):
     )
     d.add_argument("--fold", type=int, default=0, help="with --folds: the fold that validates")
     d.add_argument(
+        "--context",
+        type=int,
+        default=0,
+        help="2.5-D: feed each slice with its K neighbours on each side (same patient; edges repeated) "
+        "as extra input channels, 3 x (2K + 1) in all",
+    )
+    d.add_argument(
         "--data-pipeline",
-        choices=tuple(data.PIPELINES),
+        choices=tuple(pipelines.PIPELINES),
         default="cached",
-        help="; ".join(f"{k}: {v}" for k, v in data.PIPELINES.items()),
+        help="; ".join(f"{k}: {v}" for k, v in pipelines.PIPELINES.items()),
     )
     d.add_argument(
         "--num-workers",
         type=int,
         default=0,
-        help=f"DataLoader workers per process ({', '.join(data.WORKERS)})",
+        help=f"DataLoader workers per process ({', '.join(pipelines.WORKERS)})",
     )
     d.add_argument(
         "--pin-memory",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"pinned host memory for batches ({', '.join(data.WORKERS)}); default: on with CUDA",
+        help=f"pinned host memory for batches ({', '.join(pipelines.WORKERS)}); default: on with CUDA",
     )
 
 
@@ -122,6 +129,13 @@ def training_flags(p):
     t.add_argument("--lr", type=float, default=1e-4, help="learning rate")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument(
+        "--schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="cosine: linear warm-up over --warmup of the steps, then a cosine decay to 0, per step",
+    )
+    t.add_argument("--warmup", type=float, default=0.05, help="with --schedule cosine: share of the steps")
+    t.add_argument(
         "--loss",
         choices=("bce+dice", "bce", "dice"),
         default="bce+dice",
@@ -133,7 +147,15 @@ def training_flags(p):
         default=None,
         help="default: the accelerate config's",
     )
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--seed", type=int, default=0, help="seeds the split, and the training unless --train-seed"
+    )
+    t.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="seeds the weights, augmentation and batch order only: runs on one split (ensemble members)",
+    )
     t.add_argument(
         "--time-limit",
         type=float,
@@ -188,7 +210,21 @@ def run_flags(p):
         "--eval-only", action="store_true", help="evaluate --checkpoint on the validation and test sets"
     )
     r.add_argument(
-        "--checkpoint", type=Path, default=None, help="a best.pt file, or a run folder holding one"
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a best.pt file, a run folder holding one, or a folder of such runs (e.g. --folds runs or "
+        "seeds): their ensemble",
+    )
+    r.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation in the final evaluation: mean probability of each slice and its mirror",
+    )
+    r.add_argument(
+        "--no-test",
+        action="store_true",
+        help="leave the test patients unevaluated (while choosing a recipe on validation patients)",
     )
     r.add_argument(
         "--log-with",
@@ -202,6 +238,11 @@ def run_flags(p):
         help="--resume, --eval-only: go on when data of the run's split.json are missing (said; left out)",
     )
     r.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def in_channels(args):
+    """Input channels of the network: RGB of the slice and of its --context neighbours."""
+    return 3 * (2 * getattr(args, "context", 0) + 1)
 
 
 def parse_with_train_flags(parser, argv=None):
@@ -243,7 +284,7 @@ def check(args):
     need(args.lr > 0, "--lr", f"must be positive, got {args.lr}")
     need(args.num_workers >= 0, "--num-workers", f"must be 0 or more, got {args.num_workers}")
     need(
-        args.data_pipeline in data.WORKERS or args.num_workers == 0,
+        args.data_pipeline in pipelines.WORKERS or args.num_workers == 0,
         "--num-workers",
         f"must be 0 with --data-pipeline {args.data_pipeline} (batches are cut on the training device)",
     )
@@ -272,6 +313,13 @@ def check(args):
         "--val-frac/--test-frac",
         f"leave something to train on: {args.val_frac} + {args.test_frac} >= 1",
     )
+    need(args.context >= 0, "--context", f"must be 0 or more, got {args.context}")
+    need(
+        args.context == 0 or args.data_pipeline != "decode",
+        "--context",
+        "needs --data-pipeline cached or device (neighbours come from the cache)",
+    )
+    need(0 <= args.warmup < 1, "--warmup", f"is a share of the steps in [0, 1), got {args.warmup}")
     need(0 <= args.flip <= 1, "--flip", f"is a probability, got {args.flip}")
     need(
         args.rotate >= 0 and 0 <= args.scale < 1,

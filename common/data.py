@@ -25,15 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.errors import UserError
+from common.pipelines import PIPELINES, WORKERS  # noqa: F401 (the tools take them from here too)
 
 CACHE_VERSION = 2
-# the data pipelines and their rules, for the loop, the flags' checks and the tools
-PIPELINES = {
-    "decode": "read and decode each TIFF per item (the original's design, a baseline); needs the TIFF folder",
-    "cached": "one read of the decoded cache per batch",
-    "device": "the whole uint8 cache on the training device; no DataLoader workers",
-}
-WORKERS = ("decode", "cached")  # the pipelines that can use DataLoader workers and pinned memory
 NAME = re.compile(r"^(?P<stem>(?P<patient>.+)_(?P<n>\d+))(?P<mask>_mask)?\.tif$", re.IGNORECASE)
 
 
@@ -324,16 +318,41 @@ def split_from_record(slices, record, allow_missing=False):
     return parts, notes
 
 
+def neighbours(slices, k):
+    """(N, 2k+1) cache indices: each slice's k neighbours on each side, itself in the middle, within
+    its own patient (edge slices repeated). `slices` are in cache order, patient then slice number."""
+    n = len(slices)
+    patient = np.array([s.patient for s in slices])
+    new = np.r_[True, patient[1:] != patient[:-1]]
+    first = np.maximum.accumulate(np.where(new, np.arange(n), 0))
+    last = np.minimum.accumulate(np.where(np.r_[new[1:], True], np.arange(n), n)[::-1])[::-1]
+    offsets = np.arange(n)[:, None] + np.arange(-k, k + 1)[None, :]
+    return np.clip(offsets, first[:, None], last[:, None])
+
+
 class Slices(torch.utils.data.Dataset):
     """A subset of the cached slices (pipeline `cached`, or `device` when the arrays are tensors on
     the training device). The DataLoader fetches a whole batch with one call to `__getitems__`: one
-    fancy-indexing read, no per-item Python."""
+    fancy-indexing read, no per-item Python. With `context` (neighbours() of every cached slice)
+    an image is its neighbours' RGB stacked along the channels, read from the same cache."""
 
-    def __init__(self, images, masks, indices):
+    def __init__(self, images, masks, indices, context=None):
         self.images, self.masks, self.indices = images, masks, np.asarray(indices, dtype=np.int64)
         self.on_device = isinstance(images, torch.Tensor)
+        self.context = context
         if self.on_device:
             self.device_indices = torch.from_numpy(self.indices).to(images.device)
+            if context is not None:
+                self.context = torch.from_numpy(context).to(images.device)
+
+    def stack(self, images, sel):
+        """(B, H, W, 3) of the slices at `sel`, or (B, H, W, 3 (2k+1)) with their neighbours."""
+        if self.context is None:
+            return images[sel]
+        near = images[self.context[sel]]  # (B, 2k+1, H, W, 3)
+        b, m, h, w, c = near.shape
+        near = near.permute(0, 2, 3, 1, 4) if self.on_device else near.transpose(0, 2, 3, 1, 4)
+        return near.reshape(b, h, w, m * c)
 
     def __len__(self):
         return len(self.indices)
@@ -341,9 +360,10 @@ class Slices(torch.utils.data.Dataset):
     def __getitems__(self, batch):
         if self.on_device:
             sel = self.device_indices[torch.as_tensor(batch, device=self.images.device)]
-            return self.images[sel], self.masks[sel], sel
+            return self.stack(self.images, sel), self.masks[sel], sel
         sel = np.sort(self.indices[batch])  # sorted reads are sequential in the memory map
-        return torch.from_numpy(self.images[sel]), torch.from_numpy(self.masks[sel]), torch.from_numpy(sel)
+        images = np.ascontiguousarray(self.stack(self.images, sel))
+        return torch.from_numpy(images), torch.from_numpy(self.masks[sel]), torch.from_numpy(sel)
 
     def __getitem__(self, i):
         return tuple(t[0] for t in self.__getitems__([i]))
@@ -370,8 +390,10 @@ def keep_batch(batch):
     return batch
 
 
-def loaders(parts, pipeline, slices, images, masks, size, batch_size, num_workers, pin_memory, device):
-    """A DataLoader per part ("train" shuffled), or None for an empty part."""
+def loaders(
+    parts, pipeline, slices, images, masks, size, batch_size, num_workers, pin_memory, device, context=0
+):
+    """A DataLoader per part ("train" shuffled), or None for an empty part; `context`: --context."""
     if pipeline == "decode" and slices[0].image is None:
         raise UserError(
             "--data-pipeline decode reads the TIFF files: give --data-dir a kaggle_3m folder, not a pack"
@@ -382,13 +404,13 @@ def loaders(parts, pipeline, slices, images, masks, size, batch_size, num_worker
         images = torch.from_numpy(np.array(images)).to(device)
         masks = torch.from_numpy(np.array(masks)).to(device)
         num_workers, pin_memory = 0, False
-    out = {}
+    out, near = {}, neighbours(slices, context) if context else None
     for name, idx in parts.items():
         if not idx:
             out[name] = None
             continue
         decoded = pipeline == "decode"
-        dataset = DecodedSlices(slices, idx, size) if decoded else Slices(images, masks, idx)
+        dataset = DecodedSlices(slices, idx, size) if decoded else Slices(images, masks, idx, near)
         # a generator of its own: starting an epoch then draws nothing from the global RNG, which the
         # augmentation uses, so a run resumed part-way through an epoch replays the same random stream
         out[name] = torch.utils.data.DataLoader(
@@ -405,7 +427,7 @@ def loaders(parts, pipeline, slices, images, masks, size, batch_size, num_worker
 
 
 def to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0, channels_last=False):
-    """uint8 batches (B,H,W,3), (B,H,W) on the device -> normalised float inputs (B,3,H,W) and
+    """uint8 batches (B,H,W,C), (B,H,W) on the device -> normalised float inputs (B,C,H,W) and
     targets (B,1,H,W). With flip/rotate/scale (training only) each slice gets its own random
     flip, rotation and zoom, applied to image and mask by one affine resampling."""
     x = images.permute(0, 3, 1, 2).float().div_(255)

@@ -7,6 +7,7 @@ of the best epoch) and last/ (Accelerate state of the last epoch, for --resume).
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import statistics
@@ -22,6 +23,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import is_tensorboard_available, set_seed
 
 from common import data, metrics, report, synthetic
+from common.blocks import Averaged
 from common.distributed import Preemption, main_value, on_main_first, sync_batchnorm
 from common.errors import Unfinished, UserError
 from common.timing import StepTimes, Stopwatch, default_threads, device_name, gflops, peak_memory
@@ -78,6 +80,11 @@ class RunState:
         vars(self).update(state)
 
 
+def train_seed(args):
+    """Seeds the weights, the augmentation and the batch order; --seed alone also seeds the split."""
+    return args.seed if getattr(args, "train_seed", None) is None else args.train_seed
+
+
 def make_accelerator(args):
     # cpu=True where there is no accelerator: torchrun-started CPU processes (accelerate launch with
     # MULTI_GPU + use_cpu) are told nothing else, and would otherwise not join a gloo group
@@ -85,7 +92,7 @@ def make_accelerator(args):
         cpu=not torch.accelerator.is_available(),
         mixed_precision=args.mixed_precision,
         dynamo_backend="inductor" if args.compile else None,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_seed(args)),
     )
     args.threads = args.threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.set_num_threads(args.threads)
@@ -143,6 +150,7 @@ def load_data(args, accelerator, record=None):
         args.num_workers,
         pin,
         accelerator.device,
+        args.context,
     )
     return Data(slices, masks, parts, loaders, notes)
 
@@ -298,6 +306,7 @@ def evaluate(model, loader, accelerator, args, d, title=None, volumes=False):
     patient metrics from per-slice counts; with volumes, also the 3-D ones (largest-component Dice,
     HD95) from the gathered predicted masks, computed on the main process only."""
     model.eval()
+    started = time.perf_counter()
     counts, terms, index, preds = [], [], [], []
     with report.bar(accelerator.is_main_process and title is not None) as bar:
         for images, masks, idx in bar.track(loader, description=title or ""):
@@ -322,6 +331,7 @@ def evaluate(model, loader, accelerator, args, d, title=None, volumes=False):
     }
     if volumes and accelerator.is_main_process:
         result.update(metrics.volume_metrics(torch.cat(preds)[order].numpy(), d.masks[index] > 0, patients))
+    result["eval_time_s"] = time.perf_counter() - started  # the 3-D metrics included; .cpu() synchronised
     return result
 
 
@@ -331,6 +341,7 @@ def model_config(args):
         "model": args.model,
         "width": args.width,
         "image_size": args.image_size,
+        "context": args.context,
         **{k: getattr(args, k) for k in args.network_flags},
     }
 
@@ -363,6 +374,7 @@ class Run:
     tracker: object
     n_params: int
     lock: object  # the run folder's lock (main process)
+    schedule: object = None  # the learning-rate scheduler of --schedule cosine
 
     @property
     def main(self):
@@ -375,11 +387,27 @@ def make_optimizer(args, model):
     return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
 
+def make_schedule(args, optimizer, steps_per_epoch):
+    """--schedule cosine: linear warm-up over the first --warmup share of the steps, then a cosine
+    down to 0 at the last step; stepped per optimiser step. None for a constant rate."""
+    if args.schedule == "constant":
+        return None
+    total = args.epochs * steps_per_epoch
+    warm = round(args.warmup * total)
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def setup(args, build_model):
     """Processes, model, data, run folder, optimiser; the last checkpoint loaded with --resume."""
     accelerator = make_accelerator(args)
     # rank 0 draws what a 1-process run draws; DDP copies its weights to the others
-    set_seed(args.seed, device_specific=True)
+    set_seed(train_seed(args), device_specific=True)
     model = build_model(args)
     d = load_data(args, accelerator, recorded(args.output_dir) if args.resume is not None else None)
     out = make_run_dir(args, accelerator)
@@ -399,8 +427,13 @@ def setup(args, build_model):
     )
     state = RunState()
     accelerator.register_for_checkpointing(state)
+    steps = min(len(loaders[0]), args.max_steps or len(loaders[0]))
+    schedule = make_schedule(args, optimizer, steps)
+    if schedule is not None:  # its step count goes into every checkpoint: --resume continues the curve
+        accelerator.register_for_checkpointing(schedule)
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     run = Run(args, accelerator, model, optimizer, tuple(loaders), d, state, out, None, n_params, held)
+    run.schedule = schedule
     if args.resume is not None:
         load_last(run)
     run.tracker = open_tracker(args, out, accelerator)
@@ -416,6 +449,10 @@ def load_last(run):
         raise UserError(f"--resume {run.out}: cannot load {last} with these flags: {e}") from e
     for group in run.optimizer.param_groups:  # the optimiser's state carries the old values: flags win
         group.update(lr=run.args.lr, weight_decay=run.args.weight_decay)
+    if run.schedule is not None:  # --lr given again is the new peak; the step count is the saved one
+        run.schedule.base_lrs = [run.args.lr] * len(run.optimizer.param_groups)
+        for group, factor in zip(run.optimizer.param_groups, run.schedule.lr_lambdas):
+            group["lr"] = run.args.lr * factor(run.schedule.last_epoch)
     if run.main:  # drop epochs that ran after the last checkpoint
         rows = [r for r in report.read_jsonl(run.out / "metrics.jsonl") if r["epoch"] <= run.state.epoch]
         (run.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -506,6 +543,8 @@ def train_epoch(run, epoch, preemption):
             run.optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             run.optimizer.step()
+            if run.schedule is not None:
+                run.schedule.step()
             times.computed()
             loss_sum += loss.detach() * len(x)
             seen += len(x)
@@ -567,6 +606,7 @@ def epoch_row(run, epoch, e, val):
         "train_loss": e["loss"].item() / max(e["seen"].item(), 1),
         "val_loss": val.get("loss"),
         **{f"val_{k}": v for k, v in val.items() if k != "loss"},
+        "lr": run.optimizer.param_groups[0]["lr"],  # at the epoch's end (--schedule)
         "epoch_time_s": e["clock"].elapsed(),
         "train_time_s": slowest[0],
         "images_per_s": e["seen"].item() / slowest[0],
@@ -627,11 +667,12 @@ def final_report(run, build_model, stopped_by):
     if not args.no_eval:
         best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
         accelerator.unwrap_model(run.model).load_state_dict(best["model"])
-        val = evaluate(run.model, val_loader, accelerator, args, run.d, volumes=True)
+        model = Averaged([accelerator.unwrap_model(run.model)], mirror=True) if args.tta else run.model
+        val = evaluate(model, val_loader, accelerator, args, run.d, volumes=True)
         results[f"val (epoch {state.best_epoch})"] = val
-        if test_loader:
+        if test_loader and not args.no_test:
             title = "testing" if run.main else None
-            results["test"] = evaluate(run.model, test_loader, accelerator, args, run.d, title, volumes=True)
+            results["test"] = evaluate(model, test_loader, accelerator, args, run.d, title, volumes=True)
     summary = run_summary(run, build_model, stopped_by, results)
     if run.main:
         report.write_json(out / "summary.json", summary)
@@ -703,30 +744,71 @@ def load_checkpoint(path, model_name=None):
     return ckpt
 
 
-def evaluate_checkpoint(args, build_model):
-    """--eval-only: the checkpoint's network on the validation and test sets of this split."""
-    ckpt = load_checkpoint(args.checkpoint, args.model)
-    for key, saved in ckpt["config"].items():
+def members(path):
+    """The checkpoints --checkpoint names: a best.pt, a run folder's, or those of a folder of runs
+    (the members of an ensemble, e.g. the folds of a --folds run)."""
+    if path.is_file() or (path / "best.pt").is_file():
+        return [path]
+    found = sorted(p.parent for p in path.glob("*/best.pt"))
+    if not found:
+        raise UserError(f"--checkpoint {path}: no best.pt there or in its sub-folders")
+    return found
+
+
+def take_config(args, config, source):
+    """A checkpoint's network flags onto args; those given that contradict it are refused."""
+    for key, saved in config.items():
         if key == "model":
             continue
         if key != "image_size" and key in args.given and getattr(args, key) != saved:
             raise UserError(
-                f"--checkpoint {args.checkpoint} holds a model of --{key.replace('_', '-')} {saved}, "
+                f"--checkpoint {source} holds a model of --{key.replace('_', '-')} {saved}, "
                 f"not {getattr(args, key)}"
             )
         if key != "image_size" or key not in args.given:
             setattr(args, key, saved)
+
+
+def members_split(args, paths, accelerator):
+    """The split the members were trained on (split.json), and whether their validation patients are
+    one set: folds each validate on other patients, so that together they trained on all of them."""
+    records = [recorded(p if p.is_dir() else p.parent) for p in paths]
+    if records[0] is None:
+        if accelerator.is_main_process:
+            report.console.print(f"note: no split.json beside {paths[0]}: the split comes from the flags")
+        return None, True
+    if any(r is None or r["test"] != records[0]["test"] for r in records):
+        raise UserError(f"--checkpoint {args.checkpoint}: its runs were tested on different patients")
+    same_val = all(r["val"] == records[0]["val"] for r in records)
+    if not same_val and accelerator.is_main_process:
+        report.console.print(
+            "note: the members validated on different patients (folds) and trained on the others: "
+            "only the test patients are evaluated"
+        )
+    return records[0], same_val
+
+
+def evaluate_checkpoint(args, build_model):
+    """--eval-only: the checkpoint's network (or the ensemble of a folder of runs, --tta: with
+    mirrored slices) on the validation and test sets of its split."""
+    paths = members(args.checkpoint)
+    ckpts = [load_checkpoint(p, args.model) for p in paths]
+    if any(c["config"] != ckpts[0]["config"] for c in ckpts):
+        raise UserError(f"--checkpoint {args.checkpoint}: its runs hold networks of different flags")
+    take_config(args, ckpts[0]["config"], args.checkpoint)
     accelerator = make_accelerator(args)
-    model = build_model(args)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"--checkpoint {args.checkpoint}: weights do not fit the model ({e})") from e
-    run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
-    record = recorded(run_dir)
-    if record is None and accelerator.is_main_process:
-        report.console.print(f"note: no split.json in {run_dir}: the split comes from the flags")
+    nets = []
+    for path, ckpt in zip(paths, ckpts):
+        nets.append(build_model(args))
+        try:
+            nets[-1].load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"--checkpoint {path}: weights do not fit the model ({e})") from e
+    model = Averaged(nets, mirror=args.tta) if len(nets) > 1 or args.tta else nets[0]
+    record, same_val = members_split(args, paths, accelerator)
     d = load_data(args, accelerator, record)
+    d.loaders["val"] = d.loaders["val"] if same_val else None
+    d.loaders["test"] = None if args.no_test else d.loaders["test"]
     out = make_run_dir(args, accelerator, tag="-eval")  # before the work: a folder we cannot write fails now
     model = accelerator.prepare(model)
     main = accelerator.is_main_process
@@ -748,13 +830,16 @@ def evaluate_checkpoint(args, build_model):
             out / "eval.json",
             {
                 "checkpoint": str(args.checkpoint),
+                "members": [str(p) for p in paths],
+                "tta": args.tta,
                 **model_config(args),
                 "split": split_record(args, d),
                 "split_notes": d.notes,
                 **results,
             },
         )
-        report.results_table(f"{args.model} from {args.checkpoint}", results)
+        what = f"{len(paths)} members" if len(paths) > 1 else str(args.checkpoint)
+        report.results_table(f"{args.model} from {what}{' with TTA' if args.tta else ''}", results)
         report.console.print(f"wrote {out / 'eval.json'}")
     accelerator.end_training()
     return results

@@ -103,7 +103,11 @@ def gflops(build_model, args):
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model, x = build_model(args), torch.empty(1, 3, args.image_size, args.image_size)
+        model = build_model(args)
+        first = next(
+            m for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+        )  # 3 or, with --context, more
+        x = torch.empty(1, first.in_channels, args.image_size, args.image_size)
     with FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() / 1e9

@@ -8,9 +8,9 @@ from common.blocks import scaled, vgg16_bn_stages
 
 
 class FCN8s(nn.Module):
-    def __init__(self, out_channels=1, width=1.0, weights_path=None):
+    def __init__(self, in_channels=3, out_channels=1, width=1.0, weights_path=None):
         super().__init__()
-        self.stages = vgg16_bn_stages(width, weights_path)
+        self.stages = vgg16_bn_stages(width, weights_path, in_channels)
         self.pool = nn.MaxPool2d(2)
         c3, c4, mid = scaled(256, width), scaled(512, width), scaled(256, width)
         self.up5 = nn.ConvTranspose2d(c4, c4, 4, stride=2, padding=1)  # /32 -> /16

@@ -13,10 +13,9 @@ from pathlib import Path
 # the code beside this script, not that of another checkout `pip install -e` may have registered
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import make_parser
+from common.cli import in_channels, make_parser
 from common.entry import main
 from common.errors import UserError
-from fcn.model import FCN8s
 
 TITLE = "FCN-8s"
 
@@ -24,8 +23,11 @@ TITLE = "FCN-8s"
 def build_model(args):
     if args.pretrained is not None and not args.pretrained.is_file():
         raise UserError(f"--pretrained: file not found: {args.pretrained}")
+    # imported here, not above: torch takes seconds to import, and --help and flag errors should not wait
+    from fcn.model import FCN8s
+
     try:
-        return FCN8s(out_channels=1, width=args.width, weights_path=args.pretrained)
+        return FCN8s(in_channels(args), 1, width=args.width, weights_path=args.pretrained)
     except (ValueError, RuntimeError, OSError) as e:
         raise UserError(f"--pretrained {args.pretrained}: {e}") from e
 

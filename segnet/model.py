@@ -8,9 +8,9 @@ from common.blocks import conv_bn_relu, scaled, vgg16_bn_stages
 
 
 class SegNet(nn.Module):
-    def __init__(self, out_channels=1, width=1.0):
+    def __init__(self, in_channels=3, out_channels=1, width=1.0):
         super().__init__()
-        self.encoder = vgg16_bn_stages(width)
+        self.encoder = vgg16_bn_stages(width, in_channels=in_channels)
         self.pool = nn.MaxPool2d(2, return_indices=True)
         self.unpool = nn.MaxUnpool2d(2)
         # decoder stage i mirrors encoder stage 4-i: same number of convs, ending on the channels

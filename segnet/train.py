@@ -11,15 +11,17 @@ from pathlib import Path
 # the code beside this script, not that of another checkout `pip install -e` may have registered
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import make_parser
+from common.cli import in_channels, make_parser
 from common.entry import main
-from segnet.model import SegNet
 
 TITLE = "SegNet"
 
 
 def build_model(args):
-    return SegNet(out_channels=1, width=args.width)
+    # imported here, not above: torch takes seconds to import, and --help and flag errors should not wait
+    from segnet.model import SegNet
+
+    return SegNet(in_channels(args), 1, width=args.width)
 
 
 def parser():

@@ -22,6 +22,7 @@ LAYERS = {
     "common.timing": 0,
     "common.blocks": 0,
     "common.errors": 0,
+    "common.pipelines": 0,
 }
 MOVED = {"bench", "sweep", "folds", "results", "predict", "compare"}  # one-line pointers to tools/
 

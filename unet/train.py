@@ -14,10 +14,9 @@ from pathlib import Path
 # the code beside this script, not that of another checkout `pip install -e` may have registered
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import make_parser
+from common.cli import in_channels, make_parser
 from common.entry import main
 from common.errors import UserError
-from unet.model import UNet
 
 TITLE = "U-Net"
 
@@ -31,12 +30,15 @@ def build_model(args):
                 f"--encoder needs segmentation-models-pytorch ({e}): pip install segmentation-models-pytorch"
             ) from e
         try:
-            return smp.Unet(args.encoder, encoder_weights=None, in_channels=3, classes=1)
+            return smp.Unet(args.encoder, encoder_weights=None, in_channels=in_channels(args), classes=1)
         except (KeyError, ValueError) as e:
             raise UserError(
                 f"--encoder {args.encoder}: not an encoder segmentation-models-pytorch knows"
             ) from e
-    return UNet(in_channels=3, out_channels=1, width=args.width)
+    # imported here, not above: torch takes seconds to import, and --help and flag errors should not wait
+    from unet.model import UNet
+
+    return UNet(in_channels(args), 1, width=args.width)
 
 
 def parser():

@@ -1,0 +1,178 @@
+"""The recipe's parts (docs/recipe.md): neighbouring slices, test-time mirroring, ensembles, and the
+cosine schedule, each checked against what it must compute."""
+
+import json
+import math
+import sys
+from argparse import Namespace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, run, train
+
+from common import data, registry
+from common.blocks import Averaged
+from common.loop import make_schedule
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_neighbours_stay_within_their_patient_and_repeat_the_edges():
+    slices = [SimpleNamespace(patient=p) for p in "AAABB"]
+    near = data.neighbours(slices, 1)
+    assert near.tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 2], [3, 3, 4], [3, 4, 4]]
+    assert data.neighbours(slices, 2)[3].tolist() == [3, 3, 3, 4, 4]
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_context_stacks_each_slices_neighbours_along_the_channels(on_device):
+    slices = [SimpleNamespace(patient=p) for p in "AAABB"]
+    images = np.arange(5, dtype=np.uint8)[:, None, None, None] * 10 + np.arange(3, dtype=np.uint8)
+    images = np.broadcast_to(images, (5, 4, 4, 3)).copy()  # slice i, channel c: 10 i + c
+    masks = np.zeros((5, 4, 4), np.uint8)
+    if on_device:
+        images, masks = torch.from_numpy(images), torch.from_numpy(masks)
+    ds = data.Slices(images, masks, [0, 2, 3], data.neighbours(slices, 1))
+    x, _, sel = ds.__getitems__([0, 1, 2])
+    assert x.shape == (3, 4, 4, 9) and sel.tolist() == [0, 2, 3]
+    channels = torch.as_tensor(x)[:, 0, 0].tolist()
+    assert channels[0] == [0, 1, 2, 0, 1, 2, 10, 11, 12]  # first slice: itself repeated before it
+    assert channels[1] == [10, 11, 12, 20, 21, 22, 20, 21, 22]  # last of patient A
+    assert channels[2] == [30, 31, 32, 30, 31, 32, 40, 41, 42]  # B's first: not A's last
+
+
+class Ramp(torch.nn.Module):
+    """Logit = the first channel times a left-to-right ramp: not mirror-symmetric."""
+
+    def forward(self, x):
+        return x[:, :1] * torch.linspace(-1, 2, x.shape[-1])
+
+
+def test_mirroring_and_ensembles_average_probabilities():
+    x = torch.randn(2, 3, 4, 6)
+    one = Ramp()(x)
+    mirrored = Ramp()(x.flip(-1)).flip(-1)
+    expected = (torch.sigmoid(one) + torch.sigmoid(mirrored)) / 2
+    assert torch.allclose(torch.sigmoid(Averaged([Ramp()], mirror=True)(x)), expected, atol=1e-5)
+    assert not torch.allclose(one, mirrored)  # else the test could not tell mirroring from nothing
+
+    class Shift(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :1] + 1
+
+    both = torch.sigmoid(Averaged([Ramp(), Shift()])(x))
+    assert torch.allclose(both, (torch.sigmoid(one) + torch.sigmoid(x[:, :1] + 1)) / 2, atol=1e-5)
+    assert torch.equal(Averaged([Ramp()])(x) > 0, one > 0)  # one member: the same decisions
+
+
+@pytest.mark.parametrize("model", registry.names())
+def test_every_model_takes_the_neighbours_as_channels(model):
+    net = registry.build({"model": model, "width": 0.125, "image_size": 64, "context": 2})
+    assert net(torch.randn(2, 15, 64, 64)).shape == (2, 1, 64, 64)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    args = Namespace(schedule="cosine", epochs=2, warmup=0.1)
+    schedule, lrs = make_schedule(args, opt, 50), []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step(), schedule.step()
+    assert lrs[:10] == pytest.approx([(k + 1) / 10 for k in range(10)])
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[-1] < 1e-3 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert make_schedule(Namespace(schedule="constant"), opt, 50) is None
+
+
+def test_cosine_schedule_resumes_exactly(phantoms, tmp_path, env):
+    args = ["--data-dir", str(phantoms), *TINY, "--epochs", "3", "--schedule", "cosine", "--warmup", "0.2"]
+    train("unet", *args, "--output-dir", str(tmp_path / "whole"), env=env)
+    # --time-limit stops it after its first epoch; the same command with --resume goes on
+    train("unet", *args, "--time-limit", "0.001", "--output-dir", str(tmp_path / "cut"), env=env)
+    assert len(rows(tmp_path / "cut")) == 1
+    train("unet", "--resume", str(tmp_path / "cut"), "--time-limit", "0", env=env)
+    whole, cut = rows(tmp_path / "whole"), rows(tmp_path / "cut")
+    assert [r["lr"] for r in cut] == pytest.approx([r["lr"] for r in whole], abs=1e-12)
+    assert [r["train_loss"] for r in cut] == pytest.approx([r["train_loss"] for r in whole], abs=1e-6)
+    assert whole[-1]["lr"] < whole[0]["lr"]
+
+
+def test_context_run_then_tta_evaluation_of_an_ensemble(phantoms, tmp_path, env):
+    flags = ["--data-dir", str(phantoms), *TINY, "--context", "1", "--no-test"]
+    for seed in (0, 1):
+        train(
+            "unet", *flags, "--train-seed", str(seed), "--output-dir", str(tmp_path / f"ens/s{seed}"), env=env
+        )
+    summary = json.loads((tmp_path / "ens/s0/summary.json").read_text())
+    assert summary["test"] is None and summary["best_val"]["slices"] == 6 and summary["context"] == 1
+    split = [json.loads((tmp_path / f"ens/s{s}/split.json").read_text()) for s in (0, 1)]
+    assert split[0] == split[1]  # --train-seed leaves the split alone
+    weights = [torch.load(tmp_path / f"ens/s{s}/best.pt", weights_only=True)["model"] for s in (0, 1)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    out = tmp_path / "eval"
+    p = train(
+        "unet",
+        "--eval-only",
+        "--checkpoint",
+        str(tmp_path / "ens"),
+        "--tta",
+        "--data-dir",
+        str(phantoms),
+        "--output-dir",
+        str(out),
+        env=env,
+    )
+    result = json.loads((out / "eval.json").read_text())
+    assert len(result["members"]) == 2 and result["tta"] and result["context"] == 1
+    assert result["val"]["slices"] == 6 and result["test"]["slices"] == 6 and "with TTA" in p.stdout
+
+
+def test_an_ensemble_of_folds_is_evaluated_on_the_test_patients_only(phantoms, tmp_path, env):
+    for fold in (0, 1):
+        train(
+            "unet",
+            "--data-dir",
+            str(phantoms),
+            *TINY,
+            "--epochs",
+            "1",
+            "--folds",
+            "2",
+            "--fold",
+            str(fold),
+            "--output-dir",
+            str(tmp_path / f"folds/fold{fold}"),
+            env=env,
+        )
+    out = tmp_path / "eval"
+    p = train(
+        "unet",
+        "--eval-only",
+        "--checkpoint",
+        str(tmp_path / "folds"),
+        "--data-dir",
+        str(phantoms),
+        "--output-dir",
+        str(out),
+        env=env,
+    )
+    result = json.loads((out / "eval.json").read_text())
+    assert "val" not in result and result["test"]["patients"] == 1
+    assert "validated on different patients" in p.stdout
+
+
+def test_context_flags_that_cannot_work_are_refused(env, tmp_path):
+    for flags, named in (
+        (["--context", "-1"], "--context"),
+        (["--context", "1", "--data-pipeline", "decode"], "--context"),
+        (["--warmup", "1.5"], "--warmup"),
+    ):
+        p = run([sys.executable, "unet/train.py", *flags], env)
+        assert p.returncode == 2 and p.stderr.startswith(f"error: argument {named}"), p.stderr
+    (tmp_path / "nothing").mkdir()
+    p = run([sys.executable, "unet/train.py", "--eval-only", "--checkpoint", str(tmp_path / "nothing")], env)
+    assert p.returncode == 2 and "no best.pt" in p.stderr
