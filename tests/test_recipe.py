@@ -7,10 +7,12 @@ import sys
 from argparse import Namespace
 from types import SimpleNamespace
 
+import nibabel
 import numpy as np
 import pytest
 import torch
 from conftest import TINY, run, train
+from PIL import Image
 
 from common import data, registry
 from common.blocks import Averaged
@@ -129,6 +131,17 @@ def test_context_run_then_tta_evaluation_of_an_ensemble(phantoms, tmp_path, env)
     result = json.loads((out / "eval.json").read_text())
     assert len(result["members"]) == 2 and result["tta"] and result["context"] == 1
     assert result["val"]["slices"] == 6 and result["test"]["slices"] == 6 and "with TTA" in p.stdout
+    patient = sorted(phantoms.iterdir())[0]
+    predict = ["-m", "tools.predict", "--checkpoint", str(tmp_path / "ens"), "--tta", "--no-figures"]
+    p = run(
+        [sys.executable, *predict, "--data-dir", str(patient), "--output-dir", str(tmp_path / "pred")], env
+    )
+    assert p.returncode == 0, p.stderr
+    folder = tmp_path / "pred" / "unet-ensemble"
+    volume = nibabel.load(folder / "volumes" / f"{patient.name}.nii.gz").get_fdata()
+    masks = sorted(folder.glob("masks/*.tif"), key=lambda f: int(f.stem.split("_")[-2]))
+    assert volume.shape == (64, 64, 6) and set(np.unique(volume)) <= {0, 1}
+    assert np.array_equal(volume, np.stack([np.array(Image.open(m)) // 255 for m in masks], -1))
 
 
 def test_an_ensemble_of_folds_is_evaluated_on_the_test_patients_only(phantoms, tmp_path, env):

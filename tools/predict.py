@@ -4,24 +4,34 @@
     python -m tools.predict --checkpoint runs/unet-x --checkpoint runs/fcn-y --checkpoint runs/segnet-z \\
         --data-dir data/kaggle_3m/TCGA_CS_4941_19960909 --output-dir predictions
 
+    python -m tools.predict --checkpoint runs/unet-folds --tta --data-dir data/kaggle_3m/TCGA_CS_4941_19960909
+
 --data-dir: a kaggle_3m folder (patient sub-folders), or a folder of `<name>.tif` slices with
 optional `<name>_mask.tif` beside them. For each model: `<label>/masks/<name>_pred.tif` (0/255, at
-the slice's own size) and `<label>/figures/<name>.png` (FLAIR, true mask, prediction, overlay with
-contours: truth green, prediction red). With several checkpoints, also `comparison.png`: a row per
-model on three slices chosen to show a large tumour, a small one and an empty slice.
+the slice's own size), `<label>/volumes/<patient>.nii.gz` (each patient's masks as one 3-D volume,
+slices in the order of their numbers; kaggle_3m records no voxel spacing, so the volume has unit
+spacing) and `<label>/figures/<name>.png` (FLAIR, true mask, prediction, overlay with contours:
+truth green, prediction red). With several checkpoints, also `comparison.png`: a row per model on
+three slices chosen to show a large tumour, a small one and an empty slice.
+
+A --checkpoint folder of runs (e.g. the folds of a --folds run) is their ensemble: the mean of their
+probabilities; --ensemble makes one ensemble of all the checkpoints given, --tta adds each slice's
+mirror image to the mean.
 """
 
 import argparse
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
 
 from common import data, registry, report
+from common.blocks import Averaged
 from common.errors import UserError
-from common.loop import load_checkpoint
+from common.loop import load_checkpoint, members
 
 TRUTH, PRED = "#2ca02c", "#d62728"
 
@@ -33,13 +43,20 @@ def find_slices(folder):
         raise UserError(f"--data-dir: not a folder: {folder}")
     if any(p.is_dir() for p in folder.iterdir()):
         return [(s.image.stem, s.image, s.mask) for s in data.discover(folder)]
-    images = sorted(f for f in folder.glob("*.tif") if not f.name.endswith("_mask.tif"))
+    images = [f for f in folder.glob("*.tif") if not f.name.endswith("_mask.tif")]
     if not images:
         raise UserError(f"--data-dir: no .tif slices in {folder}")
+    images.sort(key=lambda f: patient_and_number(f.name))
     return [
         (f.stem, f, f.with_name(f"{f.stem}_mask.tif") if f.with_name(f"{f.stem}_mask.tif").exists() else None)
         for f in images
     ]
+
+
+def patient_and_number(name):
+    """(patient, slice number) of a kaggle_3m file name; a name of another form is a patient of its own."""
+    m = data.NAME.match(Path(name).stem + ".tif")  # a file's name or a slice's (the stem)
+    return (m["patient"], int(m["n"])) if m else (Path(name).stem, 0)
 
 
 def read(image_path, mask_path):
@@ -48,25 +65,63 @@ def read(image_path, mask_path):
     return image, None if mask_path is None else data.read_mask(mask_path, image.shape[:2]) > 0
 
 
-def load_model(path, device):
+def load_model(path, device="cpu"):
     ckpt = load_checkpoint(path)
-    config = ckpt["config"]
-    model = registry.build(config)
+    model = registry.build(ckpt["config"])
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), config
+    return model.to(device).eval(), ckpt["config"]
+
+
+def load_models(args, device):
+    """[(network, config, label)]: one per --checkpoint (a folder of runs: their ensemble), or, with
+    --ensemble, one for all; with --tta each also averages the mirror images."""
+    groups = [members(c) for c in args.checkpoint]
+    if args.ensemble:
+        groups = [[p for g in groups for p in g]]
+    out = []
+    for group in groups:
+        nets, configs = zip(*(load_model(p) for p in group))
+        inputs = {(c["image_size"], c.get("context", 0)) for c in configs}
+        if len(inputs) > 1:
+            raise UserError(
+                f"--checkpoint: an ensemble's members must take one input size and --context, not {inputs}"
+            )
+        model = Averaged(nets, mirror=args.tta) if len(nets) > 1 or args.tta else nets[0]
+        label = configs[0]["model"] if len({c["model"] for c in configs}) == 1 else "ensemble"
+        out.append((model.to(device).eval(), configs[0], label if len(nets) == 1 else f"{label}-ensemble"))
+    return out
 
 
 @torch.inference_mode()
-def predict(model, images, device, batch_size=16):
-    """Boolean masks (N, size, size) for uint8 images (N, size, size, 3)."""
+def predict(model, images, device, patients=None, context=0, batch_size=16):
+    """Boolean masks (N, size, size) for uint8 images (N, size, size, 3) of `patients` (in slice order),
+    each with its --context neighbours as the network was trained."""
+    patients = range(len(images)) if patients is None else patients  # unknown: each slice alone
+    near = data.neighbours([SimpleNamespace(patient=p) for p in patients], context) if context else None
+    slices = data.Slices(images, np.zeros(images.shape[:3], np.uint8), np.arange(len(images)), near)
     out = []
     for k in range(0, len(images), batch_size):
-        x, _ = data.to_inputs(
-            torch.from_numpy(images[k : k + batch_size]).to(device),
-            torch.zeros(images[k : k + batch_size].shape[:3], dtype=torch.uint8, device=device),
-        )
+        x, y, _ = slices.__getitems__(list(range(k, min(k + batch_size, len(images)))))
+        x, _ = data.to_inputs(x.to(device), y.to(device))
         out.append((model(x)[:, 0] > 0).cpu().numpy())
     return np.concatenate(out)
+
+
+def write_volumes(folder, names, masks):
+    """<folder>/<patient>.nii.gz: a patient's masks (H, W, slices), 0/1, unit voxel spacing."""
+    import nibabel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    by_patient = {}
+    for name, m in zip(names, masks):
+        by_patient.setdefault(patient_and_number(name)[0], []).append(m)
+    for patient, stack in by_patient.items():
+        if len({m.shape for m in stack}) > 1:
+            report.console.print(f"note: {patient}: slices of different sizes, no volume written")
+            continue
+        volume = np.stack(stack, axis=-1).astype(np.uint8)
+        nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), folder / f"{patient}.nii.gz")
+    return len(by_patient)
 
 
 def dice(pred, truth):
@@ -156,6 +211,12 @@ def main(argv=None):
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--output-dir", type=Path, default=Path("predictions"))
     p.add_argument("--no-figures", action="store_true", help="write the masks only")
+    p.add_argument(
+        "--tta", action="store_true", help="average each slice's and its mirror image's probabilities"
+    )
+    p.add_argument(
+        "--ensemble", action="store_true", help="one model: the mean of all the checkpoints' probabilities"
+    )
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -176,16 +237,18 @@ def run(args):
         raise UserError(f"--output-dir {args.output_dir}: exists and is not a folder")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     found = find_slices(args.data_dir)
-    models = [load_model(c, device) for c in args.checkpoint]
-    labels = [cfg["model"] for _, cfg in models]
+    models = load_models(args, device)
+    labels = [label for _, _, label in models]
     labels = [lab if labels.count(lab) == 1 else f"{lab}-{i + 1}" for i, lab in enumerate(labels)]
     names = [name for name, _, _ in found]
+    patients = [patient_and_number(name)[0] for name in names]
     images, truths = zip(*(read(i, m) for _, i, m in report.track(found, f"reading {len(found)} slices")))
     flairs = [im[..., 1] for im in images]
     preds, written = {}, []
-    for (model, cfg), label in zip(models, labels):
+    for (model, cfg, _), label in zip(models, labels):
         size = (cfg["image_size"],) * 2
-        masks = predict(model, np.stack([data.resize(im, size, Image.BILINEAR) for im in images]), device)
+        stack = np.stack([data.resize(im, size, Image.BILINEAR) for im in images])
+        masks = predict(model, stack, device, patients, cfg.get("context", 0))
         preds[label] = [
             data.resize(m.astype(np.uint8), im.shape[:2], Image.NEAREST) > 0 for m, im in zip(masks, images)
         ]
@@ -194,6 +257,8 @@ def run(args):
         for name, m in zip(names, preds[label]):
             Image.fromarray(m.astype(np.uint8) * 255).save(folder / "masks" / f"{name}_pred.tif")
         written.append(f"{folder / 'masks'}/ ({len(names)} masks)")
+        n = write_volumes(folder / "volumes", names, preds[label])
+        written.append(f"{folder / 'volumes'}/ ({n} NIfTI volumes, unit spacing)")
         if not args.no_figures:
             (folder / "figures").mkdir(exist_ok=True)
             for i in report.track(range(len(names)), f"drawing {label}"):
