@@ -161,6 +161,19 @@ def test_user_errors_end_in_one_line_and_exit_code_2(flags, named, env):
     assert named in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("model", ["unet", "fcn", "segnet"])
+def test_help_and_flag_errors_do_not_wait_for_torch(model, tmp_path, env):
+    # a torch that cannot be imported: --help and a flag error must not need it (it takes seconds)
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch imported')")
+    env = {**env, "PYTHONPATH": str(tmp_path)}
+    p = run([sys.executable, f"{model}/train.py", "--help"], env)
+    assert p.returncode == 0, p.stderr
+    assert f"\n    python {model}/train.py --synthetic" in p.stdout  # usage examples kept as written
+    p = run([sys.executable, f"{model}/train.py", "--epochs", "0"], env)
+    assert p.returncode == 2 and p.stderr.startswith("error: argument --epochs"), p.stderr
+
+
 def test_debug_shows_the_traceback(env):
     p = run([sys.executable, "unet/train.py", "--data-dir", "no/such/folder", "--debug"], env)
     assert p.returncode != 0 and "Traceback" in p.stderr and "no/such/folder" in p.stderr
