@@ -355,3 +355,23 @@ def test_a_16_bit_tiff_is_refused_not_truncated(tmp_path):
     tiff16(tmp_path / "x_1.tif", np.full((8, 8, 3), 40000, np.uint16))
     with pytest.raises(UserError, match="16-bit samples"):
         data.read_tiff(tmp_path / "x_1.tif", ("RGB",))
+
+
+def test_odd_but_valid_layouts_are_used(phantoms, tmp_path):
+    root = tmp_path / "kaggle_3m"
+    shutil.copytree(phantoms, root)
+    first, second = sorted(root.iterdir())[:2]
+    odd = first.with_name("TCGA Ré 0000_19990101")  # spaces and accents, folder and files alike
+    odd.mkdir()
+    for f in first.iterdir():
+        f.rename(odd / f.name.replace(first.name, odd.name))
+    first.rmdir()
+    shutil.move(second, tmp_path / second.name)  # a patient linked in from elsewhere
+    (root / second.name).symlink_to(tmp_path / second.name)
+    big = write_phantoms(tmp_path / "big", patients=1, slices=3, size=512, seed=2)  # 512 px slices
+    shutil.move(next(big.iterdir()), root / "TCGA_BG_0000_19990101")
+    slices = data.discover(root)
+    assert {s.patient for s in slices} >= {odd.name, second.name, "TCGA_BG_0000_19990101"}
+    assert len(slices) == 4 * 6 + 3
+    images, masks, _ = data.load_cache(slices, root, tmp_path / "cache", 64)
+    assert images.shape == (27, 64, 64, 3) and masks.max() == 1
