@@ -270,6 +270,46 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(where)], capture_output=True)
 
 
+@pytest.fixture
+def read_only(tmp_path):
+    """A read-only file system (a tmpfs mounted so): root ignores permission bits, not this."""
+    where = tmp_path / "ro"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(where)]).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_unusable_cache_and_output_folders_are_one_line(phantoms, read_only, tmp_path, env):
+    flags = [sys.executable, "unet/train.py", "--data-dir", str(phantoms), *TINY]
+    for cache, said in (("README.md", "File exists"), ("README.md/sub", "Not a directory"),
+                        (str(read_only / "c"), "Read-only file system")):  # fmt: skip
+        p = run([*flags, "--cache-dir", cache, "--output-dir", str(tmp_path / "run")], env)
+        assert (
+            p.returncode == 2
+            and p.stderr == f"error: cannot use {cache} as the cache folder (--cache-dir): {said}\n"
+        )
+    p = run([*flags, "--output-dir", str(read_only / "run")], env)
+    assert p.returncode == 2 and p.stderr.startswith(
+        f"error: --output-dir {read_only / 'run'}: cannot write there"
+    )
+    train(
+        "unet",
+        "--data-dir",
+        str(phantoms),
+        *TINY,
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path / "run"),
+        env=env,
+    )
+    p = run([sys.executable, "unet/train.py", "--eval-only", "--checkpoint", str(tmp_path / "run"),
+             "--data-dir", str(phantoms), "--output-dir", str(read_only / "eval")], env)  # fmt: skip
+    assert p.returncode == 2 and "cannot write there" in p.stderr and "evaluating" not in p.stdout
+
+
 def test_a_cache_on_a_full_disk_says_so_before_writing(phantoms, small_disk, env):
     p = run([sys.executable, "unet/train.py", "--data-dir", str(phantoms), *TINY, "--image-size", "256",
              "--cache-dir", str(small_disk)], env)  # fmt: skip
