@@ -1,6 +1,7 @@
 """The recipe's parts (docs/recipe.md): neighbouring slices, test-time mirroring, ensembles, and the
 cosine schedule, each checked against what it must compute."""
 
+import csv
 import json
 import math
 import sys
@@ -189,3 +190,31 @@ def test_context_flags_that_cannot_work_are_refused(env, tmp_path):
     (tmp_path / "nothing").mkdir()
     p = run([sys.executable, "unet/train.py", "--eval-only", "--checkpoint", str(tmp_path / "nothing")], env)
     assert p.returncode == 2 and "no best.pt" in p.stderr
+
+
+def fake_result(dices, seconds=1.0):
+    rows = [
+        dict(patient=f"P{i}", dice=d, dice_lcc=d, hd95=1.0, tp=10, fp=1, fn=1, tn=100)
+        for i, d in enumerate(dices)
+    ]
+    return {"per_patient": rows, "eval_time_s": seconds}
+
+
+def test_the_recipe_table_pairs_each_variant_with_the_plain_one(tmp_path):
+    from tools import recipe
+
+    def write(folder, name, content):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / name).write_text(json.dumps(content))
+
+    plain, tta = [0.5, 0.6, 0.7, 0.8], [0.6, 0.6, 0.9, 0.7]
+    write("plain/seed0", "summary.json", {"best_val": fake_result(plain), "test": None, "train_time_s": 100})
+    write("eval/tta", "eval.json", {"val": fake_result(tta, 2.0)})
+    assert recipe.main([str(tmp_path), "--variants", "plain,tta", "--output-dir", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "recipe-val.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["plain", "tta"]
+    assert float(rows[1]["vs_plain_mean_diff"]) == pytest.approx(0.05)
+    assert float(rows[1]["dice_patient_mean"]) == pytest.approx(0.7) and float(rows[1]["train_time_s"]) == 100
+    assert "+0.050" in (tmp_path / "out" / "recipe-val.md").read_text()
+    assert recipe.main([str(tmp_path), "--variants", "plain,cosine"]) == 2  # not run yet: one line

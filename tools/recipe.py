@@ -1,0 +1,169 @@
+"""The recipe study's table (docs/recipe.md): each variant against the plain preset on the same
+patients, per-patient Dice with its bootstrap interval, the paired difference, and the cost.
+
+    bash docs/recipe/run.sh data/kaggle_3m runs/recipe      # the runs (validation patients only)
+    python -m tools.recipe runs/recipe --output-dir docs/recipe
+    python -m tools.recipe runs/recipe --set test --variants plain,final --output-dir docs/recipe
+
+A variant is a run folder (its best epoch's evaluation in summary.json) or an evaluation folder
+(eval.json of --eval-only: TTA, ensembles) under the study's folder; with --set test, the folder
+test/<variant> (an --eval-only on the test patients, made once, at the end). The first variant is
+the reference the others are paired with.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from common import report, stats
+from common.errors import UserError
+from tools.compare import scores, write_csv
+
+# name: (folder under the study's folder, the runs trained for it, what it is)
+VARIANTS = {
+    "plain": ("plain/seed0", ["plain/seed0"], "the CPU preset (constant lr 1e-3, one network)"),
+    "cosine": ("cosine", ["cosine"], "--schedule cosine (5 % warm-up)"),
+    "context1": ("context1", ["context1"], "--context 1 (9 input channels)"),
+    "tta": ("eval/tta", ["plain/seed0"], "--tta on the plain network"),
+    "ensemble": (
+        "eval/ensemble",
+        ["plain/seed0", "plain/seed1", "plain/seed2"],
+        "3 plain networks (--train-seed 0, 1, 2)",
+    ),
+    "ensemble-tta": (
+        "eval/ensemble-tta",
+        ["plain/seed0", "plain/seed1", "plain/seed2"],
+        "the ensemble with --tta",
+    ),
+    "together": ("together", ["together"], "--context 1 --schedule cosine"),
+    "together-tta": ("eval/together-tta", ["together"], "--context 1 --schedule cosine, --tta"),
+}
+
+
+def evaluation(folder, part):
+    """The `part` ("val" or "test") evaluation of a run or an --eval-only folder, with per-patient rows."""
+    if (folder / "eval.json").is_file():
+        result = json.loads((folder / "eval.json").read_text()).get(part)
+    elif (folder / "summary.json").is_file():
+        summary = json.loads((folder / "summary.json").read_text())
+        result = summary["best_val"] if part == "val" else summary["test"]
+    else:
+        raise UserError(f"{folder}: not finished (no summary.json or eval.json): run the study first")
+    if not result or "per_patient" not in result:
+        raise UserError(f"{folder}: no per-patient {part} evaluation there")
+    return result
+
+
+def train_time(study, runs):
+    return sum(json.loads((study / r / "summary.json").read_text())["train_time_s"] for r in runs)
+
+
+def rows(study, names, part):
+    """A row per variant: its scores on the `part` patients, paired with the first variant's."""
+    where = {n: study / (VARIANTS[n][0] if part == "val" else f"test/{n}") for n in names}
+    results = {n: evaluation(where[n], part) for n in names}
+    per_patient = {n: {r["patient"]: r for r in results[n]["per_patient"]} for n in names}
+    patients = sorted(per_patient[names[0]])
+    if any(sorted(per_patient[n]) != patients for n in names):
+        raise UserError(f"{study}: the variants were evaluated on different {part} patients")
+    out = []
+    for n in names:
+        s = scores([per_patient[n][p] for p in patients])
+        diff = stats.paired(
+            [per_patient[n][p]["dice"] for p in patients],
+            [per_patient[names[0]][p]["dice"] for p in patients],
+        )
+        out.append(
+            {
+                "variant": n,
+                "what": VARIANTS[n][2],
+                "patients": len(patients),
+                **{
+                    k: s[k]
+                    for k in (
+                        "dice_patient_mean",
+                        "dice_patient_mean_ci_low",
+                        "dice_patient_mean_ci_high",
+                        "dice_patient_median",
+                        "dice_pooled",
+                        "hd95_median",
+                    )
+                },
+                # the reference too (against itself: 0), so that every row has the same columns
+                **{f"vs_{names[0]}_{k}": v for k, v in diff.items() if k != "patients"},
+                "networks": len(VARIANTS[n][1]),
+                "train_time_s": train_time(study, VARIANTS[n][1]),
+                "eval_time_s": results[n]["eval_time_s"],
+            }
+        )
+    return out
+
+
+def markdown(table, part):
+    ref = table[0]["variant"]
+    lines = [
+        f"| variant | Dice per patient, mean [95 % CI] | median | pooled Dice | vs {ref}: mean diff "
+        f"[95 % CI], Wilcoxon p, wins/losses | networks | training s | {part} evaluation s |",
+        "|" + "---|" * 8,
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['variant']} ({r['what']}) | {r['dice_patient_mean']:.3f} "
+            f"[{r['dice_patient_mean_ci_low']:.3f}, {r['dice_patient_mean_ci_high']:.3f}] | "
+            f"{r['dice_patient_median']:.3f} | {r['dice_pooled']:.3f} | {paired_cell(r, ref)} | "
+            f"{r['networks']} | {r['train_time_s']:.0f} | {r['eval_time_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def paired_cell(r, ref):
+    if r["variant"] == ref:
+        return "-"
+    d = {k[len(f"vs_{ref}_") :]: v for k, v in r.items() if k.startswith(f"vs_{ref}_")}
+    if d["wilcoxon_p"] is None:
+        return "identical"
+    return (
+        f"{d['mean_diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], p {d['wilcoxon_p']:.3f}, "
+        f"{d['wins']}/{d['losses']}"
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m tools.recipe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("study", type=Path, help="the folder docs/recipe/run.sh wrote")
+    p.add_argument("--set", choices=("val", "test"), default="val", help="which patients' evaluation")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated, the first the reference: {', '.join(VARIANTS)}",
+    )
+    p.add_argument("--output-dir", type=Path, default=None, help="write recipe-<set>.csv and .md there")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        names = args.variants.split(",")
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            raise UserError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+        table = rows(args.study, names, args.set)
+        text = markdown(table, args.set)
+        if args.output_dir is not None:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            write_csv(args.output_dir / f"recipe-{args.set}.csv", table)
+            report.replace(args.output_dir / f"recipe-{args.set}.md", lambda tmp: tmp.write_text(text))
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
