@@ -208,13 +208,15 @@ def test_the_recipe_table_pairs_each_variant_with_the_plain_one(tmp_path):
         (tmp_path / folder / name).write_text(json.dumps(content))
 
     plain, tta = [0.5, 0.6, 0.7, 0.8], [0.6, 0.6, 0.9, 0.7]
-    write("plain/seed0", "summary.json", {"best_val": fake_result(plain), "test": None, "train_time_s": 100})
+    write("plain/seed0", "summary.json", {"best_val": fake_result(plain), "test": None})
+    epochs = [{"epoch": k, "train_time_s": t} for k, t in enumerate([40, 50, 300], 1)]  # one epoch shared
+    (tmp_path / "plain/seed0/metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
     write("eval/tta", "eval.json", {"val": fake_result(tta, 2.0)})
     assert recipe.main([str(tmp_path), "--variants", "plain,tta", "--output-dir", str(tmp_path / "out")]) == 0
     with open(tmp_path / "out" / "recipe-val.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["variant"] for r in rows] == ["plain", "tta"]
     assert float(rows[1]["vs_plain_mean_diff"]) == pytest.approx(0.05)
-    assert float(rows[1]["dice_patient_mean"]) == pytest.approx(0.7) and float(rows[1]["train_time_s"]) == 100
+    assert float(rows[1]["dice_patient_mean"]) == pytest.approx(0.7) and float(rows[1]["train_time_s"]) == 150
     assert "+0.050" in (tmp_path / "out" / "recipe-val.md").read_text()
     assert recipe.main([str(tmp_path), "--variants", "plain,cosine"]) == 2  # not run yet: one line

@@ -13,6 +13,7 @@ the reference the others are paired with.
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -56,7 +57,13 @@ def evaluation(folder, part):
 
 
 def train_time(study, runs):
-    return sum(json.loads((study / r / "summary.json").read_text())["train_time_s"] for r in runs)
+    """Training seconds of the networks a variant needs: each network's median epoch x its epochs
+    (an epoch that shared the CPU with other work would otherwise count in full)."""
+    total = 0.0
+    for r in runs:
+        epochs = [row["train_time_s"] for row in report.read_jsonl(study / r / "metrics.jsonl")]
+        total += statistics.median(epochs) * len(epochs)
+    return total
 
 
 def rows(study, names, part):
