@@ -30,6 +30,8 @@ from common.timing import StepTimes, Stopwatch, default_threads, device_name, gf
 
 # flags that may differ when the same run is started again
 UNCOMPARED = ("resume", "output_dir", "debug", "allow_missing", "time_limit", "log_with")
+# defaults that changed: a run whose args.json predates the change resumes with the value it ran with
+LEGACY = {"schedule": "constant"}
 PATH_FLAGS = ("data_dir", "cache_dir", "output_dir", "resume", "checkpoint", "pretrained")
 # what decides speed, recorded in summary.json beside the figures
 SPEED_FLAGS = (
@@ -256,7 +258,7 @@ def starting_point(args):
                 "or pick another folder"
             )
         args.resume = folder
-    for key, value in saved.items() if args.resume is not None else ():
+    for key, value in {**LEGACY, **saved}.items() if args.resume is not None else ():
         if key not in args.given and key not in ("resume", "given"):
             setattr(args, key, Path(value) if key in PATH_FLAGS and value is not None else value)
     args.output_dir = folder

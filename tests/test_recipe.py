@@ -220,3 +220,14 @@ def test_the_recipe_table_pairs_each_variant_with_the_plain_one(tmp_path):
     assert float(rows[1]["dice_patient_mean"]) == pytest.approx(0.7) and float(rows[1]["train_time_s"]) == 150
     assert "+0.050" in (tmp_path / "out" / "recipe-val.md").read_text()
     assert recipe.main([str(tmp_path), "--variants", "plain,cosine"]) == 2  # not run yet: one line
+
+
+def test_a_run_from_before_the_cosine_default_resumes_with_its_constant_rate(phantoms, tmp_path, env):
+    out = tmp_path / "old"
+    train("unet", "--data-dir", str(phantoms), *TINY, "--epochs", "1", "--schedule", "constant",
+          "--output-dir", str(out), env=env)  # fmt: skip
+    saved = json.loads((out / "args.json").read_text())
+    del saved["schedule"], saved["warmup"]  # as args.json was written before the flag existed
+    (out / "args.json").write_text(json.dumps(saved))
+    train("unet", "--resume", str(out), "--epochs", "2", env=env)
+    assert [r["lr"] for r in rows(out)] == [1e-4, 1e-4]

@@ -3,6 +3,7 @@
 # split, the plain preset against each change alone and all together, judged on the validation
 # patients only (--no-test). Finished steps are kept: run it again to go on after a stop.
 #   bash docs/recipe/run.sh [DATA_DIR] [OUT_DIR]        (from the repository root)
+#   bash docs/recipe/run.sh DATA_DIR OUT_DIR test       once the recipe is chosen: the test patients
 set -euo pipefail
 data=${1:-data/kaggle_3m}
 out=${2:-runs/recipe}
@@ -22,6 +23,15 @@ evaluate() {  # evaluate NAME CHECKPOINT FLAGS...: --eval-only, validation patie
         --data-dir "$data" "$@" --output-dir "$dir"
 }
 
+if [ "${3:-}" = test ]; then  # the chosen recipe and the plain preset, once, on the test patients
+    for v in plain:plain/seed0 cosine:cosine; do
+        dir=$out/test/${v%%:*}
+        [ -f "$dir/eval.json" ] || python unet/train.py --eval-only --checkpoint "$out/${v#*:}" \
+            --data-dir "$data" --output-dir "$dir"
+    done
+    python -m tools.recipe "$out" --set test --variants plain,cosine
+    exit
+fi
 train plain/seed0
 train cosine --schedule cosine
 train context1 --context 1
@@ -34,3 +44,4 @@ train plain/seed1 --train-seed 1
 train plain/seed2 --train-seed 2
 evaluate ensemble plain
 evaluate ensemble-tta plain --tta
+python -m tools.recipe "$out"
