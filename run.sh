@@ -9,8 +9,14 @@
 #   sbatch --array=0-2 run.sh unet,fcn,segnet --output-dir runs/cmp --val-frac 0.1 --test-frac 0.2 ...
 #                                  # the comparison: task i into runs/cmp/<model i>; then, once all ended,
 #                                  # python -m tools.compare --table --output-dir runs/cmp
+#   sbatch --array=0-4 --gres=gpu:1 run.sh unet --folds 5 --output-dir runs/unet-cv5 --data-dir ...
+#                                  # cross-validation: task i trains fold i into runs/unet-cv5/fold-i;
+#                                  # python -m tools.folds unet --folds 5 --output-dir runs/unet-cv5 --summary
 #   sbatch run.sh sweep unet --processes 1 2 4 --workers 0 1 8 -- --data-dir data/kaggle_3m
 #                                                            # the speed study's grid on one node
+#
+# Relative paths (given or default: data/kaggle_3m, runs/) are where the command was typed: the job's
+# working directory under sbatch (the submit folder unless --chdir).
 #
 # Any #SBATCH line below is a default that the sbatch command line overrides.
 #SBATCH --job-name=lgg-seg
@@ -27,22 +33,80 @@
 # the run saves where it is and stops, and the job goes back in the queue, where it resumes.
 set -euo pipefail
 
-model=${1:-}
-array=0
-if [[ "$model" == *,* ]]; then  # a job array over models: task i trains the i-th
-  IFS=, read -ra models <<< "$model"
-  model=${models[${SLURM_ARRAY_TASK_ID:-0}]:-}
-  array=1
-fi
-# sbatch runs a copy of this script from a spool folder: the repository is where the job was submitted
-cd "${SLURM_SUBMIT_DIR:-$(dirname "$(readlink -f "$0")")}"
-if [ "$model" = sweep ]; then shift; exec python -m tools.sweep "$@"; fi  # it launches each run itself
-if [ -z "$model" ] || [ ! -f "$model/train.py" ] || [ ! -f "$model/model.py" ]; then
-  models_here=$(for f in */train.py; do [ -f "${f%/train.py}/model.py" ] && printf '%s ' "${f%/train.py}"; done)
-  echo "error: first argument must be a model (a folder with model.py and train.py: ${models_here% }) or sweep (got '${model}')" >&2
+fail() {
+  echo "error: $*" >&2
   exit 2
+}
+
+# sbatch runs a copy of this script from its spool folder: the job's record names the one submitted
+repository() {
+  local here cmd=""
+  here=$(dirname "$(readlink -f "$0")")
+  if [ -f "$here/run.sh" ] || [ -z "${SLURM_JOB_ID:-}" ]; then echo "$here"; return; fi
+  cmd=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)
+  [ -z "$cmd" ] || cmd=$(cd "${SLURM_SUBMIT_DIR:-.}" && readlink -f "$cmd") || cmd=""
+  if [ -f "$cmd" ]; then dirname "$cmd"; else echo "${SLURM_SUBMIT_DIR:-$PWD}"; fi
+}
+
+# the value of flag $1 in the rest of the arguments (--flag V or --flag=V), or nothing
+value_of() {
+  local name=$1
+  shift
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      "$name") echo "${2:-}"; return ;;
+      "$name"=*) echo "${1#*=}"; return ;;
+    esac
+    shift
+  done
+}
+
+all_folds_finished() {
+  local fold
+  for ((fold = 0; fold < folds; fold++)); do
+    if [ ! -f "$out/fold-$fold/summary.json" ]; then return 1; fi
+  done
+}
+
+repo=$(repository)
+spec=${1:-}
+if [ "$spec" = sweep ]; then  # it launches each run itself
+  shift
+  PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec python -m tools.sweep "$@"
 fi
-shift
+[ $# -gt 0 ] && shift
+task=${SLURM_ARRAY_TASK_ID:-}
+folds=$(value_of --folds "$@")
+[ "$folds" = 0 ] && folds=""
+[ -z "$folds" ] || [[ "$folds" =~ ^[0-9]+$ ]] || fail "argument --folds: expected a number, got '$folds'"
+
+# a job array: over models (task i trains the i-th of a,b,c) or over the folds of one model (--folds K)
+array=""
+model=$spec
+if [[ "$spec" == *,* ]]; then
+  [ -z "$folds" ] || fail "a job array trains several models or the folds of one (--folds)," \
+    "not both: got $spec --folds $folds"
+  IFS=, read -ra models <<< "$spec"
+  model=${models[${task:-0}]:-}
+  last=$((${#models[@]} - 1))
+  [ -n "$model" ] || fail "array task $task, but $spec has ${#models[@]} models: sbatch --array=0-$last"
+  array=$model
+elif [ -n "$folds" ] && [ -n "$task" ]; then
+  last=$((folds - 1))
+  [ "$task" -lt "$folds" ] || fail "array task $task, but --folds $folds has folds 0-$last:" \
+    "sbatch --array=0-$last"
+  [ -z "$(value_of --fold "$@")" ] || fail "argument --fold: in a job array over --folds," \
+    "the task's index is the fold"
+  array=fold-$task
+fi
+if [ -z "$model" ] || [ ! -f "$repo/$model/train.py" ] || [ ! -f "$repo/$model/model.py" ]; then
+  models_here=$(for f in "$repo"/*/train.py; do
+    d=$(dirname "$f")
+    [ -f "$d/model.py" ] && printf '%s ' "$(basename "$d")"
+  done)
+  fail "first argument must be a model (a folder with model.py and train.py: ${models_here% })" \
+    "or sweep (got '${spec}')"
+fi
 
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
@@ -54,42 +118,56 @@ if [ "$gpus" -gt 0 ]; then
 else
   procs=1  # CPU: one process using every core (several CPU processes just split the same cores)
   device_flags=(--cpu --mixed_precision no)
-  if [ "$nodes" -gt 1 ]; then echo "error: several nodes need GPUs; none found on $(hostname)" >&2; exit 2; fi
 fi
-echo "run.sh: $model on $nodes node(s) x $procs process(es) ($gpus GPU(s) per node)"
+what=$model${folds:+${task:+ fold $task of $folds}}
+echo "run.sh: $what on $nodes node(s) x $procs process(es) ($gpus GPU(s) per node)"
 
-# under Slurm, the run folder is named after the job, so that a requeued job finds it and resumes
+# the run folder: under Slurm named after the job, so that a requeued job finds it and resumes
+out=$(value_of --output-dir "$@")
 run_dir=""
-if [ "$array" = 1 ] && printf '%s\n' "$@" | grep -qE '^--output-dir(=|$)'; then
-  # an array with --output-dir D (a comparison, tools.compare): task i writes D/<model i>
-  args=()
-  while [ $# -gt 0 ]; do
-    case "$1" in
-      --output-dir) run_dir="${2:?--output-dir needs a folder}/$model"; args+=(--output-dir "$run_dir"); shift 2 ;;
-      --output-dir=*) run_dir="${1#*=}/$model"; args+=(--output-dir "$run_dir"); shift ;;
-      *) args+=("$1"); shift ;;
-    esac
-  done
-  set -- "${args[@]}"
-  if [ -d "$run_dir/last" ]; then set -- "$@" --resume "$run_dir"; fi
-elif [ -n "${SLURM_JOB_ID:-}" ] && ! printf '%s\n' "$@" | grep -qE '^--(output-dir|resume)(=|$)'; then
-  run_dir="runs/$model-$SLURM_JOB_ID"
-  if [ -f "$run_dir/args.json" ]; then set -- "$@" --resume "$run_dir"; else set -- "$@" --output-dir "$run_dir"; fi
+if [ -n "$array" ]; then
+  # task i writes D/<model i> (a comparison: tools.compare) or D/fold-i (tools.folds), D shared by the tasks
+  [ -n "$out" ] || [ -z "$folds" ] || out="runs/$model-cv$folds-${SLURM_ARRAY_JOB_ID:-local}"
+  if [ -n "$out" ]; then
+    run_dir=$out/$array
+    args=()
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --output-dir) shift 2 ;;
+        --output-dir=*) shift ;;
+        *) args+=("$1"); shift ;;
+      esac
+    done
+    set -- "${args[@]}" --output-dir "$run_dir"
+    [ -z "$folds" ] || set -- "$@" --fold "$task"
+  fi
 fi
+if [ -z "$run_dir" ] && [ -n "${SLURM_JOB_ID:-}" ] && [ -z "$out" ] && [ -z "$(value_of --resume "$@")" ]; then
+  run_dir="runs/$model-$SLURM_JOB_ID"
+  set -- "$@" --output-dir "$run_dir"  # on a run folder with a checkpoint, train.py resumes it
+fi
+
+# The launchers end a failed run with their own report (accelerate's traceback, torchrun's summary):
+# the script writes its one `error:` line to this file instead, and it is printed after that report.
+LGG_ERROR_FILE=$(mktemp "${TMPDIR:-/tmp}/run.sh-error.XXXXXX")
+export LGG_ERROR_FILE
+trap 'rm -f "$LGG_ERROR_FILE"' EXIT
 
 if [ "$nodes" -gt 1 ]; then
-  # one launcher per node; all meet at the first node of the job (c10d rendezvous)
+  # one launcher per node; all meet at the first node of the job (c10d rendezvous), at its address
+  # as Slurm knows it (NodeAddr: the node's name unless the cluster sets another)
   head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  head_addr=$(scontrol show node "$head" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)
   port=${MASTER_PORT:-29500}
-  export model procs nodes head port
+  export repo model procs nodes port head_addr=${head_addr:-$head}
   srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
-    exec accelerate launch --multi_gpu --mixed_precision no --num_machines "$nodes" \
+    exec accelerate launch --multi_gpu --mixed_precision no --dynamo_backend no --num_machines "$nodes" \
       --num_processes $((nodes * procs)) --machine_rank "$SLURM_NODEID" \
-      --main_process_ip "$head" --main_process_port "$port" --rdzv_backend c10d --same_network \
-      "$model/train.py" "$@"' bash "$@" &
+      --main_process_ip "$head_addr" --main_process_port "$port" --rdzv_backend c10d --same_network \
+      "$repo/$model/train.py" "$@"' bash "$@" &
 else
   accelerate launch "${device_flags[@]}" --num_machines 1 --num_processes "$procs" \
-    --dynamo_backend no "$model/train.py" "$@" &
+    --dynamo_backend no "$repo/$model/train.py" "$@" &
 fi
 child=$!
 # SIGTERM to this script (Slurm's warning, or a plain kill): pass it to the training processes, which
@@ -103,8 +181,18 @@ trap forward TERM
 status=0
 wait "$child" || status=$?
 if [ "$status" -gt 128 ]; then status=0; wait "$child" || status=$?; fi  # wait was cut short by the trap
-if [ "$status" -eq 0 ] && [ -n "$run_dir" ] && [ -n "${SLURM_JOB_ID:-}" ] && [ ! -f "$run_dir/summary.json" ]; then
+if [ "$status" -ne 0 ] && [ -s "$LGG_ERROR_FILE" ]; then
+  read -r status line < "$LGG_ERROR_FILE"  # the script's exit code and line, not the launcher's
+  echo "$line" >&2
+  exit "$status"
+fi
+if [ "$status" -eq 0 ] && [ -n "$run_dir" ] && [ -n "${SLURM_JOB_ID:-}" ] && [ ! -f "$run_dir/summary.json" ]
+then
   echo "run.sh: stopped before the end: requeueing job $SLURM_JOB_ID to resume from $run_dir"
   scontrol requeue "$SLURM_JOB_ID"
+elif [ "$status" -eq 0 ] && [ -n "$folds" ] && [ -n "$array" ] && all_folds_finished; then
+  # the last fold to finish prints the table (otherwise: python -m tools.folds ... --summary)
+  PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" python -m tools.folds "$model" --folds "$folds" \
+    --output-dir "$out" --summary || true
 fi
 exit "$status"

@@ -23,6 +23,17 @@ def main(parser, build_model, argv=None):
     except UserError as e:
         if "--debug" in argv:
             raise
-        if os.environ.get("RANK", "0") == "0":  # one line per job, not one per process
-            print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever it quotes
+        say("error: " + " ".join(str(e).split()), e.exit_code)  # one line, whatever it quotes
         sys.exit(e.exit_code)
+
+
+def say(line, code):
+    """One line per job, not one per process. Under run.sh, which made the file LGG_ERROR_FILE names,
+    every process of that node writes it there instead, and run.sh prints it after the launcher's own
+    report of the failure (accelerate's traceback, torchrun's summary), with this exit code."""
+    path = os.environ.get("LGG_ERROR_FILE")
+    if path and os.path.isfile(path):
+        with open(path, "a") as f:
+            f.write(f"{code} {line}\n")
+    elif os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)

@@ -1,13 +1,17 @@
-"""run.sh under a real Slurm: a one-node cluster on this machine (tests/slurm/cluster.sh), a job, and
-a job array of two models. Skipped, with the reason, where the daemons cannot start."""
+"""run.sh as users start it: with bash, and under a real Slurm (a one-node cluster on this machine,
+tests/slurm/cluster.sh): a job, job arrays over models and over the folds of one. The Slurm tests
+skip, with the reason, where the daemons cannot start."""
 
+import getpass
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TINY
 
 TINY_JOB = ["--synthetic", "--image-size", "64", "--width", "0.125", "--epochs", "2", "--batch-size", "4"]
 # the defaults of run.sh ask for 4 GPUs and 16 CPUs: a small CPU node overrides them, as users do
@@ -29,12 +33,18 @@ def slurm(tmp_path_factory):
         pytest.skip(f"no Slurm cluster could start here: {p.stdout.strip() or p.stderr.strip()}")
     env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "LGG_CACHE_DIR": str(state / "cache")}
     yield env
+    stop(env)
+
+
+def stop(env):
+    """The cluster's jobs cancelled (a test that failed may leave one running), then its daemons."""
+    subprocess.run(["scancel", "--user", getpass.getuser()], env=env, capture_output=True)
     subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True)
 
 
-def submit(env, *args):
+def submit(env, *args, cwd=ROOT):
     p = subprocess.run(
-        ["sbatch", "--parsable", *SMALL, *args], cwd=ROOT, env=env, capture_output=True, text=True
+        ["sbatch", "--parsable", *SMALL, *args], cwd=cwd, env=env, capture_output=True, text=True
     )
     assert p.returncode == 0, p.stderr
     return p.stdout.strip().split(";")[0]
@@ -114,3 +124,109 @@ def test_a_job_array_then_the_table_is_the_comparison(slurm, tmp_path):
     )
     assert p.returncode == 0, p.stderr
     assert (out / "comparison.md").exists() and "FCN-8s - U-Net" in (out / "comparison.md").read_text()
+
+
+def run_sh(*args, env, cwd=ROOT):
+    """bash run.sh as typed in a terminal: its output and errors in the order they came."""
+    cmd = ["bash", str(ROOT / "run.sh"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def last_line(text):
+    return text.strip().splitlines()[-1]
+
+
+def test_run_sh_says_the_scripts_error_line_last_with_its_exit_code(env):
+    p = run_sh("unet", "--bad-flag", env=env)
+    assert p.returncode == 2 and last_line(p.stdout) == "error: unrecognized arguments: --bad-flag", p.stdout
+
+
+@pytest.mark.parametrize(
+    "args, task, said",
+    [
+        (
+            ["unet", "--folds", "3"],
+            "3",
+            "error: array task 3, but --folds 3 has folds 0-2: sbatch --array=0-2",
+        ),
+        (["unet", "--folds", "3", "--fold", "1"], "1", "error: argument --fold: in a job array over --folds"),
+        (["unet,fcn", "--folds", "3"], "0", "error: a job array trains several models or the folds of one"),
+        (["unet,fcn"], "2", "error: array task 2, but unet,fcn has 2 models: sbatch --array=0-1"),
+    ],
+)
+def test_run_sh_refuses_an_array_task_it_cannot_place_in_one_line(args, task, said, env):
+    p = run_sh(*args, env={**env, "SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_JOB_ID": "7"})
+    assert p.returncode == 2 and p.stdout.startswith(said) and len(p.stdout.splitlines()) == 1, p.stdout
+
+
+def test_accelerate_launch_q_ends_with_the_error_line_on_one_process(env):
+    cmd = ["accelerate", "launch", "-q", "--config_file", "accelerate_configs/cpu.yaml", "unet/train.py"]
+    p = subprocess.run(
+        [*cmd, "--bad-flag"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert p.returncode != 0 and last_line(p.stdout) == "error: unrecognized arguments: --bad-flag", p.stdout
+
+
+def test_accelerate_launch_on_two_processes_says_the_error_line_once_above_torchruns_report(env):
+    """accelerate ignores -q with torchrun, whose report of the failure comes after the script has
+    ended: the line cannot be last there (run.sh says it again after the report)."""
+    cmd = ["accelerate", "launch", "-q", "--config_file", "accelerate_configs/cpu2.yaml", "unet/train.py"]
+    p = subprocess.run(
+        [*cmd, "--bad-flag"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    said = [line for line in p.stdout.splitlines() if line.startswith("error:")]
+    assert p.returncode != 0 and said == ["error: unrecognized arguments: --bad-flag"], p.stdout
+    assert "exitcode  : 2" in p.stdout
+
+
+def test_run_sh_from_another_folder_takes_relative_paths_from_there(phantoms, tmp_path, env):
+    (tmp_path / "kaggle_3m").symlink_to(phantoms)
+    flags = ["--data-dir", "kaggle_3m", "--cache-dir", "cache", *TINY, "--epochs", "1", "--output-dir", "run"]
+    p = run_sh("fcn", *flags, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout
+    assert (tmp_path / "run" / "summary.json").exists() and any((tmp_path / "cache").iterdir())
+
+
+def test_a_job_array_over_folds_then_their_table(slurm, phantoms, tmp_path):
+    """Submitted from another folder, with relative paths. Fold 1 fails (its folder holds a run made
+    with other flags): the summary covers fold 0 and names fold 1; its task alone, run again once
+    the folder is cleared, finishes the folds and prints the table of both."""
+    (tmp_path / "kaggle_3m").symlink_to(phantoms)
+    (tmp_path / "cv" / "fold-1" / "last").mkdir(parents=True)
+    (tmp_path / "cv" / "fold-1" / "args.json").write_text("{}")
+    flags = ["unet", "--folds", "2", "--data-dir", "kaggle_3m", *TINY, "--epochs", "1", "--output-dir", "cv"]
+    log = f"--output={tmp_path}/%x-%A_%a.out"
+    job = submit(slurm, "--array=0-1", log, str(ROOT / "run.sh"), *flags, cwd=tmp_path)
+    wait(slurm, job)
+    logs = [(tmp_path / f"lgg-seg-{job}_{i}.out").read_text() for i in range(2)]
+    assert (tmp_path / "cv" / "fold-0" / "summary.json").exists(), logs
+    assert "run.sh: unet fold 1 of 2 on 1 node(s)" in logs[1]
+    assert last_line(logs[1]).startswith("error: --output-dir cv/fold-1 holds a run made with"), logs[1]
+    record = subprocess.run(
+        ["scontrol", "show", "job", f"{job}_1"], env=slurm, capture_output=True, text=True
+    )
+    assert "ExitCode=2:0" in record.stdout, record.stdout
+    summary = [
+        sys.executable,
+        "-m",
+        "tools.folds",
+        "unet",
+        "--folds",
+        "2",
+        "--output-dir",
+        str(tmp_path / "cv"),
+    ]
+    p = subprocess.run([*summary, "--summary"], cwd=ROOT, env=slurm, capture_output=True, text=True)
+    assert p.returncode == 1 and "(mean +- std over 1 of 2 folds)" in p.stdout, p.stdout + p.stderr
+    assert (
+        last_line(p.stderr).startswith("error: 1 of 2 folds not finished in") and "fold 1 (failed" in p.stderr
+    )
+    assert json.loads((tmp_path / "cv" / "cv.json").read_text())["finished"] == [0]
+
+    shutil.rmtree(tmp_path / "cv" / "fold-1")
+    again = submit(slurm, "--array=1", log, str(ROOT / "run.sh"), *flags, cwd=tmp_path)
+    wait(slurm, again)
+    log = (tmp_path / f"lgg-seg-{again}_1.out").read_text()
+    assert "2-fold cross-validation (mean +- std over folds)" in log, log
+    p = subprocess.run([*summary, "--summary"], cwd=ROOT, env=slurm, capture_output=True, text=True)
+    assert p.returncode == 0 and json.loads((tmp_path / "cv" / "cv.json").read_text())["finished"] == [0, 1]

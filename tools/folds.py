@@ -4,6 +4,11 @@ of its validation and test metrics. A fold already finished is kept; one interru
     python -m tools.folds unet --folds 5 --output-dir runs/unet-cv -- --data-dir data/kaggle_3m
     python -m tools.folds fcn --folds 5 \\
         --launch "accelerate launch --config_file accelerate_configs/4gpu.yaml" -- ...
+
+Or the folds in parallel, a Slurm job array of one task (one GPU) per fold, then their table:
+
+    sbatch --array=0-4 --gres=gpu:1 run.sh unet --folds 5 --output-dir runs/unet-cv5 --data-dir ...
+    python -m tools.folds unet --folds 5 --output-dir runs/unet-cv5 --summary
 """
 
 import argparse
@@ -39,9 +44,10 @@ def aggregate(summaries):
     return out
 
 
-def markdown(model, folds, result):
+def markdown(model, folds, result, missing=()):
+    over = f"{folds - len(missing)} of {folds} folds" if missing else "folds"
     lines = [
-        f"# {model}: {folds}-fold cross-validation (mean +- std over folds)",
+        f"# {model}: {folds}-fold cross-validation (mean +- std over {over})",
         "",
         "| set | " + " | ".join(m.title for m in METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
@@ -52,56 +58,112 @@ def markdown(model, folds, result):
             for m in METRICS
         ]
         lines.append(f"| {side} | " + " | ".join(cells) + " |")
+    if missing:
+        lines += [
+            "",
+            "Not finished, left out: " + ", ".join(f"fold {f} ({why})" for f, why in missing.items()),
+        ]
     return "\n".join(lines) + "\n"
+
+
+def not_finished(run_dir):
+    """Why a fold has no summary.json (its job's log says more)."""
+    if not run_dir.is_dir():
+        return "not started"
+    return "failed, stopped or still running; the same task or command again resumes it"
+
+
+def collect(out, folds):
+    """The finished folds' summaries, and {fold: why} for the others."""
+    summaries, missing = [], {}
+    for fold in range(folds):
+        run_dir = out / f"fold-{fold}"
+        if (run_dir / "summary.json").is_file():
+            summaries.append(json.loads((run_dir / "summary.json").read_text()))
+        else:
+            missing[fold] = not_finished(run_dir)
+    return summaries, missing
+
+
+def train_folds(args, flags, out):
+    """Each fold without a summary.json in turn; the first that fails stops the rest (its exit code)."""
+    launch = shlex.split(args.launch) if args.launch else [sys.executable]
+    for fold in range(args.folds):
+        run_dir = out / f"fold-{fold}"
+        if (run_dir / "summary.json").exists():
+            continue
+        again = ["--resume", str(run_dir)] if (run_dir / "args.json").exists() else []
+        cmd = [
+            *launch,
+            str(ROOT / args.model / "train.py"),
+            *flags,
+            "--folds",
+            str(args.folds),
+            "--fold",
+            str(fold),
+            "--output-dir",
+            str(run_dir),
+            *again,
+        ]
+        report.console.print(f"[bold]fold {fold + 1}/{args.folds}[/]: {shlex.join(cmd)}")
+        code = subprocess.call(cmd)
+        if code != 0:
+            print(
+                f"error: fold {fold} failed (exit code {code}); run the same command again to resume it",
+                file=sys.stderr,
+            )
+            return 2 if code == 2 else 1
+    return 0
+
+
+def summarise(args, out):
+    """cv.json and cv.md over the finished folds; 1 when a fold is missing (named), else 0."""
+    summaries, missing = collect(out, args.folds)
+    named = ", ".join(f"fold {f} ({why})" for f, why in missing.items())
+    if not summaries:
+        print(f"error: no fold has finished in {out}: {named}", file=sys.stderr)
+        return 1
+    result = aggregate(summaries)
+    done = [f for f in range(args.folds) if f not in missing]
+    cv = {"model": args.model, "folds": args.folds, "finished": done, "missing": missing, **result}
+    report.write_json(out / "cv.json", cv)
+    (out / "cv.md").write_text(markdown(args.model, args.folds, result, missing))
+    report.console.print(markdown(args.model, args.folds, result, missing))
+    report.console.print(f"wrote {out / 'cv.json'} and {out / 'cv.md'}")
+    if missing:
+        print(f"error: {len(missing)} of {args.folds} folds not finished in {out}: {named}", file=sys.stderr)
+        return 1
+    return 0
+
+
+EXIT_CODES = """exit code: 0 when every fold has finished; 1 when one has not (the table covers the
+others and the last line names them), or a fold's training failed; 2 on a user error."""
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m tools.folds",
         description=__doc__,
+        epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", choices=registry.names())
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--output-dir", type=Path, default=None, help="default runs/<model>-cv<K>-<time>")
     p.add_argument("--launch", default=None, help="launcher command for each fold (default: this python)")
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="train nothing: the table of the folds finished in --output-dir (by a job array, say)",
+    )
     args, flags = parse_with_train_flags(p, argv)
     if args.folds < 2:
         p.error(f"argument --folds: must be at least 2, got {args.folds}")
+    if args.summary and (args.output_dir is None or not args.output_dir.is_dir()):
+        p.error(f"argument --summary: --output-dir must be the folds' folder (got {args.output_dir})")
     out = args.output_dir or Path("runs") / f"{args.model}-cv{args.folds}-{datetime.now():%Y%m%d-%H%M%S}"
-    launch = shlex.split(args.launch) if args.launch else [sys.executable]
-    summaries = []
-    for fold in range(args.folds):
-        run_dir = out / f"fold-{fold}"
-        if not (run_dir / "summary.json").exists():
-            again = ["--resume", str(run_dir)] if (run_dir / "args.json").exists() else []
-            cmd = [
-                *launch,
-                str(ROOT / args.model / "train.py"),
-                *flags,
-                "--folds",
-                str(args.folds),
-                "--fold",
-                str(fold),
-                "--output-dir",
-                str(run_dir),
-                *again,
-            ]
-            report.console.print(f"[bold]fold {fold + 1}/{args.folds}[/]: {shlex.join(cmd)}")
-            code = subprocess.call(cmd)
-            if code != 0:
-                print(
-                    f"error: fold {fold} failed (exit code {code}); run the same command again to resume it",
-                    file=sys.stderr,
-                )
-                return 2 if code == 2 else 1
-        summaries.append(json.loads((run_dir / "summary.json").read_text()))
-    result = aggregate(summaries)
-    report.write_json(out / "cv.json", {"model": args.model, "folds": args.folds, **result})
-    (out / "cv.md").write_text(markdown(args.model, args.folds, result))
-    report.console.print(markdown(args.model, args.folds, result))
-    report.console.print(f"wrote {out / 'cv.json'} and {out / 'cv.md'}")
-    return 0
+    code = 0 if args.summary else train_folds(args, flags, out)
+    return code or summarise(args, out)
 
 
 if __name__ == "__main__":
