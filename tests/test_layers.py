@@ -25,6 +25,7 @@ LAYERS = {
     "common.pipelines": 0,
 }
 MOVED = {"bench", "sweep", "folds", "results", "predict", "compare"}  # one-line pointers to tools/
+ALIASES = {"export"}  # common.export runs tools.export under the name it was first given: a tool
 
 
 def layer(module):
@@ -39,7 +40,7 @@ def project_imports():
     """{module: set of project modules it imports}, for common/, tools/ and the model folders."""
     graph = {}
     for path in [*ROOT.glob("common/*.py"), *ROOT.glob("tools/*.py"), *ROOT.glob("*/train.py")]:
-        if path.stem == "__init__" or (path.parent.name == "common" and path.stem in MOVED):
+        if path.stem == "__init__" or (path.parent.name == "common" and path.stem in MOVED | ALIASES):
             continue
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         found = set()

@@ -8,7 +8,8 @@ import sys
 import tomllib
 from conftest import ROOT
 
-OWN = {p.parent.name for p in ROOT.glob("*/__init__.py")} | {"conftest"}  # the repository's own packages
+# the repository's own packages, and the test modules (which import each other's fixtures)
+OWN = {p.parent.name for p in ROOT.glob("*/__init__.py")} | {p.stem for p in ROOT.glob("tests/*.py")}
 
 
 def names(lines):
