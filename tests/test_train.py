@@ -36,7 +36,9 @@ def test_tiny_run_writes_the_run_folder(model, phantoms, tmp_path, env):
 
 
 def test_resume_continues_as_if_never_stopped(phantoms, tmp_path, env):
-    args = ["--data-dir", str(phantoms), *TINY, "--epochs", "3"]
+    # a constant rate: the cut run's --epochs 1 would otherwise end its own cosine after epoch 1 (the
+    # schedule's exact resume is tests/test_recipe.py's)
+    args = ["--data-dir", str(phantoms), *TINY, "--schedule", "constant", "--epochs", "3"]
     train("unet", *args, "--output-dir", str(tmp_path / "whole"), env=env)
     train("unet", *args[:-2], "--epochs", "1", "--output-dir", str(tmp_path / "cut"), env=env)
     train("unet", "--resume", str(tmp_path / "cut"), "--epochs", "3", env=env)
@@ -226,7 +228,13 @@ def test_a_few_real_patients(real_data, tmp_path, env):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["split"]["train"] > 0 and summary["best_val"]["slices"] > 0
     best = torch.load(out / "best.pt", weights_only=True)
-    assert best["config"] == {"model": "unet", "width": 0.125, "encoder": None, "image_size": 64}
+    assert best["config"] == {
+        "model": "unet",
+        "width": 0.125,
+        "encoder": None,
+        "image_size": 64,
+        "context": 0,
+    }
 
 
 def test_cross_validation_runs_every_fold_and_reports_mean_and_std(phantoms, tmp_path, env):
