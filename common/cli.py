@@ -39,6 +39,10 @@ def make_parser(script, description, **defaults):
     return p
 
 
+def default_cache_dir():
+    return Path(os.environ.get("LGG_CACHE_DIR", Path.home() / ".cache" / "lgg-seg"))
+
+
 def data_flags(p):
     d = p.add_argument_group("data")
     d.add_argument(
@@ -55,7 +59,7 @@ def data_flags(p):
     d.add_argument(
         "--cache-dir",
         type=Path,
-        default=Path(os.environ.get("LGG_CACHE_DIR", Path.home() / ".cache" / "lgg-seg")),
+        default=default_cache_dir(),
         help="where decoded slices (and the phantoms) are kept; default $LGG_CACHE_DIR",
     )
     d.add_argument(

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from common import data, report
-from common.cli import Parser
+from common.cli import Parser, default_cache_dir
 from common.errors import UserError
 from tools.predict import load_model
 
@@ -62,7 +62,7 @@ def parser():
     p.add_argument(
         "--cache-dir",
         type=Path,
-        default=Path(os.environ.get("LGG_CACHE_DIR", Path.home() / ".cache" / "lgg-seg")),
+        default=default_cache_dir(),
         help="where --data-dir's decoded slices are kept (default: $LGG_CACHE_DIR or %(default)s)",
     )
     p.add_argument(
