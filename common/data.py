@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.errors import UserError
-from common.pipelines import PIPELINES, WORKERS  # noqa: F401 (the tools take them from here too)
+from common.pipelines import WORKERS
 
 CACHE_VERSION = 2
 NAME = re.compile(r"^(?P<stem>(?P<patient>.+)_(?P<n>\d+))(?P<mask>_mask)?\.tif$", re.IGNORECASE)
@@ -345,11 +345,11 @@ class Slices(torch.utils.data.Dataset):
             if context is not None:
                 self.context = torch.from_numpy(context).to(images.device)
 
-    def stack(self, images, sel):
+    def stack(self, sel):
         """(B, H, W, 3) of the slices at `sel`, or (B, H, W, 3 (2k+1)) with their neighbours."""
         if self.context is None:
-            return images[sel]
-        near = images[self.context[sel]]  # (B, 2k+1, H, W, 3)
+            return self.images[sel]
+        near = self.images[self.context[sel]]  # (B, 2k+1, H, W, 3)
         b, m, h, w, c = near.shape
         near = near.permute(0, 2, 3, 1, 4) if self.on_device else near.transpose(0, 2, 3, 1, 4)
         return near.reshape(b, h, w, m * c)
@@ -360,9 +360,9 @@ class Slices(torch.utils.data.Dataset):
     def __getitems__(self, batch):
         if self.on_device:
             sel = self.device_indices[torch.as_tensor(batch, device=self.images.device)]
-            return self.stack(self.images, sel), self.masks[sel], sel
+            return self.stack(sel), self.masks[sel], sel
         sel = np.sort(self.indices[batch])  # sorted reads are sequential in the memory map
-        images = np.ascontiguousarray(self.stack(self.images, sel))
+        images = np.ascontiguousarray(self.stack(sel))
         return torch.from_numpy(images), torch.from_numpy(self.masks[sel]), torch.from_numpy(sel)
 
     def __getitem__(self, i):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import data, registry, report, synthetic
+from common import data, pipelines, registry, report, synthetic
 from common.errors import UserError
 from common.loop import loss_from_terms, loss_terms
 from common.timing import default_threads, device_name, gflops, synchronize
@@ -51,7 +51,9 @@ def bench_data(args, device):
     parts = {"train": list(range(len(slices))), "val": [], "test": []}
     batches = min(args.batches, len(slices) // args.batch_size - args.warmup)
     rows = []
-    settings = [(p, w) for p in data.PIPELINES for w in (args.workers if p in data.WORKERS else [0])]
+    settings = [
+        (p, w) for p in pipelines.PIPELINES for w in (args.workers if p in pipelines.WORKERS else [0])
+    ]
     for pipeline, workers in settings:
         loader = data.loaders(
             parts,
@@ -332,7 +334,9 @@ def make_parser():
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--models", nargs="+", default=registry.names(), choices=registry.names())
-    p.add_argument("--pipelines", nargs="+", default=list(data.PIPELINES), choices=list(data.PIPELINES))
+    p.add_argument(
+        "--pipelines", nargs="+", default=list(pipelines.PIPELINES), choices=list(pipelines.PIPELINES)
+    )
     p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2], help="bench data: DataLoader workers")
     p.add_argument("--warmup", type=int, default=3, help="steps (batches) not timed")
     p.add_argument("--batches", type=int, default=20, help="steps (batches) timed")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import data, registry, report
+from common import pipelines, registry, report
 from common.cli import parse_with_train_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def make_parser():
     p.add_argument("model", choices=registry.names())
     p.add_argument("--processes", nargs="+", type=int, default=[1, 2])
     p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--pipelines", nargs="+", default=["decode", "cached"], choices=list(data.PIPELINES))
+    p.add_argument("--pipelines", nargs="+", default=["decode", "cached"], choices=list(pipelines.PIPELINES))
     p.add_argument("--precisions", nargs="+", default=["no"], choices=("no", "bf16", "fp16"))
     threads = "threads per process; 0: automatic (cores / processes); more shows oversubscription"
     p.add_argument("--threads", nargs="+", type=int, default=[0], help=threads)
@@ -63,7 +63,7 @@ def main(argv=None):
     args, flags = parse_with_train_flags(make_parser(), argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     settings = itertools.product(args.processes, args.pipelines, args.workers, args.precisions, args.threads)
-    grid = [g for g in settings if g[1] in data.WORKERS or g[2] == 0]
+    grid = [g for g in settings if g[1] in pipelines.WORKERS or g[2] == 0]
     rows = []
     for k, (procs, pipeline, workers, precision, threads) in enumerate(grid, 1):
         name = f"{args.model}-p{procs}-{pipeline}-w{workers}-{precision}-t{threads}"
