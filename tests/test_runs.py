@@ -129,3 +129,21 @@ def test_more_bad_input_is_one_line(phantoms, tmp_path, env):
     p = run([sys.executable, "-m", "tools.results", str(out), str(tmp_path / "odd"), "--output-dir",
              str(tmp_path / "tables")], env)  # fmt: skip
     assert p.returncode == 0 and "left out" in p.stderr and (tmp_path / "tables" / "curves-fcn.png").exists()
+
+
+def test_predict_on_the_runs_own_test_patients(six, tmp_path, env):
+    out, pred = tmp_path / "run", tmp_path / "pred"
+    train("unet", "--data-dir", str(six), *TINY, "--epochs", "1", "--seed", "5", "--output-dir", str(out),
+          env=env)  # fmt: skip
+    cmd = [sys.executable, "-m", "tools.predict", "--checkpoint", str(out), "--data-dir", str(six),
+           "--patients", "test", "--no-figures", "--output-dir", str(pred)]  # fmt: skip
+    p = run(cmd, env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    written = {f.name.rsplit("_", 2)[0] for f in (pred / "unet" / "masks").glob("*_pred.tif")}
+    assert written == set(split_of(out)["test"])  # seed 5's test patient, not the flags' defaults
+    shutil.rmtree(six / split_of(out)["test"][0])
+    p = run(cmd, env)
+    assert p.returncode == 2 and p.stderr.startswith("error: --patients test: no slice"), p.stderr
+    (out / "split.json").unlink()
+    p = run(cmd, env)
+    assert p.returncode == 2 and "no split.json beside" in p.stderr, p.stderr

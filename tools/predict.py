@@ -17,6 +17,10 @@ three slices chosen to show a large tumour, a small one and an empty slice.
 A --checkpoint folder of runs (e.g. the folds of a --folds run) is their ensemble: the mean of their
 probabilities; --ensemble makes one ensemble of all the checkpoints given, --tta adds each slice's
 mirror image to the mean.
+
+--patients test (or val, train) keeps the patients of that part of the runs' own split (their
+split.json; every checkpoint's must agree), so a model is never shown as predicting patients it
+trained on by mistake.
 """
 
 import argparse
@@ -31,7 +35,7 @@ from PIL import Image
 from common import data, registry, report
 from common.blocks import Averaged
 from common.errors import UserError
-from common.loop import load_checkpoint, members
+from common.loop import load_checkpoint, members, recorded
 
 TRUTH, PRED = "#2ca02c", "#d62728"
 
@@ -51,6 +55,32 @@ def find_slices(folder):
         (f.stem, f, f.with_name(f"{f.stem}_mask.tif") if f.with_name(f"{f.stem}_mask.tif").exists() else None)
         for f in images
     ]
+
+
+def of_part(found, data_dir, checkpoints, part):
+    """The slices of `found` in the `part` of the checkpoints' split.json (each checkpoint's the same)."""
+    paths = [p for c in checkpoints for p in members(c)]
+    records = [recorded(p if p.is_dir() else p.parent) for p in paths]
+    for path, record in zip(paths, records):
+        if record is None:
+            raise UserError(f"--patients {part}: no split.json beside {path}")
+    if len({tuple(r[part]) for r in records}) > 1 or len({r["split"] for r in records}) > 1:
+        raise UserError(f"--patients {part}: the checkpoints' runs have different {part} sets (split.json)")
+    if records[0]["split"] == "patient":
+        key = lambda name: patient_and_number(name)[0]  # noqa: E731
+    else:  # a slice split records "<patient>_<number>"
+        key = lambda name: "{}_{}".format(*patient_and_number(name))  # noqa: E731
+    wanted = set(records[0][part])
+    chosen = [f for f in found if key(f[0]) in wanted]
+    missing = sorted(wanted - {key(f[0]) for f in chosen})
+    if not chosen:
+        raise UserError(f"--patients {part}: no slice in --data-dir {data_dir} is in the runs' {part} set")
+    if missing:
+        some = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        report.console.print(
+            f"note: {len(missing)} of the runs' {part} set are not in --data-dir ({some}): left out"
+        )
+    return chosen
 
 
 def patient_and_number(name):
@@ -212,6 +242,12 @@ def main(argv=None):
     p.add_argument("--output-dir", type=Path, default=Path("predictions"))
     p.add_argument("--no-figures", action="store_true", help="write the masks only")
     p.add_argument(
+        "--patients",
+        choices=("all", "train", "val", "test"),
+        default="all",
+        help="only the slices of this part of the runs' split.json (default: every slice found)",
+    )
+    p.add_argument(
         "--tta", action="store_true", help="average each slice's and its mirror image's probabilities"
     )
     p.add_argument(
@@ -237,6 +273,8 @@ def run(args):
         raise UserError(f"--output-dir {args.output_dir}: exists and is not a folder")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     found = find_slices(args.data_dir)
+    if args.patients != "all":
+        found = of_part(found, args.data_dir, args.checkpoint, args.patients)
     models = load_models(args, device)
     labels = [label for _, _, label in models]
     labels = [lab if labels.count(lab) == 1 else f"{lab}-{i + 1}" for i, lab in enumerate(labels)]
