@@ -1,8 +1,11 @@
 """Clocks that tell the truth on accelerators: kernels run asynchronously, so the device is
 synchronised before every reading."""
 
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -76,9 +79,21 @@ class StepTimes:
 
 
 def device_name(device):
+    """The card's name, or for a CPU its model and core count ("cpu (AMD EPYC, 2 cores)"): a timing
+    without the machine it was measured on cannot be compared."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return device.type
+    if device.type != "cpu":
+        return device.type
+    model = platform.processor()
+    try:  # Linux puts the marketing name here; platform.processor() says only "x86_64" there
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu ({model or 'unknown model'}, {os.cpu_count()} cores)"
 
 
 def peak_memory(device):
