@@ -289,11 +289,16 @@ def split(slices, how, val_frac, test_frac, seed, tumour_pixels=None, folds=0, f
 SPLIT_FLAGS = ("split", "seed", "val_frac", "test_frac", "folds", "fold")
 
 
+def split_key(kind):
+    """How split.json names a slice's unit: its patient, or with --split slice "<patient>_<number>"."""
+    return (lambda s: s.patient) if kind == "patient" else (lambda s: f"{s.patient}_{s.n}")
+
+
 def split_from_record(slices, record, allow_missing=False):
     """The split a run recorded in its split.json, on the slices found now: the record is the truth
     for everything that uses the run. Returns (parts, notes); data that no longer match the record
     are a UserError, or with allow_missing a note (and evaluated on what is left)."""
-    key = (lambda s: s.patient) if record["split"] == "patient" else (lambda s: f"{s.patient}_{s.n}")
+    key = split_key(record["split"])
     side = {k: name for name in ("train", "val", "test") for k in record[name]}
     parts = {name: [] for name in ("train", "val", "test")}
     for i, s in enumerate(slices):

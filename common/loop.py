@@ -182,7 +182,7 @@ def recorded_split(args, accelerator, slices, record):
 
 
 def split_record(args, d):
-    name = (lambda s: s.patient) if args.split == "patient" else (lambda s: f"{s.patient}_{s.n}")
+    name = data.split_key(args.split)
     record = {
         "split": args.split,
         "seed": args.seed,

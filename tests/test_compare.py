@@ -138,3 +138,38 @@ def test_the_comparison_through_accelerate_launch(tmp_path):
     out, _ = compare_in(tmp_path, "--models", "fcn", "--launch", launch)
     (row,) = compare.read_csv(out / "summary.csv")
     assert row["model"] == "fcn" and row["world_size"] == 2 and row["test_patients"] == 2
+
+
+def test_versus_pairs_each_model_with_itself_in_another_folder(comparison, tmp_path):
+    out, env = comparison
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    shutil.copytree(out, mine)
+    shutil.copytree(out, other)
+    rows = compare.read_csv(other / "per-patient.csv")
+    for r in rows:
+        r["dice"] -= 0.1 if r["model"] == "unet" else 0
+    compare.write_csv(other / "per-patient.csv", rows)
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.compare",
+        "--table",
+        "--output-dir",
+        str(mine),
+        "--versus",
+        str(other),
+    ]
+    p = run(cmd, env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    pairs = {r["a"]: r for r in json.loads((mine / "versus.json").read_text())["pairs"]}
+    assert sorted(pairs) == ["fcn", "segnet", "unet"]
+    assert pairs["unet"]["mean_diff"] == pytest.approx(0.1) and pairs["unet"]["wins"] == 2
+    assert pairs["fcn"]["mean_diff"] == 0 and pairs["fcn"]["wilcoxon_p"] is None
+    assert "## Against other" in (mine / "comparison.md").read_text()
+    for r in rows:
+        r["patient"] = "someone else"
+    compare.write_csv(other / "per-patient.csv", rows)
+    p = run(cmd, env)
+    assert p.returncode == 2 and p.stderr.startswith("error: --versus") and "other patients" in p.stderr
+    p = run(cmd[:-1] + [str(tmp_path / "nothing")], env)
+    assert p.returncode == 2 and "no per-patient.csv" in p.stderr

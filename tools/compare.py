@@ -13,7 +13,9 @@ Flags after `--` go to every train.py; the split defaults to 70 / 10 / 20 % of t
 (`--val-frac 0.1 --test-frac 0.2`). A finished run is kept, an interrupted one resumed. --original
 adds U-Net on the original's leaky slice split (`unet-slice/`), reported apart, for contrast.
 Writes into --output-dir: a run folder per model, per-patient.csv, summary.csv, split.json,
-comparison.md and the figures paired-dice.png, dice-vs-volume.png and predictions.png.
+comparison.md and the figures paired-dice.png, dice-vs-volume.png and predictions.png. --versus
+OTHER pairs each model with the same model of another comparison folder on the same test patients
+(versus.json, and a section of comparison.md): what a change of recipe did to each model.
 """
 
 import argparse
@@ -199,7 +201,48 @@ def pairs(per_patient, names):
     return out
 
 
-def table(out):
+def versus(out, other, per_patient, summary):
+    """Each model against the same model of another comparison folder (another recipe, say) on the
+    same test patients: the paired per-patient Dice difference, this folder's minus the other's."""
+    if not (other / "per-patient.csv").is_file():
+        raise UserError(f"--versus {other}: no per-patient.csv there (a tools.compare folder)")
+    theirs = read_csv(other / "per-patient.csv")
+    out_rows = []
+    for s in summary:
+        mine = {r["patient"]: r["dice"] for r in per_patient if r["model"] == s["model"]}
+        them = {r["patient"]: r["dice"] for r in theirs if r["model"] == s["model"]}
+        if not them:
+            continue
+        if mine.keys() != them.keys():
+            raise UserError(f"--versus {other}: its {s['model']} was tested on other patients than {out}'s")
+        patients = sorted(mine)
+        paired = stats.paired([mine[q] for q in patients], [them[q] for q in patients])
+        out_rows.append({"a": s["model"], "b": s["model"], **paired})
+    if not out_rows:
+        raise UserError(f"--versus {other}: none of {out}'s models is there")
+    report.write_json(out / "versus.json", {"other": str(other), "pairs": out_rows})
+    return out_rows
+
+
+def versus_section(out, other, rows):
+    labels = lambda r: (f"{title(r['a'])} ({out.name})", f"{title(r['b'])} ({other.name})")  # noqa: E731
+    lines = [
+        "",
+        f"## Against {other.name} (each model with itself, same test patients)",
+        "",
+        f"| model | {out.name} - {other.name}: mean Dice difference [95 % CI] | Wilcoxon p "
+        "| better / worse (patients) |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {title(r['a'])} | {r['mean_diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] "
+            f"| {fmt(r['wilcoxon_p'], '{:.3g}')} | {r['wins']} / {r['losses']} |"
+        )
+    return lines + ["", *[f"- {verdict(r, len(rows), labels(r))}" for r in rows]]
+
+
+def table(out, other=None):
     runs = load_runs(out)
     names = [n for n in runs if runs[n][0]["split"] == "patient"]
     if not names:
@@ -222,12 +265,15 @@ def table(out):
     paired = pairs(per_patient, names)
     report.write_json(out / "paired.json", paired)
     original = {n: runs[n] for n in runs if runs[n][0]["split"] == "slice"}
-    (out / "comparison.md").write_text(markdown(summary, paired, original, runs))
+    md = markdown(summary, paired, original, runs)
+    if other is not None:
+        md += "\n".join(versus_section(out, other, versus(out, other, per_patient, summary))) + "\n"
+    (out / "comparison.md").write_text(md)
     figures(out, names, per_patient, runs)
     report.console.print((out / "comparison.md").read_text())
     report.console.print(
         f"wrote {out}/: per-patient.csv summary.csv split.json paired.json comparison.md "
-        "paired-dice.png dice-vs-volume.png predictions.png"
+        "paired-dice.png dice-vs-volume.png predictions.png" + (" versus.json" if other else "")
     )
 
 
@@ -235,25 +281,26 @@ def fmt(v, f="{:.3f}"):
     return "-" if v is None else f.format(v)
 
 
-def verdict(p, pairs=1):
+def verdict(p, pairs=1, labels=None):
     """One sentence on a pair, no stronger than its interval and test allow: a model is called
     better only where the paired interval excludes 0 and Wilcoxon's p is below 0.05 / pairs
-    (Bonferroni, for the several pairs tested on the same patients)."""
+    (Bonferroni, for the several pairs tested on the same patients). `labels`: how to name a and b."""
+    la, lb = labels or (title(p["a"]), title(p["b"]))
     d, level = p["mean_diff"], 0.05 / pairs
-    better, worse, sign = (p["a"], p["b"], 1) if d > 0 else (p["b"], p["a"], -1)
+    better, worse, sign = (la, lb, 1) if d > 0 else (lb, la, -1)
     low, high = sorted((sign * p["ci_low"], sign * p["ci_high"]))
     by = f"by {abs(d):.3f} Dice per patient on average (95 % interval {low:+.3f} to {high:+.3f})"
     test = f"Wilcoxon p = {fmt(p['wilcoxon_p'], '{:.3g}')}, threshold {level:.3g}"
     excludes_zero = p["ci_low"] > 0 or p["ci_high"] < 0
     significant = p["wilcoxon_p"] is not None and p["wilcoxon_p"] < level
     if excludes_zero and significant:
-        return f"{title(better)} scores higher than {title(worse)} on these patients, {by}; {test}."
+        return f"{better} scores higher than {worse} on these patients, {by}; {test}."
     if excludes_zero or significant:
         return (
-            f"{title(better)} tends to score higher than {title(worse)}, {by}; {test}; but the interval "
+            f"{better} tends to score higher than {worse}, {by}; {test}; but the interval "
             "and the rank test disagree: not shown."
         )
-    return f"{title(p['a'])} and {title(p['b'])}: no difference shown ({title(better)} ahead {by}; {test})."
+    return f"{la} and {lb}: no difference shown ({better} ahead {by}; {test})."
 
 
 PROTOCOL = (
@@ -432,6 +479,11 @@ def main(argv=None):
     p.add_argument(
         "--table", action="store_true", help="only tabulate the finished runs (after a Slurm array)"
     )
+    p.add_argument(
+        "--versus",
+        type=Path,
+        help="another comparison folder (e.g. another recipe): each model paired with itself there",
+    )
     p.add_argument("--debug", action="store_true")
     args, flags = parse_with_train_flags(p, argv)
     names = args.models.split(",")
@@ -447,7 +499,7 @@ def main(argv=None):
             )
         if not args.output_dir.is_dir():
             raise UserError(f"--output-dir {args.output_dir}: not a folder")
-        table(args.output_dir)
+        table(args.output_dir, args.versus)
     except UserError as e:
         if args.debug:
             raise

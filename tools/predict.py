@@ -66,13 +66,11 @@ def of_part(found, data_dir, checkpoints, part):
             raise UserError(f"--patients {part}: no split.json beside {path}")
     if len({tuple(r[part]) for r in records}) > 1 or len({r["split"] for r in records}) > 1:
         raise UserError(f"--patients {part}: the checkpoints' runs have different {part} sets (split.json)")
-    if records[0]["split"] == "patient":
-        key = lambda name: patient_and_number(name)[0]  # noqa: E731
-    else:  # a slice split records "<patient>_<number>"
-        key = lambda name: "{}_{}".format(*patient_and_number(name))  # noqa: E731
+    unit = data.split_key(records[0]["split"])
+    keys = [unit(SimpleNamespace(patient=p, n=n)) for p, n in (patient_and_number(f[0]) for f in found)]
     wanted = set(records[0][part])
-    chosen = [f for f in found if key(f[0]) in wanted]
-    missing = sorted(wanted - {key(f[0]) for f in chosen})
+    chosen = [f for f, k in zip(found, keys) if k in wanted]
+    missing = sorted(wanted - set(keys))
     if not chosen:
         raise UserError(f"--patients {part}: no slice in --data-dir {data_dir} is in the runs' {part} set")
     if missing:
