@@ -169,7 +169,9 @@ def test_versus_pairs_each_model_with_itself_in_another_folder(comparison, tmp_p
     for r in rows:
         r["patient"] = "someone else"
     compare.write_csv(other / "per-patient.csv", rows)
+    before = (mine / "per-patient.csv").stat().st_mtime_ns
     p = run(cmd, env)
     assert p.returncode == 2 and p.stderr.startswith("error: --versus") and "other patients" in p.stderr
+    assert (mine / "per-patient.csv").stat().st_mtime_ns == before  # refused before writing anything
     p = run(cmd[:-1] + [str(tmp_path / "nothing")], env)
     assert p.returncode == 2 and "no per-patient.csv" in p.stderr

@@ -204,8 +204,6 @@ def pairs(per_patient, names):
 def versus(out, other, per_patient, summary):
     """Each model against the same model of another comparison folder (another recipe, say) on the
     same test patients: the paired per-patient Dice difference, this folder's minus the other's."""
-    if not (other / "per-patient.csv").is_file():
-        raise UserError(f"--versus {other}: no per-patient.csv there (a tools.compare folder)")
     theirs = read_csv(other / "per-patient.csv")
     out_rows = []
     for s in summary:
@@ -220,7 +218,6 @@ def versus(out, other, per_patient, summary):
         out_rows.append({"a": s["model"], "b": s["model"], **paired})
     if not out_rows:
         raise UserError(f"--versus {other}: none of {out}'s models is there")
-    report.write_json(out / "versus.json", {"other": str(other), "pairs": out_rows})
     return out_rows
 
 
@@ -255,19 +252,21 @@ def table(out, other=None):
             + "): give them the same split flags"
         )
     per_patient = [row for n in names for row in patient_rows(n, runs[n][1])]
-    write_csv(out / "per-patient.csv", per_patient)
     summary = [
         {**run_row(n, runs[n][0], runs[n][1]), **scores([r for r in per_patient if r["model"] == n])}
         for n in names
     ]
+    against = versus(out, other, per_patient, summary) if other else None  # refused before writing
+    write_csv(out / "per-patient.csv", per_patient)
     write_csv(out / "summary.csv", summary)
     report.write_json(out / "split.json", runs[names[0]][2])
     paired = pairs(per_patient, names)
     report.write_json(out / "paired.json", paired)
     original = {n: runs[n] for n in runs if runs[n][0]["split"] == "slice"}
     md = markdown(summary, paired, original, runs)
-    if other is not None:
-        md += "\n".join(versus_section(out, other, versus(out, other, per_patient, summary))) + "\n"
+    if against:
+        report.write_json(out / "versus.json", {"other": str(other), "pairs": against})
+        md += "\n".join(versus_section(out, other, against)) + "\n"
     (out / "comparison.md").write_text(md)
     figures(out, names, per_patient, runs)
     report.console.print((out / "comparison.md").read_text())
@@ -490,6 +489,8 @@ def main(argv=None):
     if bad := [n for n in names if n not in registry.names()]:
         p.error(f"argument --models: unknown model {bad[0]!r} (choose from {', '.join(registry.names())})")
     try:
+        if args.versus and not (args.versus / "per-patient.csv").is_file():  # before hours of training
+            raise UserError(f"--versus {args.versus}: no per-patient.csv there (a tools.compare folder)")
         if not args.table:
             train_all(
                 args.output_dir,
