@@ -222,21 +222,13 @@ def versus(out, other, per_patient, summary):
 
 
 def versus_section(out, other, rows):
-    labels = lambda r: (f"{title(r['a'])} ({out.name})", f"{title(r['b'])} ({other.name})")  # noqa: E731
-    lines = [
-        "",
-        f"## Against {other.name} (each model with itself, same test patients)",
-        "",
-        f"| model | {out.name} - {other.name}: mean Dice difference [95 % CI] | Wilcoxon p "
-        "| better / worse (patients) |",
-        "|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {title(r['a'])} | {r['mean_diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] "
-            f"| {fmt(r['wilcoxon_p'], '{:.3g}')} | {r['wins']} / {r['losses']} |"
-        )
-    return lines + ["", *[f"- {verdict(r, len(rows), labels(r))}" for r in rows]]
+    return paired_section(
+        rows,
+        f"Against {other.name} (each model with itself, same test patients)",
+        f"model: {out.name} - {other.name}",
+        lambda r: title(r["a"]),
+        lambda r: (f"{title(r['a'])} ({out.name})", f"{title(r['b'])} ({other.name})"),
+    )
 
 
 def table(out, other=None):
@@ -362,20 +354,26 @@ def markdown(summary, paired, original, runs):
     return "\n".join(lines) + "\n"
 
 
-def paired_section(paired):
+def paired_section(
+    paired,
+    heading="Paired comparison (per-patient Dice, same test patients)",
+    column="A - B",
+    row=lambda p: f"{title(p['a'])} - {title(p['b'])}",
+    labels=lambda p: None,  # how verdicts name a and b; None: by their titles
+):
     lines = [
         "",
-        "## Paired comparison (per-patient Dice, same test patients)",
+        f"## {heading}",
         "",
-        "| A - B | mean difference [95 % CI] | Wilcoxon p | A better / worse (patients) |",
+        f"| {column} | mean difference [95 % CI] | Wilcoxon p | A better / worse (patients) |",
         "|---|---|---|---|",
     ]
     for p in paired:
         lines.append(
-            f"| {title(p['a'])} - {title(p['b'])} | {p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, "
+            f"| {row(p)} | {p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, "
             f"{p['ci_high']:+.3f}] | {fmt(p['wilcoxon_p'], '{:.3g}')} | {p['wins']} / {p['losses']} |"
         )
-    return lines + ["", *[f"- {verdict(p, len(paired))}" for p in paired]]
+    return lines + ["", *[f"- {verdict(p, len(paired), labels(p))}" for p in paired]]
 
 
 def original_section(original, runs):
