@@ -89,6 +89,20 @@ def data_flags(p):
         "as extra input channels, 3 x (2K + 1) in all",
     )
     d.add_argument(
+        "--normalize",
+        choices=("slice", "volume"),
+        default="slice",
+        help="intensities z-scored per slice and channel, or per patient volume (clipped to its 10th-99th "
+        "percentile, then each channel's mean and std: Buda et al.)",
+    )
+    d.add_argument(
+        "--crop",
+        choices=("none", "brain"),
+        default="none",
+        help="brain: each patient's slices cut to a square around the FLAIR signal before resizing "
+        "(predictions are put back in place for scoring)",
+    )
+    d.add_argument(
         "--data-pipeline",
         choices=tuple(pipelines.PIPELINES),
         default="cached",

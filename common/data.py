@@ -1,13 +1,17 @@
 """The kaggle_3m layout, its decoded cache, the patient split, and batches prepared on the device.
 
-Every TIFF is decoded once into a uint8 cache (images N x H x W x 3, masks N x H x W in {0, 1}),
-keyed by the file list, sizes, modification times and image size; later runs and every DDP rank
-memory-map it. A DataLoader batch is one fancy-indexing read of that cache; normalisation and
-augmentation then run on the whole batch on the training device.
+Every TIFF is decoded once into a uint8 cache (images N x S x S x 3, masks N x S x S in {0, 1}, at
+--image-size S), keyed by the file list, sizes, modification times, image size and crop; later runs
+and every DDP rank memory-map it. Beside them the cache keeps each slice's geometry as released:
+its mask at its own size (packed as bits), its size, and the box of it the cached image shows, so
+that metrics are counted against the masks as read from disk. A DataLoader batch is one
+fancy-indexing read of that cache; normalisation and augmentation then run on the whole batch on the
+training device.
 """
 
 import errno
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -27,7 +31,7 @@ from PIL import Image
 from common.errors import UserError
 from common.pipelines import WORKERS
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 NAME = re.compile(r"^(?P<stem>(?P<patient>.+)_(?P<n>\d+))(?P<mask>_mask)?\.tif$", re.IGNORECASE)
 
 
@@ -118,11 +122,53 @@ def read_mask(path, shape):
     return (mask > 0).astype(np.uint8)
 
 
-def read_pair(s, size):
-    """One slice as uint8 arrays (size x size x 3, size x size in {0, 1}), checked."""
+def read_native(s):
+    """One slice as released: uint8 image (H, W, 3) and mask (H, W) in {0, 1}, checked."""
     image = read_tiff(s.image, ("RGB",))
-    mask = read_mask(s.mask, image.shape[:2])
+    return image, read_mask(s.mask, image.shape[:2])
+
+
+def read_pair(s, size, box=None):
+    """One slice as uint8 arrays (size x size x 3, size x size in {0, 1}), checked; `box` (top, left,
+    bottom, right): the part of the slice to keep (--crop brain), zero outside the slice."""
+    return shrink(*read_native(s), size, box)
+
+
+def shrink(image, mask, size, box=None):
+    """A native (image, mask) as the network sees it: the box cut out (if any), resized to size."""
+    if box is not None:
+        image, mask = cut(image, box), cut(mask, box)
     return resize(image, (size, size), Image.BILINEAR), resize(mask, (size, size), Image.NEAREST)
+
+
+def cut(array, box):
+    """array[top:bottom, left:right], zero-padded where the box leaves the array."""
+    top, left, bottom, right = (int(v) for v in box)
+    h, w = array.shape[:2]
+    if (top, left, bottom, right) == (0, 0, h, w):
+        return array
+    out = np.zeros((bottom - top, right - left, *array.shape[2:]), array.dtype)
+    t, lf, b, r = max(top, 0), max(left, 0), min(bottom, h), min(right, w)
+    out[t - top : b - top, lf - left : r - left] = array[t:b, lf:r]
+    return out
+
+
+def brain_box(images):
+    """--crop brain: one square box (top, left, bottom, right) per patient around the FLAIR channel's
+    signal (above a tenth of its maximum, over all slices, as Buda et al. crop), widened to a square
+    (the slices stay undistorted; beyond the slice it is zero, the MRI background). The full slice
+    where the slices differ in size or no signal is found."""
+    shapes = {im.shape[:2] for im in images}
+    if len(shapes) != 1:
+        return None
+    flair = np.stack([im[..., 1] for im in images])
+    rows, cols = np.nonzero((flair > 0.1 * flair.max()).any(0)) if flair.max() > 0 else ((), ())
+    if not len(rows):
+        return None
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    side = max(bottom - top, right - left)
+    top, left = top - (side - (bottom - top)) // 2, left - (side - (right - left)) // 2
+    return (int(top), int(left), int(top + side), int(left + side))
 
 
 def resize(array, shape, resample):
@@ -132,47 +178,65 @@ def resize(array, shape, resample):
     return np.array(Image.fromarray(array).resize((shape[1], shape[0]), resample))
 
 
-def cache_key(slices, data_dir, size):
+def cache_key(slices, data_dir, size, crop="none"):
     items = []
     for s in slices:
         for f in (s.image, s.mask):
             st = f.stat()
             items.append((str(f.relative_to(data_dir)), st.st_size, st.st_mtime_ns))
-    blob = json.dumps([CACHE_VERSION, size, items]).encode()
+    blob = json.dumps([CACHE_VERSION, size, crop, items]).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
-def open_dataset(data_dir, cache_dir, size, progress=False):
-    """(slices, images, masks, tumour pixels per slice) of a kaggle_3m folder or of a pack file."""
+@dataclass
+class Cache:
+    """A data set's decoded arrays (the first three and `native` memory-mapped)."""
+
+    images: np.ndarray  # (N, S, S, 3) uint8: what the network sees
+    masks: np.ndarray  # (N, S, S) uint8 {0, 1}, the same geometry
+    tumour: np.ndarray  # (N,) tumour pixels of `masks`
+    native: np.ndarray  # (N, H, ceil(W / 8)) uint8: each mask as released, packed bits (H, W: the largest)
+    shapes: np.ndarray  # (N, 2) each slice's own (height, width)
+    boxes: np.ndarray  # (N, 4) top, left, bottom, right: the part of the slice `images` shows
+    stats: np.ndarray  # (N, 8) float32: its patient's volume statistics (volume_stats)
+
+    def native_masks(self, index):
+        """The masks as released of the slices at `index`, (B, H, W) bool, zero beyond a slice's size."""
+        width = int(self.shapes[:, 1].max())
+        return np.unpackbits(self.native[np.asarray(index)], axis=-1, count=width).astype(bool)
+
+
+def open_dataset(data_dir, cache_dir, size, progress=False, crop="none"):
+    """(slices, Cache) of a kaggle_3m folder or of a pack file."""
     if Path(data_dir).is_file():
-        return load_pack(Path(data_dir), cache_dir, size, progress)
+        return load_pack(Path(data_dir), cache_dir, size, progress, crop)
     slices = discover(data_dir)
-    return slices, *load_cache(slices, data_dir, cache_dir, size, progress)
+    return slices, load_cache(slices, data_dir, cache_dir, size, progress, crop)
 
 
-def load_cache(slices, data_dir, cache_dir, size, progress=False):
-    """Decoded arrays for `slices` (images, masks memory-mapped; tumour pixels per slice), from the
-    cache; built first if absent or stale."""
-    folder = Path(cache_dir) / f"lgg-{size}px-{cache_key(slices, data_dir, size)}"
+def load_cache(slices, data_dir, cache_dir, size, progress=False, crop="none"):
+    """The Cache of `slices`; built first if absent or stale."""
+    tag = "" if crop == "none" else f"-{crop}"
+    folder = Path(cache_dir) / f"lgg-{size}px{tag}-{cache_key(slices, data_dir, size, crop)}"
     if (folder / "meta.json").is_file():
         try:
             return open_cache(folder, len(slices), size)
         except (OSError, ValueError):  # arrays damaged after the cache was complete: build it again
             shutil.rmtree(folder, ignore_errors=True)
-    build_cache(slices, folder, size, progress)
+    build_cache(slices, folder, size, progress, crop)
     return open_cache(folder, len(slices), size)
+
+
+CACHE_FILES = ("images", "masks", "tumour_pixels", "native_masks", "shapes", "boxes", "volume_stats")
 
 
 def open_cache(folder, n, size):
     """The cache's arrays, memory-mapped, checked to be whole (a truncated file maps short)."""
-    images, masks = (
-        np.load(folder / "images.npy", mmap_mode="r"),
-        np.load(folder / "masks.npy", mmap_mode="r"),
-    )
-    tumour = np.load(folder / "tumour_pixels.npy")
-    if images.shape != (n, size, size, 3) or masks.shape != (n, size, size) or tumour.shape != (n,):
+    arrays = [np.load(folder / f"{name}.npy", mmap_mode="r") for name in CACHE_FILES]
+    expected = [(n, size, size, 3), (n, size, size), (n,), None, (n, 2), (n, 4), (n, 8)]
+    if any(e is not None and a.shape != e for a, e in zip(arrays, expected)) or len(arrays[3]) != n:
         raise ValueError(f"{folder}: arrays of another shape")
-    return images, masks, tumour
+    return Cache(*arrays)
 
 
 def reserve(path):
@@ -196,23 +260,49 @@ def remove_orphans(cache_dir):
             pass  # not ours to judge, or alive
 
 
-def build_cache(slices, folder, size, progress):
+def build_cache(slices, folder, size, progress, crop="none"):
     from rich.progress import track
 
-    pairs = (
-        read_pair(s, size) for s in track(slices, f"decoding {len(slices)} slices", disable=not progress)
-    )
-    write_cache(folder, len(slices), size, pairs)
+    natives = (read_native(s) for s in track(slices, f"decoding {len(slices)} slices", disable=not progress))
+    write_cache(folder, slices, size, natives, crop)
 
 
-def write_cache(folder, n, size, pairs, extra=None):
-    """A cache folder of n slices from (image, mask) pairs (and `extra` {file name: text}), written
-    to a temporary name and renamed. Its space is checked and reserved first: the arrays are
-    memory-mapped, and a page that cannot be backed would kill the process (SIGBUS) with no word."""
+def prepared(slices, natives, size, crop):
+    """(image, mask at size; native mask; box) per slice from its native (image, mask), a patient at a
+    time (--crop brain takes one box per patient)."""
+    for _, group in itertools.groupby(zip(slices, natives), key=lambda t: t[0].patient):
+        pairs = [pair for _, pair in group]
+        box = brain_box([image for image, _ in pairs]) if crop == "brain" else None
+        for image, mask in pairs:
+            b = box or (0, 0, *mask.shape)
+            yield *shrink(image, mask, size, b), mask, b
+
+
+def volume_stats(slices, images):
+    """(N, 8) per slice, of its patient's volume as cached: the 10th and 99th percentiles of all its
+    intensities (in [0, 1]), then each channel's mean and std once clipped and rescaled between
+    them: Buda et al.'s per-volume normalisation (--normalize volume)."""
+    out = np.zeros((len(slices), 8), np.float32)
+    starts = [0] + [i for i in range(1, len(slices)) if slices[i].patient != slices[i - 1].patient]
+    for a, b in zip(starts, starts[1:] + [len(slices)]):
+        volume = np.asarray(images[a:b], np.float32) / 255
+        lo, hi = np.percentile(volume[::2, ::2, ::2], (10, 99))  # every 8th voxel: the same to ~1e-3
+        hi = max(hi, lo + 1e-3)
+        v = np.clip((volume - lo) / (hi - lo), 0, 1)
+        out[a:b] = [lo, hi, *v.mean((0, 1, 2)), *(v.std((0, 1, 2)) + 1e-5)]
+    return out
+
+
+def write_cache(folder, slices, size, natives, crop="none", extra=None):
+    """A cache folder of `slices` from their native (image, mask) pairs (and `extra` {file name:
+    text}), written to a temporary name and renamed. Its space is checked and reserved first: the
+    arrays are memory-mapped, and a page that cannot be backed would kill the process (SIGBUS) with
+    no word."""
+    n = len(slices)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         remove_orphans(folder.parent)
-        need, free = n * size * size * 4 + 2**20, shutil.disk_usage(folder.parent).free
+        need, free = n * (size * size * 4 + 2**13) + 2**20, shutil.disk_usage(folder.parent).free
     except OSError as e:
         raise UserError(
             f"cannot use {folder.parent} as the cache folder (--cache-dir): {e.strerror or e}"
@@ -229,14 +319,20 @@ def write_cache(folder, n, size, pairs, extra=None):
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size, 3))
         masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, size, size))
         reserve(tmp / "images.npy"), reserve(tmp / "masks.npy")
-        for i, (image, mask) in enumerate(pairs):
-            images[i], masks[i] = image, mask
+        native, shapes, boxes = [], np.zeros((n, 2), np.int32), np.zeros((n, 4), np.int32)
+        for i, (image, mask, full, box) in enumerate(prepared(slices, natives, size, crop)):
+            images[i], masks[i], shapes[i], boxes[i] = image, mask, full.shape, box
+            native.append(np.packbits(full, axis=-1))
         images.flush(), masks.flush()
         np.save(tmp / "tumour_pixels.npy", masks.reshape(n, -1).sum(1, dtype=np.int64))
+        np.save(tmp / "shapes.npy", shapes), np.save(tmp / "boxes.npy", boxes)
+        np.save(tmp / "native_masks.npy", pad_stack(native))
+        np.save(tmp / "volume_stats.npy", volume_stats(slices, images))
         del images, masks
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        (tmp / "meta.json").write_text(json.dumps({"version": CACHE_VERSION, "size": size, "slices": n}))
+        meta = {"version": CACHE_VERSION, "size": size, "crop": crop, "slices": n}
+        (tmp / "meta.json").write_text(json.dumps(meta))
         if folder.exists() and not (folder / "meta.json").is_file():
             shutil.rmtree(folder)  # a damaged cache (meta.json is written last): replace it
         os.rename(tmp, folder)  # atomic: a reader sees a whole cache or none
@@ -247,6 +343,17 @@ def write_cache(folder, n, size, pairs, extra=None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def pad_stack(arrays):
+    """Equal-shaped 2-D arrays as one array; different shapes zero-padded to the largest."""
+    h, w = max(a.shape[0] for a in arrays), max(a.shape[1] for a in arrays)
+    if all(a.shape == (h, w) for a in arrays):
+        return np.stack(arrays)
+    out = np.zeros((len(arrays), h, w), arrays[0].dtype)
+    for o, a in zip(out, arrays):
+        o[: a.shape[0], : a.shape[1]] = a
+    return out
 
 
 def split(slices, how, val_frac, test_frac, seed, tumour_pixels=None, folds=0, fold=0):
@@ -378,15 +485,15 @@ class DecodedSlices(torch.utils.data.Dataset):
     """Pipeline `decode`, the original study's design and the baseline of the speed study: every item
     reads and decodes its two TIFFs (in the DataLoader workers), every epoch."""
 
-    def __init__(self, slices, indices, size):
-        self.slices, self.indices, self.size = slices, list(indices), size
+    def __init__(self, slices, indices, size, boxes=None):
+        self.slices, self.indices, self.size, self.boxes = slices, list(indices), size, boxes
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
         k = self.indices[i]
-        image, mask = read_pair(self.slices[k], self.size)
+        image, mask = read_pair(self.slices[k], self.size, None if self.boxes is None else self.boxes[k])
         return torch.from_numpy(image), torch.from_numpy(mask), torch.tensor(k)
 
 
@@ -396,9 +503,11 @@ def keep_batch(batch):
 
 
 def loaders(
-    parts, pipeline, slices, images, masks, size, batch_size, num_workers, pin_memory, device, context=0
-):
-    """A DataLoader per part ("train" shuffled), or None for an empty part; `context`: --context."""
+    parts, pipeline, slices, images, masks, size, batch_size, num_workers, pin_memory, device, context=0,
+    boxes=None, sampler=None,
+):  # fmt: skip
+    """A DataLoader per part ("train" shuffled, or drawn by `sampler`), or None for an empty part;
+    `context`: --context; `boxes`: the cache's (--crop, for the decode pipeline)."""
     if pipeline == "decode" and slices[0].image is None:
         raise UserError(
             "--data-pipeline decode reads the TIFF files: give --data-dir a kaggle_3m folder, not a pack"
@@ -415,13 +524,14 @@ def loaders(
             out[name] = None
             continue
         decoded = pipeline == "decode"
-        dataset = DecodedSlices(slices, idx, size) if decoded else Slices(images, masks, idx, near)
+        dataset = DecodedSlices(slices, idx, size, boxes) if decoded else Slices(images, masks, idx, near)
         # a generator of its own: starting an epoch then draws nothing from the global RNG, which the
         # augmentation uses, so a run resumed part-way through an epoch replays the same random stream
         out[name] = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=name == "train",
+            shuffle=name == "train" and sampler is None,
+            sampler=sampler if name == "train" else None,
             num_workers=num_workers,
             collate_fn=None if decoded else keep_batch,
             pin_memory=pin_memory,
@@ -431,10 +541,11 @@ def loaders(
     return out
 
 
-def to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0, channels_last=False):
+def to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0, channels_last=False, stats=None):
     """uint8 batches (B,H,W,C), (B,H,W) on the device -> normalised float inputs (B,C,H,W) and
     targets (B,1,H,W). With flip/rotate/scale (training only) each slice gets its own random
-    flip, rotation and zoom, applied to image and mask by one affine resampling."""
+    flip, rotation and zoom, applied to image and mask by one affine resampling. Normalised per
+    slice and channel, or with `stats` (B, 8) (volume_stats; --normalize volume) by its volume's."""
     x = images.permute(0, 3, 1, 2).float().div_(255)
     y = masks.unsqueeze(1).float()
     if flip or rotate or scale:
@@ -450,9 +561,14 @@ def to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0, channels_last=Fals
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", align_corners=False)  # outside: 0, the MRI background
         y = F.grid_sample(y, grid, mode="nearest", align_corners=False)
-    # per-slice, per-channel z-score: scanners differ in intensity scale, and it needs no stored statistics
-    mean, std = x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)
-    x = (x - mean) / (std + 1e-5)
+    if stats is None:  # per-slice, per-channel z-score: scanners differ in scale; nothing stored
+        mean, std = x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)
+        x = (x - mean) / (std + 1e-5)
+    else:  # the volume's: slices with little brain keep the contrast of their patient's volume
+        s = stats.to(x.device, torch.float32)[:, :, None, None]
+        k = x.shape[1] // 3  # --context stacks 2K + 1 slices of one patient: its statistics repeat
+        x = ((x - s[:, :1]) / (s[:, 1:2] - s[:, :1])).clamp_(0, 1)
+        x = (x - s[:, 2:5].repeat(1, k, 1, 1)) / s[:, 5:8].repeat(1, k, 1, 1)
     # one memory format whatever the path (the permute above leaves NHWC strides, the resampling
     # NCHW ones), and convolution speed depends on it
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), y
@@ -468,10 +584,10 @@ def pack(data_dir, out, cache_dir, size=256, part_size=0, progress=True):
     """Write the pack of a kaggle_3m folder; returns the paths written (manifest first)."""
     import io
 
-    slices, images, masks, _ = open_dataset(data_dir, cache_dir, size, progress)
+    slices, cache = open_dataset(data_dir, cache_dir, size, progress)
     index = json.dumps([[s.patient, s.n] for s in slices])
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, images=images, masks=masks, index=np.array(index))
+    np.savez_compressed(buffer, images=cache.images, masks=cache.masks, index=np.array(index))
     blob = buffer.getbuffer()
     step = part_size or len(blob)
     chunks = [blob[k : k + step] for k in range(0, len(blob), step)]
@@ -532,26 +648,25 @@ def read_pack(path, manifest):
     return bytes(blob)
 
 
-def load_pack(path, cache_dir, size, progress=False):
-    """A pack's slices and arrays, through the cache (unpacked there once, keyed by its checksum)."""
+def load_pack(path, cache_dir, size, progress=False, crop="none"):
+    """A pack's slices and Cache, through the cache (unpacked there once, keyed by its checksum). The
+    pack's slices are the native ones (a pack at 256 px, the default, holds kaggle_3m losslessly)."""
     import io
 
     manifest = pack_manifest(path)
-    folder = Path(cache_dir) / f"lgg-{size}px-pack-{manifest['sha256'][:20]}"
+    tag = "" if crop == "none" else f"-{crop}"
+    folder = Path(cache_dir) / f"lgg-{size}px{tag}-pack-{manifest['sha256'][:20]}"
     if not (folder / "meta.json").is_file():
         with np.load(io.BytesIO(read_pack(path, manifest))) as z:
             images, masks, index = z["images"], z["masks"], str(z["index"])
-        pairs = (
-            (resize(im, (size, size), Image.BILINEAR), resize(m, (size, size), Image.NEAREST))
-            for im, m in zip(images, masks)
-        )
-        write_cache(folder, len(images), size, pairs, {"index.json": index})
+        slices = [Slice(patient, n, None, None) for patient, n in json.loads(index)]
+        write_cache(folder, slices, size, zip(images, masks), crop, {"index.json": index})
     slices = [Slice(patient, n, None, None) for patient, n in json.loads((folder / "index.json").read_text())]
-    return slices, *open_cache(folder, len(slices), size)
+    return slices, open_cache(folder, len(slices), size)
 
 
-def counts(slices, tumour_pixels):
-    patients, with_tumour = len({s.patient for s in slices}), int((np.asarray(tumour_pixels) > 0).sum())
+def counts(slices, cache):
+    patients, with_tumour = len({s.patient for s in slices}), int((np.asarray(cache.tumour) > 0).sum())
     return f"{patients} patients, {len(slices)} slices, {with_tumour} with tumour"
 
 
@@ -585,10 +700,10 @@ def main(argv=None):
                 args.data_dir, args.out, args.cache_dir, args.image_size, int(args.part_size * 2**20)
             )
             print("wrote " + ", ".join(f"{w} ({w.stat().st_size / 2**20:.1f} MiB)" for w in written))
-            print(counts(*open_dataset(args.data_dir, args.cache_dir, args.image_size)[::3]))
+            print(counts(*open_dataset(args.data_dir, args.cache_dir, args.image_size)))
         else:
-            slices, _, _, tumour = load_pack(args.pack, args.cache_dir, args.image_size, progress=True)
-            print(f"unpacked into {args.cache_dir}: {counts(slices, tumour)}")
+            slices, cache = load_pack(args.pack, args.cache_dir, args.image_size, progress=True)
+            print(f"unpacked into {args.cache_dir}: {counts(slices, cache)}")
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

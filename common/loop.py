@@ -31,7 +31,7 @@ from common.timing import StepTimes, Stopwatch, default_threads, device_name, gf
 # flags that may differ when the same run is started again
 UNCOMPARED = ("resume", "output_dir", "debug", "allow_missing", "time_limit", "log_with")
 # defaults that changed: a run whose args.json predates the change resumes with the value it ran with
-LEGACY = {"schedule": "constant"}
+LEGACY = {"schedule": "constant", "normalize": "slice", "crop": "none"}
 PATH_FLAGS = ("data_dir", "cache_dir", "output_dir", "resume", "checkpoint", "pretrained")
 # what decides speed, recorded in summary.json beside the figures
 SPEED_FLAGS = (
@@ -106,10 +106,11 @@ def make_accelerator(args):
 @dataclass
 class Data:
     slices: list  # data.Slice per cached slice, sorted by patient then slice number
-    masks: np.ndarray  # (N, H, W) uint8, memory-mapped
+    cache: data.Cache  # the arrays, and each slice's native geometry
     parts: dict  # "train"/"val"/"test" -> slice indices
     loaders: dict  # "train"/"val"/"test" -> DataLoader, or None for an empty part
     notes: list  # how the data differ from a recorded split (with --allow-missing)
+    stats: torch.Tensor = None  # (N, 8) volume statistics with --normalize volume, on the device
 
 
 def load_data(args, accelerator, record=None):
@@ -120,10 +121,10 @@ def load_data(args, accelerator, record=None):
         if args.synthetic:
             args.data_dir = synthetic.ensure_phantoms(args.cache_dir)
         return data.open_dataset(
-            args.data_dir, args.cache_dir, args.image_size, progress=accelerator.is_main_process
+            args.data_dir, args.cache_dir, args.image_size, accelerator.is_main_process, args.crop
         )
 
-    slices, images, masks, tumour_pixels = on_main_first(accelerator, prepare)
+    slices, cache = on_main_first(accelerator, prepare)
     if record is None:
         parts, notes = (
             data.split(
@@ -132,7 +133,7 @@ def load_data(args, accelerator, record=None):
                 args.val_frac,
                 args.test_frac,
                 args.seed,
-                tumour_pixels,
+                cache.tumour,
                 args.folds,
                 args.fold,
             ),
@@ -145,16 +146,27 @@ def load_data(args, accelerator, record=None):
         parts,
         args.data_pipeline,
         slices,
-        images,
-        masks,
+        cache.images,
+        cache.masks,
         args.image_size,
         args.batch_size,
         args.num_workers,
         pin,
         accelerator.device,
         args.context,
+        cache.boxes,
     )
-    return Data(slices, masks, parts, loaders, notes)
+    stats = (
+        torch.from_numpy(np.array(cache.stats)).to(accelerator.device) if args.normalize == "volume" else None
+    )
+    return Data(slices, cache, parts, loaders, notes, stats)
+
+
+def inputs(args, d, images, masks, idx, train=False):
+    """A batch as the network takes it: augmented when training, normalised as --normalize says."""
+    stats = None if d.stats is None else d.stats[idx.to(d.stats.device)]
+    augment = (args.flip, args.rotate, args.scale) if train else (0.0, 0.0, 0.0)
+    return data.to_inputs(images, masks, *augment, args.channels_last, stats)
 
 
 def recorded(folder):
@@ -310,12 +322,18 @@ def evaluate(model, loader, accelerator, args, d, title=None, volumes=False):
     model.eval()
     started = time.perf_counter()
     counts, terms, index, preds = [], [], [], []
+    cache = d.cache
+    size = tuple(int(v) for v in cache.shapes.max(0))
     with report.bar(accelerator.is_main_process and title is not None) as bar:
         for images, masks, idx in bar.track(loader, description=title or ""):
-            x, y = data.to_inputs(images, masks, channels_last=args.channels_last)
+            x, y = inputs(args, d, images, masks, idx)
             logits = model(x)
-            out = (metrics.confusion(logits, y), loss_terms(logits, y), idx) + (
-                (logits[:, 0] > 0,) if volumes else ()
+            at = idx.cpu().numpy()  # scored at native resolution, against the masks as released
+            native = metrics.native_logits(logits, cache.shapes[at], cache.boxes[at], size)
+            truth = torch.from_numpy(cache.native_masks(at)).to(native.device)
+            areas = torch.from_numpy(cache.shapes[at].prod(1))
+            out = (metrics.confusion(native, truth, areas), loss_terms(logits, y), idx) + (
+                (native > 0,) if volumes else ()
             )
             out = accelerator.gather_for_metrics(out)
             counts.append(out[0]), terms.append(out[1]), index.append(out[2])
@@ -330,9 +348,11 @@ def evaluate(model, loader, accelerator, args, d, title=None, volumes=False):
         "loss": loss_from_terms(terms, args.loss).item(),
         "slices": len(counts),
         "patients": len(set(patients)),
+        "scored_at": metrics.SCORED_AT,
     }
     if volumes and accelerator.is_main_process:
-        result.update(metrics.volume_metrics(torch.cat(preds)[order].numpy(), d.masks[index] > 0, patients))
+        pred, truth = torch.cat(preds)[order].numpy(), cache.native_masks(index)
+        result.update(metrics.volume_metrics(pred, truth, patients, cache.shapes[index].prod(1)))
     result["eval_time_s"] = time.perf_counter() - started  # the 3-D metrics included; .cpu() synchronised
     return result
 
@@ -344,6 +364,8 @@ def model_config(args):
         "width": args.width,
         "image_size": args.image_size,
         "context": args.context,
+        "normalize": args.normalize,
+        "crop": args.crop,
         **{k: getattr(args, k) for k in args.network_flags},
     }
 
@@ -538,9 +560,9 @@ def train_epoch(run, epoch, preemption):
     batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
     with report.bar(run.main) as bar:  # the loss stays on the device: no host sync per step
         task = bar.add_task(f"epoch {epoch}/{args.epochs}", total=steps, completed=done)
-        for step, (images, masks, _) in enumerate(batches, done + 1):
+        for step, (images, masks, idx) in enumerate(batches, done + 1):
             times.waited()
-            x, y = data.to_inputs(images, masks, args.flip, args.rotate, args.scale, args.channels_last)
+            x, y = inputs(args, run.d, images, masks, idx, train=True)
             loss = loss_from_terms(loss_terms(run.model(x), y), args.loss)
             run.optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)

@@ -1,8 +1,11 @@
 """Segmentation metrics from per-slice confusion counts (and, for 3-D ones, the predicted masks).
 
-Each slice gives (tp, fp, fn, tn) pixel counts of the tumour class (prediction: logit > 0). The
-counts are computed on the device, gathered across processes without the padding duplicates, and
-pooled over the whole set, so no metric depends on batch size or number of processes.
+Every metric is counted at native resolution: the network's logits are resized back (bilinear) to
+each slice's own size and place (native_logits), thresholded there, and compared with the mask as
+released, whatever --image-size the network ran at. Each slice gives (tp, fp, fn, tn) pixel counts
+of the tumour class (prediction: logit > 0). The counts are computed on the device, gathered
+across processes without the padding duplicates, and pooled over the whole set, so no metric
+depends on batch size or number of processes.
 An empty mask with an empty prediction is a perfect agreement (1.0); a metric with nothing to
 average over (say, slice Dice on a set without tumour) is None.
 """
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 TP, FP, FN, TN = range(4)
@@ -43,14 +47,38 @@ METRICS = [
 ]
 
 
-def confusion(logits, target):
-    """Per-slice (tp, fp, fn, tn) as an int64 tensor (B, 4), for one-logit outputs (B,1,H,W)."""
+SCORED_AT = "native"  # how summary.json, eval.json and the tables name the resolution of the metrics
+
+
+def native_logits(logits, shapes, boxes, size):
+    """Logits (B, 1, S, S) at each slice's own geometry: (B, H, W), H x W = `size` (the largest
+    slice). Each slice's logits are resized (bilinear) to its box (the part of the slice the network
+    saw) and put there; outside the box and beyond the slice's own size they are -inf (background)."""
+    logits, (h, w) = logits.float(), size
+    full = [tuple(b) == (0, 0, *s) == (0, 0, h, w) for s, b in zip(shapes.tolist(), boxes.tolist())]
+    if all(full):  # the common case (no crop, one slice size): one resize for the batch
+        same = logits.shape[-2:] == (h, w)
+        return (logits if same else F.interpolate(logits, (h, w), mode="bilinear", align_corners=False))[:, 0]
+    out = logits.new_full((len(logits), h, w), -torch.inf)
+    for i, ((sh, sw), (top, left, bottom, right)) in enumerate(zip(shapes.tolist(), boxes.tolist())):
+        box = F.interpolate(
+            logits[i : i + 1], (bottom - top, right - left), mode="bilinear", align_corners=False
+        )
+        t, lf, b, r = max(top, 0), max(left, 0), min(bottom, sh), min(right, sw)
+        out[i, t:b, lf:r] = box[0, 0, t - top : b - top, lf - left : r - left]
+    return out
+
+
+def confusion(logits, target, areas=None):
+    """Per-slice (tp, fp, fn, tn) as an int64 tensor (B, 4), for logits and targets of one shape
+    ((B, 1, H, W) or (B, H, W)); `areas` (B,): each slice's own pixel count, where slices are
+    zero-padded to a common size (the padding is no true negative)."""
     pred, true = logits > 0, target > 0.5
     dims = tuple(range(1, pred.dim()))
     tp = (pred & true).sum(dims)
     fp = (pred & ~true).sum(dims)
     fn = (~pred & true).sum(dims)
-    tn = (~pred & ~true).sum(dims)
+    tn = (~pred & ~true).sum(dims) if areas is None else areas.to(tp.device) - tp - fp - fn
     return torch.stack([tp, fp, fn, tn], 1).long()
 
 
@@ -140,7 +168,7 @@ def hd95(pred, truth):
     return float(max(np.percentile(d_to_truth, 95), np.percentile(d_to_pred, 95)))
 
 
-def patient_row(pred, truth):
+def patient_row(pred, truth, area=None):
     """One patient's 3-D metrics, from its predicted and true masks (slices, H, W) bool: Dice and
     tumour IoU of the volume and HD95 (None when the truth or the prediction is empty), as predicted
     and after keeping the largest connected component of the prediction (the dataset author's
@@ -152,8 +180,8 @@ def patient_row(pred, truth):
         "tp": int((pred & truth).sum()),
         "fp": int((pred & ~truth).sum()),
         "fn": int((~pred & truth).sum()),
-        "tn": int((~pred & ~truth).sum()),
     }
+    row["tn"] = int((~pred & ~truth).sum()) if area is None else int(area) - row["tp"] - row["fp"] - row["fn"]
     for tag, p in (("", pred), ("_lcc", largest_component(pred))):
         inter, total = int((p & truth).sum()), int(p.sum() + truth.sum())
         row[f"dice{tag}"] = ratio(2 * inter, total)
@@ -162,16 +190,19 @@ def patient_row(pred, truth):
     return row
 
 
-def volume_metrics(pred, truth, patients):
+def volume_metrics(pred, truth, patients, areas=None):
     """Per-patient 3-D metrics from predicted and true masks (N, H, W) bool, slices of a patient in
     order: a row per patient (patient_row) in `per_patient`, and their summaries. hd95_patient is
     over patients whose prediction and truth are both non-empty; the others are counted apart
-    (hd95_excluded), not averaged in."""
+    (hd95_excluded), not averaged in. `areas` (N,): each slice's own pixel count, where slices of
+    different sizes are zero-padded to one."""
     names = list(dict.fromkeys(patients))
     patients = np.asarray(patients)
-    rows = [
-        {"patient": name, **patient_row(pred[patients == name], truth[patients == name])} for name in names
-    ]
+    area = (lambda sel: None) if areas is None else (lambda sel: np.asarray(areas)[sel].sum())
+    rows = []
+    for name in names:
+        sel = patients == name
+        rows.append({"patient": name, **patient_row(pred[sel], truth[sel], area(sel))})
     lcc = [r["dice_lcc"] for r in rows]
     hd = [r["hd95"] for r in rows if r["hd95"] is not None]
     return {

@@ -65,7 +65,8 @@ def test_cache_is_reused_then_rebuilt_when_a_file_changes(tmp_path):
     root = write_phantoms(tmp_path / "kaggle_3m", patients=2, slices=3, size=64)
     cache = tmp_path / "cache"
     slices = data.discover(root)
-    images, masks, tumour_pixels = data.load_cache(slices, root, cache, 64)
+    c = data.load_cache(slices, root, cache, 64)
+    images, masks, tumour_pixels = c.images, c.masks, c.tumour
     assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
     assert set(np.unique(masks)) <= {0, 1} and masks.any()
     assert tumour_pixels.tolist() == masks.reshape(6, -1).sum(1).tolist()
@@ -79,13 +80,14 @@ def test_cache_is_reused_then_rebuilt_when_a_file_changes(tmp_path):
     mask_file = slices[0].mask
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask_file)
     os.utime(mask_file, ns=(1, 1))
-    _, masks2, _ = data.load_cache(data.discover(root), root, cache, 64)
+    masks2 = data.load_cache(data.discover(root), root, cache, 64).masks
     assert len(list(cache.iterdir())) == 2 and not masks2[0].any()
 
 
 def test_cache_resizes(tmp_path):
     root = write_phantoms(tmp_path / "kaggle_3m", patients=1, slices=2, size=64)
-    images, masks, _ = data.load_cache(data.discover(root), root, tmp_path / "cache", 32)
+    c = data.load_cache(data.discover(root), root, tmp_path / "cache", 32)
+    images, masks = c.images, c.masks
     assert images.shape == (2, 32, 32, 3) and masks.shape == (2, 32, 32)
 
 
@@ -184,7 +186,8 @@ def test_batches_are_read_whole_and_stay_uint8(tmp_path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_the_three_pipelines_give_the_same_batches(phantoms, tmp_path, workers):
     slices = data.discover(phantoms)
-    images, masks, _ = data.load_cache(slices, phantoms, tmp_path / "cache", 32)
+    c = data.load_cache(slices, phantoms, tmp_path / "cache", 32)
+    images, masks = c.images, c.masks
     parts = {"train": [], "val": list(range(1, 24, 2)), "test": []}
     batches = {}
     for pipeline in ("decode", "cached", "device"):
@@ -232,7 +235,8 @@ def test_no_augmentation_changes_nothing_but_scale():
 def test_phantoms_look_like_the_dataset(tmp_path):
     root = write_phantoms(tmp_path / "kaggle_3m", patients=3, slices=12, size=64, seed=3)
     slices = data.discover(root)
-    images, masks, _ = data.load_cache(slices, root, tmp_path / "cache", 64)
+    c = data.load_cache(slices, root, tmp_path / "cache", 64)
+    images, masks = c.images, c.masks
     has_tumour = masks.reshape(len(masks), -1).any(1)
     assert 0.2 < has_tumour.mean() < 0.9  # some slices without tumour
     flair = images[..., 1].astype(float)
@@ -279,10 +283,11 @@ def test_a_pack_round_trips_byte_identically_and_trains(phantoms, tmp_path, env)
         phantoms, tmp_path / "p.pack", tmp_path / "c1", size=64, part_size=20_000, progress=False
     )
     assert len(written) > 2  # the manifest and several parts
-    slices, images, masks, tumour = data.open_dataset(phantoms, tmp_path / "c1", 64)
-    got = data.open_dataset(tmp_path / "p.pack", tmp_path / "c2", 64)
-    assert [(s.patient, s.n) for s in got[0]] == [(s.patient, s.n) for s in slices]
-    for a, b in zip((images, masks, tumour), got[1:]):
+    slices, built = data.open_dataset(phantoms, tmp_path / "c1", 64)
+    got, cached = data.open_dataset(tmp_path / "p.pack", tmp_path / "c2", 64)
+    assert [(s.patient, s.n) for s in got] == [(s.patient, s.n) for s in slices]
+    for name in ("images", "masks", "tumour"):
+        a, b = getattr(built, name), getattr(cached, name)
         assert a.dtype == b.dtype and np.array_equal(a, b)
     cached = {f.name: f.read_bytes() for f in next((tmp_path / "c2").glob("*pack*")).glob("*.npy")}
     built = {f.name: f.read_bytes() for f in next((tmp_path / "c1").glob("lgg-*")).glob("*.npy")}
@@ -373,5 +378,6 @@ def test_odd_but_valid_layouts_are_used(phantoms, tmp_path):
     slices = data.discover(root)
     assert {s.patient for s in slices} >= {odd.name, second.name, "TCGA_BG_0000_19990101"}
     assert len(slices) == 4 * 6 + 3
-    images, masks, _ = data.load_cache(slices, root, tmp_path / "cache", 64)
+    c = data.load_cache(slices, root, tmp_path / "cache", 64)
+    images, masks = c.images, c.masks
     assert images.shape == (27, 64, 64, 3) and masks.max() == 1

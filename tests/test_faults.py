@@ -53,24 +53,25 @@ def test_a_cache_without_its_completion_mark_is_rebuilt(phantoms, tmp_path):
     (folder,) = tmp_path.iterdir()
     (folder / "meta.json").unlink()  # as if the build had been killed before the end
     np.save(folder / "masks.npy", np.zeros((1,), np.uint8))  # and had left a half-written file
-    _, masks, _ = data.load_cache(slices, phantoms, tmp_path, 64)
+    masks = data.load_cache(slices, phantoms, tmp_path, 64).masks
     assert masks.shape == (len(slices), 64, 64) and (folder / "meta.json").exists()
 
 
 def test_a_complete_cache_with_a_damaged_array_is_rebuilt(phantoms, tmp_path):
     slices = data.discover(phantoms)
-    images, _, _ = data.load_cache(slices, phantoms, tmp_path, 64)
+    images = data.load_cache(slices, phantoms, tmp_path, 64).images
     expected = np.array(images)
     (folder,) = tmp_path.iterdir()
     with open(folder / "images.npy", "r+b") as f:  # a disk error, a copy cut short
         f.truncate(1000)
-    images, _, _ = data.load_cache(slices, phantoms, tmp_path, 64)
+    images = data.load_cache(slices, phantoms, tmp_path, 64).images
     assert np.array_equal(images, expected)
 
 
 def build(args):
     slices = data.discover(args[0])
-    images, masks, _ = data.load_cache(slices, *args, 64)
+    c = data.load_cache(slices, *args, 64)
+    images, masks = c.images, c.masks
     return int(images.sum()) + int(masks.sum())
 
 

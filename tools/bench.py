@@ -37,17 +37,17 @@ def build_args(model, width, image_size):
 
 
 def load_source(args):
-    """(data dir, slices, images, masks): --data-dir, or the phantoms (args.phantoms patients)."""
+    """(data dir, slices, Cache): --data-dir, or the phantoms (args.phantoms patients)."""
     data_dir = (
         synthetic.ensure_phantoms(args.cache_dir, patients=args.phantoms) if args.synthetic else args.data_dir
     )
-    slices, images, masks, _ = data.open_dataset(data_dir, args.cache_dir, args.image_size, progress=True)
-    return data_dir, slices, images, masks
+    slices, cache = data.open_dataset(data_dir, args.cache_dir, args.image_size, progress=True)
+    return data_dir, slices, cache
 
 
 def bench_data(args, device):
     """Images/s each pipeline delivers to the device (uint8 batches), after a warm-up."""
-    _, slices, images, masks = load_source(args)
+    _, slices, cache = load_source(args)
     parts = {"train": list(range(len(slices))), "val": [], "test": []}
     batches = min(args.batches, len(slices) // args.batch_size - args.warmup)
     rows = []
@@ -59,8 +59,8 @@ def bench_data(args, device):
             parts,
             pipeline,
             slices,
-            images,
-            masks,
+            cache.images,
+            cache.masks,
             args.image_size,
             args.batch_size,
             workers,
@@ -86,7 +86,16 @@ def bench_data(args, device):
     x, y, _ = next(
         iter(
             data.loaders(
-                parts, "device", slices, images, masks, args.image_size, args.batch_size, 0, False, device
+                parts,
+                "device",
+                slices,
+                cache.images,
+                cache.masks,
+                args.image_size,
+                args.batch_size,
+                0,
+                False,
+                device,
             )["train"]
         )
     )
@@ -187,9 +196,9 @@ def loop_run(model, args, out, flags):
 
 def first_batch(args):
     """One training batch of the benchmark's data (uint8 images, masks)."""
-    _, slices, images, masks = load_source(args)
-    return torch.from_numpy(images[: args.batch_size].copy()), torch.from_numpy(
-        masks[: args.batch_size].copy()
+    _, _, cache = load_source(args)
+    return torch.from_numpy(cache.images[: args.batch_size].copy()), torch.from_numpy(
+        cache.masks[: args.batch_size].copy()
     )
 
 

@@ -442,17 +442,21 @@ def prediction_figure(out, names, runs):
 
     args = runs[names[0]][0]
     test = set(runs[names[0]][2]["test"])
-    slices, images, masks, _ = data.open_dataset(
-        Path(args["data_dir"]), Path(args["cache_dir"]), args["image_size"]
+    slices, cache = data.open_dataset(
+        Path(args["data_dir"]), Path(args["cache_dir"]), args["image_size"], crop=args.get("crop", "none")
     )
+    images, masks = cache.images, cache.masks
     index = [i for i, s in enumerate(slices) if s.patient in test]
     flairs, truths = [images[i][..., 1] for i in index], [masks[i] > 0 for i in index]
     picks = predict.choose(truths, flairs)
     batch = np.stack([images[index[k]] for k in picks])
+    stats = np.array(cache.stats)[[index[k] for k in picks]]
     preds = {}
     for n in names:
-        model, _ = predict.load_model(out / n / "best.pt", torch.device("cpu"))
-        preds[title(n)] = dict(zip(picks, predict.predict(model, batch, torch.device("cpu"))))
+        model, cfg = predict.load_model(out / n / "best.pt", torch.device("cpu"))
+        norm = stats if cfg.get("normalize", "slice") == "volume" else None
+        logits = predict.predict(model, batch, torch.device("cpu"), stats=norm)
+        preds[title(n)] = dict(zip(picks, (logits[:, 0] > 0).numpy()))
     names_shown = [f"{slices[i].patient}_{slices[i].n}" for i in index]
     predict.comparison_figure(out / "predictions.png", names_shown, flairs, truths, preds, list(preds), picks)
 

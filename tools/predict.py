@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import data, registry, report
+from common import data, metrics, registry, report
 from common.blocks import Averaged
 from common.errors import UserError
 from common.loop import load_checkpoint, members, recorded
@@ -121,18 +121,41 @@ def load_models(args, device):
 
 
 @torch.inference_mode()
-def predict(model, images, device, patients=None, context=0, batch_size=16):
-    """Boolean masks (N, size, size) for uint8 images (N, size, size, 3) of `patients` (in slice order),
-    each with its --context neighbours as the network was trained."""
+def predict(model, images, device, patients=None, context=0, batch_size=16, stats=None):
+    """Logits (N, 1, S, S) for uint8 images (N, S, S, 3) of `patients` (in slice order), each with
+    its --context neighbours and normalised as the network was trained (`stats`: volume_stats)."""
     patients = range(len(images)) if patients is None else patients  # unknown: each slice alone
     near = data.neighbours([SimpleNamespace(patient=p) for p in patients], context) if context else None
     slices = data.Slices(images, np.zeros(images.shape[:3], np.uint8), np.arange(len(images)), near)
     out = []
     for k in range(0, len(images), batch_size):
-        x, y, _ = slices.__getitems__(list(range(k, min(k + batch_size, len(images)))))
-        x, _ = data.to_inputs(x.to(device), y.to(device))
-        out.append((model(x)[:, 0] > 0).cpu().numpy())
-    return np.concatenate(out)
+        at = list(range(k, min(k + batch_size, len(images))))
+        x, y, _ = slices.__getitems__(at)
+        norm = None if stats is None else torch.from_numpy(stats[at])
+        x, _ = data.to_inputs(x.to(device), y.to(device), stats=norm)
+        out.append(model(x).float().cpu())
+    return torch.cat(out)
+
+
+def predict_native(model, config, images, patients, device):
+    """Boolean masks at each slice's own size for native uint8 images (a list of (H, W, 3)) of
+    `patients` (in slice order): preprocessed as the network was trained (--crop, --normalize), its
+    logits resized back (bilinear) and thresholded, as the metrics score them."""
+    size = config["image_size"]
+    fake = [SimpleNamespace(patient=p) for p in patients]
+    blank = [np.zeros(im.shape[:2], np.uint8) for im in images]
+    shrunk, _, _, boxes = zip(*data.prepared(fake, zip(images, blank), size, config.get("crop", "none")))
+    stack = np.stack(shrunk)
+    stats = data.volume_stats(fake, stack) if config.get("normalize", "slice") == "volume" else None
+    logits = predict(model, stack, device, patients, config.get("context", 0), stats=stats)
+    shapes = np.array([im.shape[:2] for im in images])
+    out = []
+    for i in range(len(images)):  # one at a time: slices may differ in size
+        native = metrics.native_logits(
+            logits[i : i + 1], shapes[i : i + 1], np.array(boxes[i : i + 1]), shapes[i]
+        )
+        out.append((native[0] > 0).numpy())
+    return out
 
 
 def write_volumes(folder, names, masks):
@@ -282,12 +305,7 @@ def run(args):
     flairs = [im[..., 1] for im in images]
     preds, written = {}, []
     for (model, cfg, _), label in zip(models, labels):
-        size = (cfg["image_size"],) * 2
-        stack = np.stack([data.resize(im, size, Image.BILINEAR) for im in images])
-        masks = predict(model, stack, device, patients, cfg.get("context", 0))
-        preds[label] = [
-            data.resize(m.astype(np.uint8), im.shape[:2], Image.NEAREST) > 0 for m, im in zip(masks, images)
-        ]
+        preds[label] = predict_native(model, cfg, list(images), patients, device)
         folder = args.output_dir / label
         (folder / "masks").mkdir(parents=True, exist_ok=True)
         for name, m in zip(names, preds[label]):

@@ -1,0 +1,79 @@
+"""Every metric is counted at native resolution: against the masks as released, whatever size the
+network ran at (a tumour that vanishes when the mask is resized is still a tumour to find)."""
+
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from conftest import TINY, train
+from PIL import Image
+
+from common import data, metrics
+from common.synthetic import write_phantoms
+from tools.predict import load_model
+
+
+def tiny_tumour_data(root):
+    """4 phantom patients x 6 slices at 128 px; in every patient's last slice the tumour is replaced
+    by one of 1 x 2 pixels that resizing the mask to 64 px loses (nearest keeps rows 2i + 1)."""
+    root = write_phantoms(root, patients=4, slices=6, size=128, seed=3)
+    for folder in sorted(root.iterdir()):
+        mask = np.zeros((128, 128), np.uint8)
+        mask[64, 64:66] = 255
+        Image.fromarray(mask).save(folder / f"{folder.name}_6_mask.tif")
+    return root
+
+
+def test_native_logits_resize_the_whole_slice_or_put_a_box_back():
+    logits = torch.randn(2, 1, 8, 8)
+    shapes, full = np.array([[16, 16], [16, 16]]), np.array([[0, 0, 16, 16], [0, 0, 16, 16]])
+    same = F.interpolate(logits, (16, 16), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.equal(metrics.native_logits(logits, shapes, full, (16, 16)), same)
+    # a box partly beyond a 12 x 10 slice (zero-padded to 16 x 16): inside it the box's logits, else -inf
+    ones = torch.ones(1, 1, 8, 8)
+    out = metrics.native_logits(ones, np.array([[12, 10]]), np.array([[4, 2, 20, 18]]), (16, 16))[0]
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[4:12, 2:10] = True
+    assert torch.equal(out > 0, expected)
+
+
+def test_padded_slices_count_no_true_negatives_beyond_their_size():
+    logits, truth = torch.full((1, 4, 4), -1.0), torch.zeros(1, 4, 4)
+    assert metrics.confusion(logits, truth, torch.tensor([6])).tolist() == [[0, 0, 0, 6]]
+
+
+def test_the_cache_keeps_the_released_masks_beside_the_resized_ones(tmp_path):
+    root = tiny_tumour_data(tmp_path / "kaggle_3m")
+    slices, cache = data.open_dataset(root, tmp_path / "cache", 64)
+    last = [i for i, s in enumerate(slices) if s.n == 6]
+    assert cache.masks[last].sum() == 0  # lost at 64 px
+    native = cache.native_masks(last)
+    assert native.shape == (4, 128, 128) and native.sum(axis=(1, 2)).tolist() == [2] * 4
+    released = np.stack([np.array(Image.open(slices[i].mask)) > 0 for i in range(len(slices))])
+    assert np.array_equal(cache.native_masks(range(len(slices))), released)
+
+
+def test_a_64_px_run_is_scored_against_the_tiffs(tmp_path, env):
+    """The run's per-patient test Dice equals one computed here from the TIFFs: its logits at 64 px,
+    resized to 128 px (bilinear), thresholded, against the masks read from disk."""
+    root = tiny_tumour_data(tmp_path / "kaggle_3m")
+    out = tmp_path / "run"
+    train("unet", "--data-dir", str(root), *TINY, "--output-dir", str(out), env=env)
+    summary = json.loads((out / "summary.json").read_text())
+    test = json.loads((out / "split.json").read_text())["test"]
+    model, _ = load_model(out / "best.pt")
+    rows = {r["patient"]: r for r in summary["test"]["per_patient"]}
+    assert summary["test"]["scored_at"] == "native" and sorted(rows) == sorted(test)
+    for patient in test:
+        files = sorted((root / patient).glob("*_[0-9].tif"), key=lambda f: int(f.stem.rsplit("_", 1)[1]))
+        images = np.stack([np.array(Image.open(f).resize((64, 64), Image.BILINEAR)) for f in files])
+        truth = np.stack([np.array(Image.open(f.with_name(f.stem + "_mask.tif"))) > 0 for f in files])
+        x, _ = data.to_inputs(torch.from_numpy(images), torch.zeros(len(files), 64, 64, dtype=torch.uint8))
+        with torch.no_grad():
+            logits = F.interpolate(model(x), (128, 128), mode="bilinear", align_corners=False)
+        pred = (logits[:, 0] > 0).numpy()
+        tp, fp, fn = (pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()
+        assert rows[patient]["tumour_voxels"] == truth.sum()  # the 2-pixel tumour is counted
+        assert (rows[patient]["tp"], rows[patient]["fp"], rows[patient]["fn"]) == (tp, fp, fn)
+        assert abs(rows[patient]["dice"] - metrics.ratio(2 * tp, 2 * tp + fp + fn)) < 1e-12
