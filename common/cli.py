@@ -155,6 +155,28 @@ def training_flags(p):
     )
     t.add_argument("--warmup", type=float, default=0.05, help="with --schedule cosine: share of the steps")
     t.add_argument(
+        "--budget",
+        type=float,
+        default=0,
+        help="seconds: train for about this long, the cosine spanning the epochs that fit (estimated "
+        "from the first epoch, validation included); --epochs is then the most (0: --epochs decides)",
+    )
+    t.add_argument(
+        "--tumour-share",
+        type=float,
+        default=0,
+        help="draw this share of each epoch's training slices from those with tumour (with replacement; "
+        "an epoch stays as many draws as training slices; 0: each slice once, shuffled)",
+    )
+    t.add_argument(
+        "--postprocess",
+        choices=("none", "lcc", "auto"),
+        default="auto",
+        help="the predicted volumes of the final evaluation: as predicted, the largest 3-D component "
+        "kept, or auto: the best of those and dropping components under 8/32/128 voxels on the "
+        "validation patients (the test patients' are reported both as predicted and so)",
+    )
+    t.add_argument(
         "--loss",
         choices=("bce+dice", "bce", "dice"),
         default="bce+dice",
@@ -339,6 +361,11 @@ def check(args):
         "needs --data-pipeline cached or device (neighbours come from the cache)",
     )
     need(0 <= args.warmup < 1, "--warmup", f"is a share of the steps in [0, 1), got {args.warmup}")
+    need(args.budget >= 0, "--budget", f"must be 0 (none) or more seconds, got {args.budget}")
+    need(
+        args.budget == 0 or args.schedule == "cosine", "--budget", "spans the cosine: needs --schedule cosine"
+    )
+    need(0 <= args.tumour_share < 1, "--tumour-share", f"is a share in [0, 1), got {args.tumour_share}")
     need(0 <= args.flip <= 1, "--flip", f"is a probability, got {args.flip}")
     need(
         args.rotate >= 0 and 0 <= args.scale < 1,

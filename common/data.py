@@ -497,6 +497,29 @@ class DecodedSlices(torch.utils.data.Dataset):
         return torch.from_numpy(image), torch.from_numpy(mask), torch.tensor(k)
 
 
+class TumourShare(torch.utils.data.Sampler):
+    """--tumour-share: an epoch is as many draws (with replacement) as there are training slices, a
+    share `share` of them from the slices with tumour, the rest from those without; seeded by the
+    seed and the epoch, so that every process draws the same and a resumed epoch draws it again."""
+
+    def __init__(self, tumour_pixels, share, seed):
+        has = np.asarray(tumour_pixels) > 0
+        if has.all() or not has.any():
+            raise UserError("--tumour-share: the training slices must include slices with and without tumour")
+        self.weights = torch.as_tensor(np.where(has, share / has.sum(), (1 - share) / (~has).sum()))
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.weights)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.multinomial(self.weights, len(self.weights), True, generator=g).tolist())
+
+
 def keep_batch(batch):
     """collate_fn: `__getitems__` already returns stacked tensors."""
     return batch

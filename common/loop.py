@@ -72,6 +72,7 @@ class RunState:
 
     def __init__(self):
         self.epoch, self.best_dice, self.best_epoch, self.train_time_s = 0, -1.0, 0, 0.0
+        self.planned_epochs = 0  # --budget: the epochs that fit, estimated after the first (0: --epochs)
         # an epoch stopped part-way (SIGTERM): its steps done, and its loss sum, images and seconds so far
         self.step, self.partial_loss, self.partial_seen, self.partial_time_s = 0, 0.0, 0, 0.0
 
@@ -142,6 +143,9 @@ def load_data(args, accelerator, record=None):
     else:
         parts, notes = recorded_split(args, accelerator, slices, record)
     pin = accelerator.device.type == "cuda" if args.pin_memory is None else args.pin_memory
+    sampler = None
+    if args.tumour_share and parts["train"]:
+        sampler = data.TumourShare(cache.tumour[parts["train"]], args.tumour_share, train_seed(args))
     loaders = data.loaders(
         parts,
         args.data_pipeline,
@@ -155,6 +159,7 @@ def load_data(args, accelerator, record=None):
         accelerator.device,
         args.context,
         cache.boxes,
+        sampler,
     )
     stats = (
         torch.from_numpy(np.array(cache.stats)).to(accelerator.device) if args.normalize == "volume" else None
@@ -411,15 +416,16 @@ def make_optimizer(args, model):
     return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
 
-def make_schedule(args, optimizer, steps_per_epoch):
+def make_schedule(args, optimizer, steps_per_epoch, state):
     """--schedule cosine: linear warm-up over the first --warmup share of the steps, then a cosine
-    down to 0 at the last step; stepped per optimiser step. None for a constant rate."""
+    down to 0 at the last step (of --epochs, or of the epochs --budget plans: state.planned_epochs);
+    stepped per optimiser step. None for a constant rate."""
     if args.schedule == "constant":
         return None
-    total = args.epochs * steps_per_epoch
-    warm = round(args.warmup * total)
 
     def factor(step):
+        total = (state.planned_epochs or args.epochs) * steps_per_epoch
+        warm = round(args.warmup * total)
         if step < warm:
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
@@ -452,7 +458,7 @@ def setup(args, build_model):
     state = RunState()
     accelerator.register_for_checkpointing(state)
     steps = min(len(loaders[0]), args.max_steps or len(loaders[0]))
-    schedule = make_schedule(args, optimizer, steps)
+    schedule = make_schedule(args, optimizer, steps, state)
     if schedule is not None:  # its step count goes into every checkpoint: --resume continues the curve
         accelerator.register_for_checkpointing(schedule)
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
@@ -503,6 +509,8 @@ def train(args, build_model):
         announce(run)
     stopped_by, first, preemption, epoch_s = None, run.state.epoch + 1, Preemption(), 0.0
     for epoch in range(first, args.epochs + 1):
+        if run.state.planned_epochs and epoch > run.state.planned_epochs:
+            break  # --budget: the schedule has ended
         # the main process decides for all: clocks differ between processes, and all must stop together
         late = time.perf_counter() - started + epoch_s > args.time_limit
         if args.time_limit and epoch > first and main_value(run.accelerator, late):
@@ -517,6 +525,8 @@ def train(args, build_model):
         val = {} if args.no_eval else validate(run)
         row = epoch_row(run, epoch, epoch_stats, val)
         epoch_s = row["epoch_time_s"]
+        if args.budget and not run.state.planned_epochs:
+            plan_budget(run, time.perf_counter() - started, epoch_s + val.get("eval_time_s", 0.0))
         if args.no_eval:
             continue
         checkpoint(run, epoch, val)
@@ -539,6 +549,18 @@ def train(args, build_model):
         ) from e
     run.accelerator.end_training()
     return summary
+
+
+def plan_budget(run, elapsed, epoch_s):
+    """--budget, after the first epoch: the epochs that fit in what is left of it (at the first's
+    pace, validation included), at most --epochs; the cosine then spans them. Decided on the main
+    process (clocks differ) and kept in the checkpoint, so a resumed run follows the same curve."""
+    fit = run.state.epoch + int(max(0.0, run.args.budget - elapsed) // max(epoch_s, 1e-9))
+    run.state.planned_epochs = main_value(run.accelerator, max(run.state.epoch, min(run.args.epochs, fit)))
+    if run.main:
+        report.console.print(
+            f"--budget {run.args.budget:g} s: {run.state.planned_epochs} epochs fit at {epoch_s:.0f} s each"
+        )
 
 
 def train_epoch(run, epoch, preemption):
@@ -693,10 +715,12 @@ def final_report(run, build_model, stopped_by):
         accelerator.unwrap_model(run.model).load_state_dict(best["model"])
         model = Averaged([accelerator.unwrap_model(run.model)], mirror=True) if args.tta else run.model
         val = evaluate(model, val_loader, accelerator, args, run.d, volumes=True)
-        results[f"val (epoch {state.best_epoch})"] = val
         if test_loader and not args.no_test:
             title = "testing" if run.main else None
             results["test"] = evaluate(model, test_loader, accelerator, args, run.d, title, volumes=True)
+        if run.main:  # chosen on the validation patients, then applied to the test patients
+            results = postprocess_all(args, {"val": val, **results})
+        results = {f"val (epoch {state.best_epoch})": results.pop("val", val), **results}
     summary = run_summary(run, build_model, stopped_by, results)
     if run.main:
         report.write_json(out / "summary.json", summary)
@@ -745,6 +769,7 @@ def run_summary(run, build_model, stopped_by, results):
         "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
         "peak_memory_of": peak_memory(accelerator.device)["peak_memory_of"],
         "stopped_by": stopped_by,
+        "postprocess": (results.get(f"val (epoch {state.best_epoch})") or {}).get("postprocess"),
         "best_epoch": state.best_epoch,
         "best_val": results.get(f"val (epoch {state.best_epoch})"),
         "test": results.get("test"),
@@ -812,6 +837,14 @@ def members_split(args, paths, accelerator):
     return records[0], same_val
 
 
+def postprocess_all(args, results):
+    """--postprocess on every set of `results`; auto: chosen on "val" (none without it)."""
+    chosen = args.postprocess
+    if chosen == "auto":
+        chosen = metrics.choose_postprocess(results["val"]["per_patient"]) if "val" in results else "none"
+    return {name: metrics.with_postprocess(r, chosen) for name, r in results.items()}
+
+
 def evaluate_checkpoint(args, build_model):
     """--eval-only: the checkpoint's network (or the ensemble of a folder of runs, --tta: with
     mirrored slices) on the validation and test sets of its split."""
@@ -850,6 +883,7 @@ def evaluate_checkpoint(args, build_model):
         if dl is not None and name != "train"
     }
     if main:
+        results = postprocess_all(args, results)
         report.write_json(
             out / "eval.json",
             {

@@ -42,6 +42,7 @@ METRICS = [
     Metric("dice_patient_mean", "Dice/patient mean", "patient"),
     Metric("dice_patient_median", "median", "median", console=False),
     Metric("dice_patient_lcc_mean", "+LCC mean", "+LCC", console=False),
+    Metric("dice_patient_post_mean", "post-processed mean", "post", console=False),
     Metric("hd95_patient_mean", "HD95 px", "HD95", higher_is_better=False),
     Metric("hd95_excluded", "HD95 excl.", "excl.", "{}", higher_is_better=False, console=False),
 ]
@@ -154,6 +155,46 @@ def largest_component(volume):
     return labels == (np.argmax(sizes) + 1)
 
 
+# post-processings of a predicted volume, chosen on validation patients (--postprocess auto): as
+# predicted, the largest 3-D component, or components of fewer than N voxels dropped
+POSTPROCESS = ("none", "lcc", "min8", "min32", "min128")
+
+
+def postprocessed(volume):
+    """{name: volume} for each of POSTPROCESS, from one labelling (6-connectivity)."""
+    labels, n = ndimage.label(volume)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    out = {"none": volume, "lcc": largest_component(volume) if n > 1 else volume}
+    for name in POSTPROCESS[2:]:
+        keep = sizes >= int(name[3:])
+        keep[0] = False
+        out[name] = keep[labels]
+    return out
+
+
+def dice_key(name):
+    """The per-patient row's Dice after post-processing `name`."""
+    return {"none": "dice", "lcc": "dice_lcc"}.get(name, f"dice_{name}")
+
+
+def choose_postprocess(rows):
+    """The post-processing of best mean per-patient Dice over `rows` (validation patients); ties go to
+    the simpler one (POSTPROCESS's order)."""
+    means = {name: np.mean([r[dice_key(name)] for r in rows]) for name in POSTPROCESS}
+    return max(POSTPROCESS, key=lambda name: (round(float(means[name]), 12), -POSTPROCESS.index(name)))
+
+
+def with_postprocess(result, name):
+    """`result` (an evaluation with per-patient rows) with post-processing `name`'s summary."""
+    dice = [r[dice_key(name)] for r in result["per_patient"]]
+    return {
+        **result,
+        "postprocess": name,
+        "dice_patient_post_mean": mean(dice),
+        "dice_patient_post_median": median(dice),
+    }
+
+
 def hd95(pred, truth):
     """95th-percentile Hausdorff distance between the surfaces of two non-empty boolean volumes, in
     voxels (in-plane pixels, slice spacing counted as 1): the larger of the two directed 95th
@@ -182,11 +223,15 @@ def patient_row(pred, truth, area=None):
         "fn": int((~pred & truth).sum()),
     }
     row["tn"] = int((~pred & ~truth).sum()) if area is None else int(area) - row["tp"] - row["fp"] - row["fn"]
-    for tag, p in (("", pred), ("_lcc", largest_component(pred))):
+    variants = postprocessed(pred)
+    for tag, p in (("", pred), ("_lcc", variants["lcc"])):
         inter, total = int((p & truth).sum()), int(p.sum() + truth.sum())
         row[f"dice{tag}"] = ratio(2 * inter, total)
         row[f"iou{tag}"] = ratio(inter, total - inter)
         row[f"hd95{tag}"] = hd95(p, truth) if p.any() and truth.any() else None
+    for name in POSTPROCESS[2:]:
+        p = variants[name]
+        row[dice_key(name)] = ratio(2 * int((p & truth).sum()), int(p.sum() + truth.sum()))
     return row
 
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The second recipe study (docs/recipe-2.md): U-Net at the CPU preset's size (66 / 22 / 22 patients of
+# the 110), the current recipe against each option of issue 21 alone and all together, every run
+# scored at native resolution and judged on the 22 validation patients only (--no-test). Finished
+# runs are kept, a stopped one is resumed: run it again to go on after a stop.
+#   bash docs/recipe-2/run.sh [DATA_DIR] [OUT_DIR]        (from the repository root)
+#   bash docs/recipe-2/run.sh DATA_DIR OUT_DIR others     the chosen recipe on FCN-8s and SegNet
+#   bash docs/recipe-2/run.sh DATA_DIR OUT_DIR test       once chosen: the test patients, once
+set -euo pipefail
+data=${1:-data/kaggle_3m}
+out=${2:-runs/recipe-2}
+# a fixed number of epochs, not --budget: the variants cost the same per epoch, and a budget would
+# make their accuracy depend on what else this machine was doing; 12 epochs are ~30 minutes here
+common=(--data-dir "$data" --preset cpu --epochs 12 --no-test)
+chosen=(--tumour-share 0.5 --normalize volume --crop brain)
+
+train() {  # train MODEL NAME FLAGS...
+    local model=$1 dir=$out/$2
+    shift 2
+    if [ -f "$dir/summary.json" ]; then return; fi
+    if [ -d "$dir/last" ]; then
+        python "$model/train.py" --resume "$dir"
+    else
+        python "$model/train.py" "${common[@]}" "$@" --output-dir "$dir"
+    fi
+}
+
+case "${3:-}" in
+test)
+    for v in plain all fcn-plain fcn-all segnet-plain segnet-all; do
+        dir=$out/test/$v model=unet
+        case $v in fcn-*) model=fcn ;; segnet-*) model=segnet ;; esac
+        [ -f "$dir/eval.json" ] || python "$model/train.py" --eval-only --checkpoint "$out/$v" \
+            --data-dir "$data" --output-dir "$dir"
+    done
+    ;;
+others)
+    train fcn fcn-plain
+    train fcn fcn-all "${chosen[@]}"
+    train segnet segnet-plain
+    train segnet segnet-all "${chosen[@]}"
+    ;;
+*)
+    train unet plain
+    train unet all "${chosen[@]}"
+    train unet tumour-share --tumour-share 0.5
+    train unet volume --normalize volume
+    train unet crop --crop brain
+    ;;
+esac
