@@ -77,6 +77,7 @@ RUN_COLUMNS = [
     "best_epoch",
     "loss",
     "miou_bg_seed",
+    "scored_at",
 ]
 
 
@@ -167,7 +168,14 @@ def run_row(name, args, summary):
         "best_epoch": summary["best_epoch"],
         "loss": args["loss"],
         "miou_bg_seed": summary["test"]["miou_bg_seed"],
+        "scored_at": scored_at(summary),
     }
+
+
+def scored_at(summary):
+    """Where a run's test metrics were counted: "native" (the masks as released), or, for runs made
+    before scoring moved there, on masks resized to the run's size."""
+    return summary["test"].get("scored_at") or f"masks resized to {summary['image_size']} px"
 
 
 def write_csv(path, rows):
@@ -298,8 +306,8 @@ PROTOCOL = (
     "Best epoch chosen on validation Dice; test patients used once. Per-patient Dice: Dice of each "
     "patient's volume, mean and median over patients with percentile-bootstrap 95 % intervals (10,000 "
     "resamples of patients). Pooled: over all test pixels. mIoU+bg: mean of background and tumour IoU "
-    "(background IoU ~0.99), pooled, and by the original's per-batch protocol. HD95 in voxels of the run's "
-    "image size, over patients with tumour in both truth and prediction. A model is called better than "
+    "(background IoU ~0.99), pooled, and by the original's per-batch protocol. HD95 in voxels, over "
+    "patients with tumour in both truth and prediction. A model is called better than "
     "another only where the paired bootstrap interval of their per-patient Dice difference excludes 0 "
     "and Wilcoxon's signed-rank p is below 0.05 divided by the number of pairs (Bonferroni)."
 )
@@ -336,7 +344,13 @@ def markdown(summary, paired, original, runs):
     s0 = summary[0]
     setup = (
         f"Width {s0['width']:g}, {s0['image_size']} px, loss `{s0['loss']}`, "
-        f"{s0['device']} x {s0['world_size']}, precision {s0['precision']}."
+        f"{s0['device']} x {s0['world_size']}, precision {s0['precision']}. Scored "
+        + (
+            "at native resolution (the masks as released)"
+            if s0["scored_at"] == "native"
+            else f"on {s0['scored_at']}"
+        )
+        + "."
     )
     lines = [
         f"# {', '.join(title(s['model']) for s in summary)} on {s0['test_patients']} test patients",

@@ -42,6 +42,36 @@ VARIANTS = {
 }
 
 
+RECIPE_FLAGS = (
+    "schedule",
+    "tumour_share",
+    "normalize",
+    "crop",
+    "context",
+    "epochs",
+    "budget",
+    "width",
+    "image_size",
+)
+
+
+def variant(study, name, reference):
+    """(folder, runs, what) of a variant: a known one, or any run folder of the study, described by the
+    recipe flags its args.json holds that differ from the reference's."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+
+    def flags(n):
+        path = study / n / "args.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    mine, ref = flags(name), flags(reference)
+    differ = [
+        f"--{k.replace('_', '-')} {mine[k]}" for k in RECIPE_FLAGS if k in mine and mine[k] != ref.get(k)
+    ]
+    return name, [name], " ".join(differ) or "the reference"
+
+
 def evaluation(folder, part):
     """The `part` ("val" or "test") evaluation of a run or an --eval-only folder, with per-patient rows."""
     if (folder / "eval.json").is_file():
@@ -68,7 +98,8 @@ def train_time(study, runs):
 
 def rows(study, names, part):
     """A row per variant: its scores on the `part` patients, paired with the first variant's."""
-    where = {n: study / (VARIANTS[n][0] if part == "val" else f"test/{n}") for n in names}
+    known = {n: variant(study, n, names[0]) for n in names}
+    where = {n: study / (known[n][0] if part == "val" else f"test/{n}") for n in names}
     results = {n: evaluation(where[n], part) for n in names}
     per_patient = {n: {r["patient"]: r for r in results[n]["per_patient"]} for n in names}
     patients = sorted(per_patient[names[0]])
@@ -84,7 +115,7 @@ def rows(study, names, part):
         out.append(
             {
                 "variant": n,
-                "what": VARIANTS[n][2],
+                "what": known[n][2],
                 "patients": len(patients),
                 **{
                     k: s[k]
@@ -99,8 +130,10 @@ def rows(study, names, part):
                 },
                 # the reference too (against itself: 0), so that every row has the same columns
                 **{f"vs_{names[0]}_{k}": v for k, v in diff.items() if k != "patients"},
-                "networks": len(VARIANTS[n][1]),
-                "train_time_s": train_time(study, VARIANTS[n][1]),
+                "postprocess": results[n].get("postprocess"),
+                "dice_patient_post_mean": results[n].get("dice_patient_post_mean"),
+                "networks": len(known[n][1]),
+                "train_time_s": train_time(study, known[n][1]),
                 "eval_time_s": results[n]["eval_time_s"],
             }
         )
@@ -111,17 +144,24 @@ def markdown(table, part):
     ref = table[0]["variant"]
     lines = [
         f"| variant | Dice per patient, mean [95 % CI] | median | pooled Dice | vs {ref}: mean diff "
-        f"[95 % CI], Wilcoxon p, wins/losses | networks | training s | {part} evaluation s |",
-        "|" + "---|" * 8,
+        f"[95 % CI], Wilcoxon p, wins/losses | post-processed (chosen on val) | networks | training s "
+        f"| {part} evaluation s |",
+        "|" + "---|" * 9,
     ]
     for r in table:
         lines.append(
             f"| {r['variant']} ({r['what']}) | {r['dice_patient_mean']:.3f} "
             f"[{r['dice_patient_mean_ci_low']:.3f}, {r['dice_patient_mean_ci_high']:.3f}] | "
             f"{r['dice_patient_median']:.3f} | {r['dice_pooled']:.3f} | {paired_cell(r, ref)} | "
-            f"{r['networks']} | {r['train_time_s']:.0f} | {r['eval_time_s']:.1f} |"
+            f"{post_cell(r)} | {r['networks']} | {r['train_time_s']:.0f} | {r['eval_time_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def post_cell(r):
+    if r["postprocess"] is None:  # an evaluation made before --postprocess
+        return "-"
+    return f"{r['dice_patient_post_mean']:.3f} ({r['postprocess']})"
 
 
 def paired_cell(r, ref):
@@ -147,16 +187,19 @@ def main(argv=None):
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
-        help=f"comma-separated, the first the reference: {', '.join(VARIANTS)}",
+        help=f"comma-separated, the first the reference: {', '.join(VARIANTS)}, or run folders of the study",
     )
     p.add_argument("--output-dir", type=Path, default=None, help="write recipe-<set>.csv and .md there")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     try:
         names = args.variants.split(",")
-        unknown = [n for n in names if n not in VARIANTS]
+        unknown = [n for n in names if n not in VARIANTS and not (args.study / n).is_dir()]
         if unknown:
-            raise UserError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+            raise UserError(
+                f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)}, or a run folder "
+                f"of {args.study})"
+            )
         table = rows(args.study, names, args.set)
         text = markdown(table, args.set)
         if args.output_dir is not None:
