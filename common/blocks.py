@@ -2,7 +2,6 @@
 
 import torch
 import torch.nn as nn
-from torchvision.models import vgg
 
 
 def scaled(channels, width):
@@ -23,6 +22,9 @@ def vgg16_bn_stages(width=1.0, weights_path=None, in_channels=3):
     weights_path: a local torchvision `vgg16_bn` state dict (ImageNet weights), width 1.0 only;
     nothing is ever downloaded. in_channels other than 3 (--context) replace the first convolution.
     """
+    # imported here: torchvision takes seconds to import, and U-Net needs none of it
+    from torchvision.models import vgg
+
     cfg = [v if v == "M" else scaled(v, width) for v in vgg.cfgs["D"]]
     features = vgg.make_layers(cfg, batch_norm=True)
     if weights_path is not None:

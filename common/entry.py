@@ -12,6 +12,9 @@ def main(parser, build_model, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse(parser, argv)
+        from common.report import console
+
+        console.release()  # a new command: nothing kept of an earlier one in this process
         from common import loop  # after parsing, so that --help and flag errors stay fast
 
         loop.evaluate_checkpoint(args, build_model) if args.eval_only else loop.train(args, build_model)

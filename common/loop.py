@@ -442,6 +442,8 @@ def setup(args, build_model):
     d = load_data(args, accelerator, recorded(args.output_dir) if args.resume is not None else None)
     out = make_run_dir(args, accelerator)
     held = lock(out) if accelerator.is_main_process else None
+    if held:
+        report.console.keep(out / "log.txt")
     if accelerator.is_main_process and args.resume is None:
         for stale in ("metrics.jsonl", "best.pt", "summary.json"):  # of a run that stopped in its first epoch
             (out / stale).unlink(missing_ok=True)
@@ -582,6 +584,7 @@ def train_epoch(run, epoch, preemption):
     batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
     with report.bar(run.main) as bar:  # the loss stays on the device: no host sync per step
         task = bar.add_task(f"epoch {epoch}/{args.epochs}", total=steps, completed=done)
+        ticker = report.Ticker(run.main, f"epoch {epoch}/{args.epochs}", steps)
         for step, (images, masks, idx) in enumerate(batches, done + 1):
             times.waited()
             x, y = inputs(args, run.d, images, masks, idx, train=True)
@@ -596,6 +599,7 @@ def train_epoch(run, epoch, preemption):
             seen += len(x)
             first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             bar.advance(task)
+            ticker.tick(step, len(x), lambda: loss.item())
             times.done()
             if step == steps:
                 break
@@ -731,7 +735,7 @@ def final_report(run, build_model, stopped_by):
                 results,
             )
         report.console.print(
-            f"wrote {out}/: args.json split.json metrics.jsonl summary.json"
+            f"wrote {out}/: args.json split.json metrics.jsonl summary.json log.txt"
             + ("" if args.no_eval else " best.pt last/")
             + (" tensorboard/" if run.tracker else "")
         )
@@ -867,6 +871,8 @@ def evaluate_checkpoint(args, build_model):
     d.loaders["val"] = d.loaders["val"] if same_val else None
     d.loaders["test"] = None if args.no_test else d.loaders["test"]
     out = make_run_dir(args, accelerator, tag="-eval")  # before the work: a folder we cannot write fails now
+    if accelerator.is_main_process:
+        report.console.keep(out / "log.txt")
     model = accelerator.prepare(model)
     main = accelerator.is_main_process
     results = {

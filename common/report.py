@@ -21,7 +21,70 @@ from rich.table import Table
 from common.errors import UserError
 from common.metrics import METRICS
 
-console = Console(highlight=False, soft_wrap=True)  # long paths stay on one line in logs
+
+class Tee(Console):
+    """The console, and a copy of what it prints in the run folder's log.txt once `keep` names it
+    (what was printed before, such as the notes on how the run starts, goes there first)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.copy, self.early = None, []
+
+    def release(self):
+        """No copy, nothing kept: a new command starts (in-process callers run several)."""
+        if self.copy is not None:
+            self.copy.file.close()
+        self.copy, self.early = None, []
+
+    def keep(self, path):
+        self.release_copy_only()
+        self.copy = Console(file=open(path, "a", buffering=1), highlight=False, soft_wrap=True, width=120)
+        for args, kw in self.early:
+            self.copy.print(*args, **kw)
+        self.early = []
+
+    def release_copy_only(self):
+        if self.copy is not None:
+            self.copy.file.close()
+            self.copy = None
+
+    def print(self, *args, **kw):
+        super().print(*args, **kw)
+        if self.copy is not None:
+            self.copy.print(*args, **kw)
+        elif len(self.early) < 100:
+            self.early.append((args, kw))
+
+
+console = Tee(highlight=False, soft_wrap=True)  # long paths stay on one line in logs
+
+
+class Ticker:
+    """Progress in a log (Slurm's .out, a file, CI), where no bar is drawn: a line every `every`
+    seconds with the step, images/s, loss and the time left. `loss` is read only then (a sync)."""
+
+    def __init__(self, enabled, title, total, every=30.0):
+        import time
+
+        self.clock, self.title, self.total, self.every = time.perf_counter, title, total, every
+        self.enabled = enabled and not console.is_terminal
+        self.start = self.last = self.clock()
+        self.images, self.first = 0, None
+
+    def tick(self, step, images, loss):
+        if not self.enabled:
+            return
+        self.images += images
+        self.first = step - 1 if self.first is None else self.first  # a resumed epoch starts part-way
+        now = self.clock()
+        if now - self.last < self.every:
+            return
+        self.last, rate = now, self.images / (now - self.start)
+        left = (now - self.start) / (step - self.first) * (self.total - step)
+        console.print(
+            f"{self.title}: step {step}/{self.total}, {rate:.1f} img/s, loss {loss():.4f}, {left:.0f} s left"
+        )
+
 
 # (key in metrics.jsonl, column title, format)
 EPOCH_COLUMNS = [

@@ -1,0 +1,96 @@
+"""The recipe options of docs/recipe-2.md: foreground-weighted epochs, per-volume normalisation, the
+brain crop, post-processing chosen on validation patients, and a time budget for the schedule."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, train
+
+from common import data, metrics
+from common.loop import RunState, make_schedule, plan_budget
+
+
+def test_tumour_share_draws_that_share_and_the_same_draws_for_an_epoch():
+    tumour = np.array([0] * 90 + [5] * 10)
+    sampler = data.TumourShare(tumour, 0.5, seed=0)
+    sampler.set_epoch(3)
+    first, again = list(sampler), list(sampler)
+    sampler.set_epoch(4)
+    assert first == again and first != list(sampler) and len(first) == 100
+    share = np.mean([tumour[i] > 0 for e in range(20) for i in (sampler.set_epoch(e) or sampler)])
+    assert 0.45 < share < 0.55  # of 2,000 draws; the data hold 10 % tumour slices
+
+
+def test_tumour_share_needs_both_kinds_of_slice():
+    with pytest.raises(data.UserError, match="--tumour-share"):
+        data.TumourShare(np.zeros(5), 0.5, seed=0)
+
+
+def test_volume_normalisation_keeps_the_contrast_between_slices_of_a_patient():
+    rng = np.random.default_rng(0)
+    bright = rng.integers(100, 200, (2, 8, 8, 3)).astype(np.uint8)
+    images = np.concatenate([bright, bright // 4])  # one patient: two bright slices, two dark
+    slices = [SimpleNamespace(patient="a")] * 4
+    stats = data.volume_stats(slices, images)
+    assert np.allclose(stats, stats[0])  # one row per patient, repeated
+    x, _ = data.to_inputs(torch.from_numpy(images), torch.zeros(4, 8, 8, dtype=torch.uint8))
+    v, _ = data.to_inputs(
+        torch.from_numpy(images), torch.zeros(4, 8, 8, dtype=torch.uint8), stats=torch.from_numpy(stats)
+    )
+    assert abs(x[0].mean() - x[2].mean()) < 1e-4  # per slice: the dark slices look like the bright
+    assert v[0].mean() > v[2].mean() + 0.5  # per volume: they stay dark
+    assert abs(float(v.mean())) < 0.5 and torch.isfinite(v).all()
+
+
+def test_the_brain_crop_is_one_square_around_the_flair_signal():
+    images = np.zeros((3, 64, 48, 3), np.uint8)
+    images[1, 10:30, 5:15, 1] = 200  # FLAIR signal in one slice, 20 x 10
+    images[2, 20:40, 20:25, 1] = 100
+    top, left, bottom, right = data.brain_box(list(images))
+    assert bottom - top == right - left == 30  # rows 10..40, widened from columns 5..25
+    assert top == 10 and left == 0
+    assert data.brain_box([np.zeros((8, 8, 3), np.uint8)]) is None  # no signal: the whole slice
+    cut = data.cut(np.ones((4, 4), np.uint8), (-1, -1, 3, 3))
+    assert cut.shape == (4, 4) and cut[0].sum() == 0 and cut[1:, 1:].all()  # zero beyond the slice
+
+
+def test_postprocessing_is_chosen_on_validation_and_simpler_wins_ties():
+    rows = [{"dice": 0.5, "dice_lcc": 0.7, "dice_min8": 0.6, "dice_min32": 0.6, "dice_min128": 0.4}]
+    assert metrics.choose_postprocess(rows) == "lcc"
+    same = [{k: 0.5 for k in ("dice", "dice_lcc", "dice_min8", "dice_min32", "dice_min128")}]
+    assert metrics.choose_postprocess(same) == "none"
+    volume = np.zeros((3, 8, 8), bool)
+    volume[0, :3, :3], volume[2, 6, 6] = True, True  # 9 voxels and 1
+    kept = metrics.postprocessed(volume)
+    assert kept["min8"].sum() == 9 and kept["lcc"].sum() == 9 and kept["min32"].sum() == 0
+
+
+def test_a_budget_plans_the_epochs_that_fit_and_the_cosine_ends_there():
+    state, args = RunState(), SimpleNamespace(schedule="cosine", epochs=50, warmup=0.0, budget=100.0)
+    run = SimpleNamespace(state=state, args=args, main=False, accelerator=SimpleNamespace(num_processes=1))
+    state.epoch = 1
+    plan_budget(run, elapsed=30.0, epoch_s=20.0)  # 70 s left: 3 more epochs
+    assert state.planned_epochs == 4
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = make_schedule(args, opt, steps_per_epoch=10, state=state)
+    factors = [schedule.lr_lambdas[0](step) for step in (0, 20, 39, 40)]
+    assert factors[0] == 1.0 and 0 < factors[2] < 0.01 and factors[3] == 0.0
+
+
+def test_a_run_with_every_option_is_scored_natively_and_evaluates_again_the_same(phantoms, tmp_path, env):
+    out = tmp_path / "run"
+    options = ["--tumour-share", "0.5", "--normalize", "volume", "--crop", "brain", "--budget", "600"]
+    train("unet", "--data-dir", str(phantoms), *TINY, *options, "--output-dir", str(out), env=env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test"]["scored_at"] == "native" and summary["postprocess"] in metrics.POSTPROCESS
+    assert summary["normalize"] == "volume" and summary["crop"] == "brain"
+    again = tmp_path / "eval"
+    evaluate = ["--eval-only", "--checkpoint", str(out), "--data-dir", str(phantoms)]
+    train("unet", *evaluate, "--output-dir", str(again), env=env)
+    test = json.loads((again / "eval.json").read_text())["test"]
+    assert test["dice"] == pytest.approx(summary["test"]["dice"], abs=1e-9)
+    assert test["postprocess"] == summary["postprocess"]
+    assert (out / "log.txt").read_text().count("test") >= 1
