@@ -8,6 +8,26 @@ import pytest
 from common.synthetic import write_phantoms
 
 ROOT = Path(__file__).resolve().parents[1]
+# the tests that start two processes bind accelerate's default port, or start daemons: under
+# pytest-xdist they share one worker (xdist_group "ports"), as the slurm and multinode modules do
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (CI runs -n 2 --dist loadgroup), each worker on cores of its own: its
+    torch, and the processes its tests start, then take their threads there (default_threads reads
+    the affinity) instead of oversubscribing the machine (two processes of 2 threads each on 2
+    cores ran ~3x slower than one)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not (worker and count and hasattr(os, "sched_setaffinity")):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    mine = cores[int(worker.removeprefix("gw")) :: int(count)] or cores
+    os.sched_setaffinity(0, mine)
+    os.environ["OMP_NUM_THREADS"] = str(len(mine))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(len(mine))
+
+
 # a tiny model on tiny phantoms: each run takes seconds on a CPU
 TINY = ["--image-size", "64", "--width", "0.125", "--epochs", "2", "--batch-size", "4"]
 
@@ -33,10 +53,53 @@ def run(cmd, env, timeout=300):
 
 
 def train(model, *args, env, launcher=()):
-    """Run `<model>/train.py args` as a user would; fails the test with its output if it fails."""
-    p = run([*launcher, *([] if launcher else [sys.executable]), f"{model}/train.py", *args], env)
+    """Run `<model>/train.py args` as a user would; fails the test with its output if it fails.
+    Without a launcher, in this process: the script itself, as `python <model>/train.py` runs it,
+    its output captured; a new interpreter would add seconds of imports and nothing else (the
+    contract of a failing command, its one line and exit code, is tested with `run`)."""
+    if launcher:
+        p = run([*launcher, f"{model}/train.py", *args], env)
+    else:
+        p = in_process([f"{model}/train.py", *map(str, args)], env)
     assert p.returncode == 0, p.stdout + p.stderr
     return p
+
+
+def in_process(argv, env):
+    """`python argv...` run here: environment, working folder, argv and signal handlers as for a
+    new process, restored after; Accelerate's process state reset (it is a per-process singleton)."""
+    import contextlib
+    import gc
+    import io
+    import runpy
+    import signal
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    saved = dict(os.environ), os.getcwd(), sys.argv
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(ROOT)
+        sys.argv = list(argv)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved[0])
+        os.chdir(saved[1])
+        sys.argv = saved[2]
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        gc.collect()  # the run folder's lock and log file are closed with the run
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 from conftest import run
 
+# the comparison fixture is built once, in one worker (pytest-xdist)
+pytestmark = pytest.mark.xdist_group("compare")
+
 from common import stats
 from common.synthetic import write_phantoms
 from tools import compare
@@ -133,6 +136,7 @@ def test_table_only_refuses_runs_tested_on_other_patients(comparison, tmp_path):
     )
 
 
+@pytest.mark.xdist_group("ports")  # over the module's group: it binds the default port
 def test_the_comparison_through_accelerate_launch(tmp_path):
     launch = f"{sys.executable} -m accelerate.commands.launch --config_file accelerate_configs/cpu2.yaml"
     out, _ = compare_in(tmp_path, "--models", "fcn", "--launch", launch)

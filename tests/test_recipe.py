@@ -17,7 +17,7 @@ from PIL import Image
 
 from common import data, registry
 from common.blocks import Averaged
-from common.loop import make_schedule
+from common.loop import RunState, make_schedule
 
 
 def rows(out):
@@ -81,14 +81,14 @@ def test_every_model_takes_the_neighbours_as_channels(model):
 def test_cosine_schedule_warms_up_then_decays_to_zero():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     args = Namespace(schedule="cosine", epochs=2, warmup=0.1)
-    schedule, lrs = make_schedule(args, opt, 50), []
+    schedule, lrs = make_schedule(args, opt, 50, RunState()), []
     for _ in range(100):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step(), schedule.step()
     assert lrs[:10] == pytest.approx([(k + 1) / 10 for k in range(10)])
     assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lrs[-1] < 1e-3 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert make_schedule(Namespace(schedule="constant"), opt, 50) is None
+    assert make_schedule(Namespace(schedule="constant"), opt, 50, RunState()) is None
 
 
 def test_cosine_schedule_resumes_exactly(phantoms, tmp_path, env):
