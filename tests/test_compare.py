@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from conftest import run
 
-# the comparison fixture is built once, in one worker (pytest-xdist)
-pytestmark = pytest.mark.xdist_group("compare")
-
 from common import stats
 from common.synthetic import write_phantoms
 from tools import compare
+
+# the comparison fixture is built once, in one worker (pytest-xdist)
+pytestmark = pytest.mark.xdist_group("compare")
 
 TINY = ["--image-size", "64", "--width", "0.125", "--epochs", "1", "--batch-size", "4"]
 

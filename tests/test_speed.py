@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import pytest
 from conftest import run
 
 
