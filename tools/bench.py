@@ -3,6 +3,7 @@
     python -m tools.bench data --synthetic      # images/s each data pipeline delivers, 0-2 workers
     python -m tools.bench step --synthetic --width 0.25 --image-size 128
         # bare forward+backward on tensors in memory, against the full loop with each pipeline
+    python -m tools.bench scoring --width 0.25 --image-size 128   # what native-resolution scoring costs
     python -m tools.bench suite --output-dir docs/gpu     # the single-GPU suite, <= 6 minutes
     python -m tools.bench gpu --data-dir D --budget 480 --output-dir docs/gpu
         # the suite, then a U-Net training run in the time left, its results and plots
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import data, pipelines, registry, report, synthetic
@@ -103,6 +105,42 @@ def bench_data(args, device):
     for r in rows:
         r["vs_decode_0"] = r["images_per_s"] / rows[0]["images_per_s"]
     return rows, {"inputs_images_per_s": args.batch_size / inputs}
+
+
+@torch.no_grad()
+def bench_scoring(args, device):
+    """What scoring at native resolution costs in an evaluation, per batch of the data: the network's
+    forward pass (U-Net at --width, --image-size), counting at that size against the resized masks
+    (before), and counting natively (resizing the logits back, unpacking the released masks)."""
+    from common import metrics
+
+    _, _, cache = load_source(args)
+    model = (
+        registry.build({"model": "unet", "width": args.width, "image_size": args.image_size})
+        .to(device)
+        .eval()
+    )
+    at = np.arange(min(args.batch_size, len(cache.images)))
+    images, masks = (torch.from_numpy(np.array(a[at])).to(device) for a in (cache.images, cache.masks))
+    x, y = data.to_inputs(images, masks)
+    logits = model(x)
+    size = tuple(int(v) for v in cache.shapes.max(0))
+
+    def native():
+        scaled = metrics.native_logits(logits, cache.shapes[at], cache.boxes[at], size)
+        truth = torch.from_numpy(cache.native_masks(at)).to(device)
+        return metrics.confusion(scaled, truth, torch.from_numpy(cache.shapes[at].prod(1)))
+
+    steps = {
+        "forward": lambda: model(x),
+        "resized masks": lambda: metrics.confusion(logits, y),
+        "native": native,
+    }
+    ms = {k: 1000 * step_median(fn, device, args.warmup, args.batches) for k, fn in steps.items()}
+    return [
+        {"step": k, "ms_per_batch": v, "vs_forward": v / ms["forward"], "native_size": f"{size[0]}x{size[1]}"}
+        for k, v in ms.items()
+    ]
 
 
 def step_median(fn, device, warmup, steps):
@@ -320,6 +358,7 @@ COLUMNS = {
     "step": ["model", "width", "image_size", "gflops_per_image", "bare_images_per_s", "pipeline",
              "images_per_s", "efficiency", "mfu", "data_wait_share", "step_data_median_ms",
              "step_compute_median_ms"],
+    "scoring": ["step", "ms_per_batch", "vs_forward", "native_size"],
     "suite": ["model", "setting", "images_per_s", "speedup_vs_fp32_decode", "mfu", "data_wait_share",
               "step_data_median_ms", "step_compute_median_ms", "peak_memory_mb"],
 }  # fmt: skip
@@ -331,7 +370,7 @@ def make_parser():
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("what", choices=("data", "step", "suite", "gpu"))
+    p.add_argument("what", choices=("data", "step", "scoring", "suite", "gpu"))
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LGG_DATA_DIR", "data/kaggle_3m")))
     p.add_argument("--synthetic", action="store_true", help="phantoms (written once into the cache)")
     p.add_argument(
@@ -378,6 +417,8 @@ def main(argv=None):
             rows, extra = bench_data(args, device)
         elif args.what == "step":
             rows, extra = bench_step(args, device), {}
+        elif args.what == "scoring":
+            rows, extra = bench_scoring(args, device), {}
         else:
             rows, extra = bench_suite(args, device)
             args.what = "suite"
