@@ -166,8 +166,9 @@ if [ "$nodes" -gt 1 ]; then
       --main_process_ip "$head_addr" --main_process_port "$port" --rdzv_backend c10d --same_network \
       "$repo/$model/train.py" "$@"' bash "$@" &
 else
+  # a free port unless MASTER_PORT says: two jobs sharing a node do not collide
   accelerate launch "${device_flags[@]}" --num_machines 1 --num_processes "$procs" \
-    --dynamo_backend no "$repo/$model/train.py" "$@" &
+    --main_process_port "${MASTER_PORT:-0}" --dynamo_backend no "$repo/$model/train.py" "$@" &
 fi
 child=$!
 # SIGTERM to this script (Slurm's warning, or a plain kill): pass it to the training processes, which

@@ -8,24 +8,20 @@ import pytest
 from common.synthetic import write_phantoms
 
 ROOT = Path(__file__).resolve().parents[1]
-# the tests that start two processes bind accelerate's default port, or start daemons: under
-# pytest-xdist they share one worker (xdist_group "ports"), as the slurm and multinode modules do
+# under pytest-xdist the Slurm tests (slurm, multinode: daemons of their own) share one worker; runs
+# of two processes take a free port each (the configs' main_process_port: 0), and run anywhere
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (CI runs -n 2 --dist loadgroup), each worker on cores of its own: its
-    torch, and the processes its tests start, then take their threads there (default_threads reads
-    the affinity) instead of oversubscribing the machine (two processes of 2 threads each on 2
-    cores ran ~3x slower than one)."""
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if not (worker and count and hasattr(os, "sched_setaffinity")):
-        return
-    cores = sorted(os.sched_getaffinity(0))
-    mine = cores[int(worker.removeprefix("gw")) :: int(count)] or cores
-    os.sched_setaffinity(0, mine)
-    os.environ["OMP_NUM_THREADS"] = str(len(mine))
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(len(mine))
+    """Under pytest-xdist (CI: -n 3 on 2 cores), one thread per process, the worker's own torch and
+    every process its tests start ($OMP_NUM_THREADS, which default_threads follows): single-threaded
+    processes share cores by time slices, where several multi-threaded ones oversubscribe them (two
+    processes of 2 threads on 2 cores ran ~3x slower than one). A third worker fills the time the
+    Slurm tests spend waiting for their jobs."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
 
 
 # a tiny model on tiny phantoms: each run takes seconds on a CPU

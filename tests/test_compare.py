@@ -136,7 +136,6 @@ def test_table_only_refuses_runs_tested_on_other_patients(comparison, tmp_path):
     )
 
 
-@pytest.mark.xdist_group("ports")  # over the module's group: it binds the default port
 def test_the_comparison_through_accelerate_launch(tmp_path):
     launch = f"{sys.executable} -m accelerate.commands.launch --config_file accelerate_configs/cpu2.yaml"
     out, _ = compare_in(tmp_path, "--models", "fcn", "--launch", launch)

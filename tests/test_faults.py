@@ -127,7 +127,6 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(phantoms, tmp_
     assert final[0]["dice"] == pytest.approx(final[1]["dice"], abs=1e-6)
 
 
-@pytest.mark.xdist_group("ports")
 def test_when_one_process_dies_the_launcher_ends_the_others(phantoms, tmp_path, env):
     out = tmp_path / "run"
     cmd = [

@@ -13,8 +13,8 @@ import time
 import pytest
 from conftest import ROOT, TINY
 
-# one worker for the tests that open ports or start daemons (under pytest-xdist, CI's -n 2)
-pytestmark = pytest.mark.xdist_group("ports")
+# one worker for the tests that start Slurm daemons (under pytest-xdist, CI's -n 2)
+pytestmark = pytest.mark.xdist_group("slurm")
 
 TINY_JOB = ["--synthetic", "--image-size", "64", "--width", "0.125", "--epochs", "2", "--batch-size", "4"]
 # the defaults of run.sh ask for 4 GPUs and 16 CPUs: a small CPU node overrides them, as users do

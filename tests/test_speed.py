@@ -5,7 +5,6 @@ import json
 import os
 import sys
 
-import pytest
 from conftest import run
 
 
@@ -82,7 +81,6 @@ def test_bench_step_reports_the_loop_against_bare_compute(tmp_path, env):
     assert float(row["gflops_per_image"]) > 0
 
 
-@pytest.mark.xdist_group("ports")  # two processes through accelerate launch
 def test_sweep_runs_the_grid_through_the_launcher_and_plots(tmp_path, env):
     p = run(
         [

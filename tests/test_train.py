@@ -116,7 +116,6 @@ def test_eval_only_refuses_another_models_checkpoint(phantoms, tmp_path, env):
     )
 
 
-@pytest.mark.xdist_group("ports")
 def test_two_gloo_processes_through_accelerate_launch(phantoms, tmp_path, env):
     out = tmp_path / "run"
     # 6 validation and 6 test slices over 2 processes x batch 4: the second process's batch is padded
@@ -344,7 +343,6 @@ def test_tensorboard_missing_is_a_clear_error(phantoms, env):
     assert p.returncode == 2 and "pip install tensorboard" in p.stderr
 
 
-@pytest.mark.xdist_group("ports")
 def test_sync_bn_over_two_processes_equals_one_process_on_the_whole_batch(phantoms, tmp_path, env):
     """One optimiser step: 2 gloo processes x 4 slices with --sync-bn, against 1 process x 8 slices.
     BCE only (soft Dice pooled per process is not the global one), no augmentation, and SGD: Adam's
@@ -402,7 +400,6 @@ def test_sync_bn_over_two_processes_equals_one_process_on_the_whole_batch(phanto
         )
 
 
-@pytest.mark.xdist_group("ports")
 def test_time_limit_stops_every_process_at_the_same_epoch(phantoms, tmp_path, env):
     out = tmp_path / "run"
     train(
