@@ -129,10 +129,8 @@ def gflops(build_model, args):
 
 
 def default_threads(local_processes):
-    """CPU threads per process that do not oversubscribe: $OMP_NUM_THREADS where set (a user's, or
-    torchrun's), else the cores this process may use, shared among the processes of this machine."""
+    """CPU threads per process that do not oversubscribe: the cores this process may use, shared
+    among the processes of this machine."""
     import os
 
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
-        return int(os.environ["OMP_NUM_THREADS"])
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_processes))

@@ -13,15 +13,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (CI: -n 3 on 2 cores), one thread per process, the worker's own torch and
-    every process its tests start ($OMP_NUM_THREADS, which default_threads follows): single-threaded
-    processes share cores by time slices, where several multi-threaded ones oversubscribe them (two
-    processes of 2 threads on 2 cores ran ~3x slower than one). A third worker fills the time the
-    Slurm tests spend waiting for their jobs."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ["OMP_NUM_THREADS"] = "1"
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(1)
+    """Under pytest-xdist (CI: -n 3 on 2 cores), each worker on one core (worker k on core k mod the
+    cores): its torch, and every process its tests start, then take one thread (default_threads
+    reads the affinity). Single-threaded processes share a core by time slices, where
+    multi-threaded ones oversubscribe it (two processes of 2 threads on 2 cores ran ~3x slower than
+    one); a third worker fills the time the Slurm tests spend waiting for their jobs."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not (worker and hasattr(os, "sched_setaffinity")):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 # a tiny model on tiny phantoms: each run takes seconds on a CPU

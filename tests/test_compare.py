@@ -62,7 +62,7 @@ def compare_in(root, *flags):
     return root / "cmp", env
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not rebuilt when pytest-xdist interleaves another module
 def comparison(tmp_path_factory):
     return compare_in(tmp_path_factory.mktemp("compare"), "--original")
 

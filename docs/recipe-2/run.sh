@@ -6,6 +6,8 @@
 #   bash docs/recipe-2/run.sh [DATA_DIR] [OUT_DIR]        (from the repository root)
 #   bash docs/recipe-2/run.sh DATA_DIR OUT_DIR others     the chosen recipe on FCN-8s and SegNet
 #   bash docs/recipe-2/run.sh DATA_DIR OUT_DIR test       once chosen: the test patients, once
+#   bash docs/recipe-2/run.sh DATA_DIR OUT_DIR unet "all crop"   only these U-Net variants (one
+#                                        runner per core: each run takes the cores it is given)
 set -euo pipefail
 data=${1:-data/kaggle_3m}
 out=${2:-runs/recipe-2}
@@ -41,10 +43,15 @@ others)
     train segnet segnet-all "${chosen[@]}"
     ;;
 *)
-    train unet plain
-    train unet all "${chosen[@]}"
-    train unet tumour-share --tumour-share 0.5
-    train unet volume --normalize volume
-    train unet crop --crop brain
+    for v in ${4:-plain all tumour-share volume crop}; do
+        case $v in
+        plain) train unet plain ;;
+        all) train unet all "${chosen[@]}" ;;
+        tumour-share) train unet tumour-share --tumour-share 0.5 ;;
+        volume) train unet volume --normalize volume ;;
+        crop) train unet crop --crop brain ;;
+        *) echo "unknown variant $v" >&2; exit 2 ;;
+        esac
+    done
     ;;
 esac
