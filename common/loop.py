@@ -778,7 +778,15 @@ def run_summary(run, build_model, stopped_by, results):
         "best_val": results.get(f"val (epoch {state.best_epoch})"),
         "test": results.get("test"),
         "split": {k: len(v) for k, v in run.d.parts.items()},
+        "data": data_record(args, run.d),
     }
+
+
+def data_record(args, d):
+    """Where the run's data came from: tables keep runs on phantoms apart from runs on patients."""
+    source = "phantoms" if args.synthetic else "pack" if Path(args.data_dir).is_file() else "folder"
+    patients = len({s.patient for s in d.slices})
+    return {"source": source, "path": str(args.data_dir), "patients": patients, "slices": len(d.slices)}
 
 
 def load_checkpoint(path, model_name=None):

@@ -77,3 +77,21 @@ def test_a_64_px_run_is_scored_against_the_tiffs(tmp_path, env):
         assert rows[patient]["tumour_voxels"] == truth.sum()  # the 2-pixel tumour is counted
         assert (rows[patient]["tp"], rows[patient]["fp"], rows[patient]["fn"]) == (tp, fp, fn)
         assert abs(rows[patient]["dice"] - metrics.ratio(2 * tp, 2 * tp + fp + fn)) < 1e-12
+
+
+def test_results_keep_runs_on_phantoms_apart_from_runs_on_patients(tmp_path):
+    from tools import results
+
+    def summary(source, patients):
+        return {"model": "unet", "data": {"source": source, "path": "x/kaggle_3m", "patients": patients}}
+
+    runs = [tmp_path / "real", tmp_path / "phantom", tmp_path / "old"]
+    text = results.markdown(runs, [summary("folder", 110), summary("phantoms", 10), {"model": "unet"}])
+    headings = [line for line in text.splitlines() if line.startswith("## Data")]
+    assert headings == [  # in the order given, phantoms last
+        "## Data: kaggle_3m, 110 patients",
+        "## Data: data not recorded (a run of an older version)",
+        "## Data: phantoms, 10 patients",
+    ]
+    real, phantom = text.index("| real |"), text.index("| phantom |")
+    assert text.index("## Data: kaggle_3m") < real < text.index("## Data: phantoms") < phantom

@@ -54,9 +54,34 @@ def cell(value, fmt="{:.4f}"):
     return fmt(value) if callable(fmt) else fmt.format(value)
 
 
+def data_label(summary):
+    """What a run trained on, as tables name it; phantom runs are never tabled beside patients'."""
+    d = summary.get("data")
+    if d is None:
+        return "data not recorded (a run of an older version)"
+    name = "phantoms" if d["source"] == "phantoms" else Path(d["path"]).name
+    return f"{name}, {d['patients']} patients"
+
+
 def markdown(runs, summaries):
-    lines = ["| run | " + " | ".join(t for _, t, _ in SETUP) + " |", "|---" * (len(SETUP) + 1) + "|"]
+    groups = {}
     for run, s in zip(runs, summaries):
+        groups.setdefault(data_label(s), []).append((run, s))
+    lines = []
+    for label, members in sorted(groups.items(), key=lambda g: g[0].startswith("phantoms")):
+        lines += [f"## Data: {label}", ""] + section(members)
+    lines += [
+        "",
+        "Reference, the original study (validation slices of a split that leaks patients, mIoU+bg "
+        "per batch of 4): " + ", ".join(f"{m} {v:.4f}" for m, v in ORIGINAL.items()) + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def section(members):
+    """The tables of runs on one data set: their setup, then test and validation metrics."""
+    lines = ["| run | " + " | ".join(t for _, t, _ in SETUP) + " |", "|---" * (len(SETUP) + 1) + "|"]
+    for run, s in members:
         lines.append(f"| {run.name} | " + " | ".join(cell(s.get(k), f) for k, _, f in SETUP) + " |")
     for side, key in (("Test patients", "test"), ("Validation patients, best epoch", "best_val")):
         lines += [
@@ -66,20 +91,15 @@ def markdown(runs, summaries):
             "| run | " + " | ".join(m.title for m in METRICS) + " |",
             "|---" * (len(METRICS) + 1) + "|",
         ]
-        for run, s in zip(runs, summaries):
+        for run, s in members:
             m = s.get(key) or {}
             lines.append(f"| {run.name} | " + " | ".join(cell(m.get(x.key), x.fmt) for x in METRICS) + " |")
-    lines += [
-        "",
-        "Reference, the original study (validation slices of a split that leaks patients, mIoU+bg "
-        "per batch of 4): " + ", ".join(f"{m} {v:.4f}" for m, v in ORIGINAL.items()) + ".",
-    ]
-    return "\n".join(lines) + "\n"
+    return lines + [""]
 
 
 def write_csv(path, runs, summaries):
     keys = [k for k, _, _ in SETUP]
-    header = ["run", *keys] + [f"{side}_{m.key}" for side in ("test", "val") for m in METRICS]
+    header = ["run", *keys] + [f"{side}_{m.key}" for side in ("test", "val") for m in METRICS] + ["data"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -87,6 +107,7 @@ def write_csv(path, runs, summaries):
             w.writerow(
                 [run.name, *(s.get(k) for k in keys)]
                 + [(s.get(key) or {}).get(m.key) for key in ("test", "best_val") for m in METRICS]
+                + [data_label(s)]
             )
         for model, v in ORIGINAL.items():
             w.writerow(
@@ -95,6 +116,7 @@ def write_csv(path, runs, summaries):
                 + [None] * len(METRICS)
                 + [None, v]
                 + [None] * (len(METRICS) - 2)
+                + ["the original's leaky slice split"]
             )
 
 
