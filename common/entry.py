@@ -15,9 +15,9 @@ def main(parser, build_model, argv=None):
         from common.report import console
 
         console.release()  # a new command: nothing kept of an earlier one in this process
-        from common import loop  # after parsing, so that --help and flag errors stay fast
+        from common import evaluate, loop  # after parsing, so that --help and flag errors stay fast
 
-        loop.evaluate_checkpoint(args, build_model) if args.eval_only else loop.train(args, build_model)
+        evaluate.evaluate_checkpoint(args, build_model) if args.eval_only else loop.train(args, build_model)
     except KeyboardInterrupt:
         if "--debug" in argv:
             raise

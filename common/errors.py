@@ -12,11 +12,3 @@ class Unfinished(UserError):
     """A run whose training is saved but whose last steps failed: one line saying how to finish it."""
 
     exit_code = 1
-
-
-def moved(tool):
-    """The commands that moved to tools/ say where, in one line, with exit code 2."""
-    import sys
-
-    print(f"error: python -m common.{tool} has moved: run python -m tools.{tool}", file=sys.stderr)
-    sys.exit(2)

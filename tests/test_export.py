@@ -1,4 +1,4 @@
-"""python -m tools.export (also python -m common.export): a checkpoint becomes an ONNX or TorchScript
+"""python -m tools.export: a checkpoint becomes an ONNX or TorchScript
 file that gives the model's logits to 1e-4, for any batch size; what cannot be exported, or exports
 wrong, is one `error:` line and leaves no file."""
 
@@ -136,14 +136,14 @@ def test_onnx_without_its_packages_names_the_pip_command(tmp_path, monkeypatch, 
     assert [p.name for p in folder.iterdir()] == ["best.pt"]
 
 
-def test_the_command_the_issue_names_runs_as_a_user_runs_it(tmp_path, env):
+def test_the_command_runs_as_a_user_runs_it(tmp_path, env):
     folder = checkpoint(tmp_path / "unet", "unet")
     out = tmp_path / "exported" / "unet.pt"
     p = run(
         [
             sys.executable,
             "-m",
-            "common.export",
+            "tools.export",
             "--checkpoint",
             str(folder),
             "--format",

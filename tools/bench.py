@@ -28,7 +28,7 @@ import torch
 
 from common import data, pipelines, registry, report, synthetic
 from common.errors import UserError
-from common.loop import loss_from_terms, loss_terms
+from common.loss import loss_from_terms, loss_terms
 from common.timing import default_threads, device_name, gflops, synchronize
 
 ROOT = Path(__file__).resolve().parents[1]

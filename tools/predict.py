@@ -34,8 +34,9 @@ from PIL import Image
 
 from common import data, metrics, registry, report
 from common.blocks import Averaged
+from common.checkpoint import load_checkpoint, members
 from common.errors import UserError
-from common.loop import load_checkpoint, members, recorded
+from common.rundir import recorded
 
 TRUTH, PRED = "#2ca02c", "#d62728"
 
