@@ -8,8 +8,9 @@ import pytest
 from common.synthetic import write_phantoms
 
 ROOT = Path(__file__).resolve().parents[1]
-# under pytest-xdist the Slurm tests (slurm, multinode: daemons of their own) share one worker; runs
-# of two processes take a free port each (the configs' main_process_port: 0), and run anywhere
+# under pytest-xdist (CI: --dist loadfile, a test file to one worker, so that its fixtures are made
+# once) runs of two processes take a free port each (the configs' main_process_port: 0) and Slurm
+# clusters start one at a time (tests/slurm/cluster.sh), each on ports of its own
 
 
 def pytest_configure(config):

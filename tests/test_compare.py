@@ -13,9 +13,6 @@ from common import stats
 from common.synthetic import write_phantoms
 from tools import compare
 
-# the comparison fixture is built once, in one worker (pytest-xdist)
-pytestmark = pytest.mark.xdist_group("compare")
-
 TINY = ["--image-size", "64", "--width", "0.125", "--epochs", "1", "--batch-size", "4"]
 
 
@@ -62,7 +59,7 @@ def compare_in(root, *flags):
     return root / "cmp", env
 
 
-@pytest.fixture(scope="session")  # not rebuilt when pytest-xdist interleaves another module
+@pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
     return compare_in(tmp_path_factory.mktemp("compare"), "--original")
 

@@ -14,9 +14,6 @@ import pytest
 from conftest import ROOT, TINY
 from test_slurm import stop, wait
 
-# one worker for the tests that start Slurm daemons (under pytest-xdist, CI's -n 2)
-pytestmark = pytest.mark.xdist_group("slurm")
-
 # one thread per process, as the reference's two processes on one machine get: float sums over
 # another number of threads differ in their last bits
 SAME = [*TINY, "--threads", "1"]

@@ -13,9 +13,6 @@ import time
 import pytest
 from conftest import ROOT, TINY
 
-# one worker for the tests that start Slurm daemons (under pytest-xdist, CI's -n 2)
-pytestmark = pytest.mark.xdist_group("slurm")
-
 TINY_JOB = ["--synthetic", "--image-size", "64", "--width", "0.125", "--epochs", "2", "--batch-size", "4"]
 # the defaults of run.sh ask for 4 GPUs and 16 CPUs: a small CPU node overrides them, as users do
 SMALL = ["--gres=none", "--cpus-per-task=1", "--mem=2G", "--time=00:10:00"]

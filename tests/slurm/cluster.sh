@@ -7,6 +7,10 @@ mkdir -p "$dir"/{spool,state,log}
 for tool in munged slurmctld slurmd sbatch sinfo; do
   command -v "$tool" >/dev/null || { echo "not installed: $tool (apt-get install slurmctld slurmd slurm-client munge)"; exit 1; }
 done
+# two test modules (run side by side under pytest-xdist) may start clusters at once: one at a time
+# here, so that one munged serves both; each cluster then has its own ports, state and spool
+exec 9>"${TMPDIR:-/tmp}/lgg-seg-cluster.lock"
+flock 9
 if ! pgrep -x munged >/dev/null; then
   [ -s /etc/munge/munge.key ] || { dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null; chmod 400 /etc/munge/munge.key; }
   chown -R munge:munge /etc/munge 2>/dev/null; mkdir -p /run/munge; chown munge:munge /run/munge 2>/dev/null
