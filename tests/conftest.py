@@ -8,9 +8,10 @@ import pytest
 from common.synthetic import write_phantoms
 
 ROOT = Path(__file__).resolve().parents[1]
-# under pytest-xdist (CI: --dist loadfile, a test file to one worker, so that its fixtures are made
-# once) runs of two processes take a free port each (the configs' main_process_port: 0) and Slurm
-# clusters start one at a time (tests/slurm/cluster.sh), each on ports of its own
+# under pytest-xdist (CI: -n 3) runs of two processes take a free port each (the configs'
+# main_process_port: 0), and Slurm clusters start one at a time (tests/slurm/cluster.sh), each on
+# ports of its own; fixtures costly to build are session-scoped, so that a worker running other
+# modules' tests in between does not build them again
 
 
 def pytest_configure(config):

@@ -59,7 +59,7 @@ def compare_in(root, *flags):
     return root / "cmp", env
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def comparison(tmp_path_factory):
     return compare_in(tmp_path_factory.mktemp("compare"), "--original")
 

@@ -57,7 +57,7 @@ def test_the_contract_check_fails_a_model_that_breaks_it():
         registry.check(nn.Conv2d(3, 2, 1))  # two channels out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def copy(tmp_path_factory, phantoms):
     root = tmp_path_factory.mktemp("repo") / "lgg-seg"
     shutil.copytree(
