@@ -286,7 +286,8 @@ def volume_stats(slices, images):
     starts = [0] + [i for i in range(1, len(slices)) if slices[i].patient != slices[i - 1].patient]
     for a, b in zip(starts, starts[1:] + [len(slices)]):
         volume = np.asarray(images[a:b], np.float32) / 255
-        lo, hi = np.percentile(volume[::2, ::2, ::2], (10, 99))  # every 8th voxel: the same to ~1e-3
+        # every 8th voxel: within 3 of 255 intensity levels of the whole volume's (22 shared patients)
+        lo, hi = np.percentile(volume[::2, ::2, ::2], (10, 99))
         hi = max(hi, lo + 1e-3)
         v = np.clip((volume - lo) / (hi - lo), 0, 1)
         out[a:b] = [lo, hi, *v.mean((0, 1, 2)), *(v.std((0, 1, 2)) + 1e-5)]

@@ -32,21 +32,20 @@ class Tee(Console):
 
     def release(self):
         """No copy, nothing kept: a new command starts (in-process callers run several)."""
+        self.close()
+        self.early = []
+
+    def close(self):
         if self.copy is not None:
             self.copy.file.close()
-        self.copy, self.early = None, []
+            self.copy = None
 
     def keep(self, path):
-        self.release_copy_only()
+        self.close()
         self.copy = Console(file=open(path, "a", buffering=1), highlight=False, soft_wrap=True, width=120)
         for args, kw in self.early:
             self.copy.print(*args, **kw)
         self.early = []
-
-    def release_copy_only(self):
-        if self.copy is not None:
-            self.copy.file.close()
-            self.copy = None
 
     def print(self, *args, **kw):
         super().print(*args, **kw)
