@@ -200,9 +200,14 @@ class Cache:
     boxes: np.ndarray  # (N, 4) top, left, bottom, right: the part of the slice `images` shows
     stats: np.ndarray  # (N, 8) float32: its patient's volume statistics (volume_stats)
 
+    @property
+    def native_size(self):
+        """(H, W) of the largest slice: the size native masks and predictions are padded to."""
+        return tuple(int(v) for v in self.shapes.max(0))
+
     def native_masks(self, index):
         """The masks as released of the slices at `index`, (B, H, W) bool, zero beyond a slice's size."""
-        width = int(self.shapes[:, 1].max())
+        width = self.native_size[1]
         return np.unpackbits(self.native[np.asarray(index)], axis=-1, count=width).astype(bool)
 
 

@@ -21,6 +21,14 @@ def inputs(args, d, images, masks, idx, train=False):
     return data.to_inputs(images, masks, *augment, args.channels_last, stats)
 
 
+def native_counts(cache, logits, at):
+    """Per-slice confusion counts of the slices at cache indices `at` (numpy), their logits resized
+    back to each slice's own geometry and compared with the masks as released; and those logits."""
+    native = metrics.native_logits(logits, cache.shapes[at], cache.boxes[at], cache.native_size)
+    truth = torch.from_numpy(cache.native_masks(at)).to(native.device)
+    return metrics.confusion(native, truth, torch.from_numpy(cache.shapes[at].prod(1))), native
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator, args, d, title=None, volumes=False):
     """Metrics of the whole loader, exact under DDP (gather_for_metrics drops the padding). Slice and
@@ -30,18 +38,12 @@ def evaluate(model, loader, accelerator, args, d, title=None, volumes=False):
     started = time.perf_counter()
     counts, terms, index, preds = [], [], [], []
     cache = d.cache
-    size = tuple(int(v) for v in cache.shapes.max(0))
     with report.bar(accelerator.is_main_process and title is not None) as bar:
         for images, masks, idx in bar.track(loader, description=title or ""):
             x, y = inputs(args, d, images, masks, idx)
             logits = model(x)
-            at = idx.cpu().numpy()  # scored at native resolution, against the masks as released
-            native = metrics.native_logits(logits, cache.shapes[at], cache.boxes[at], size)
-            truth = torch.from_numpy(cache.native_masks(at)).to(native.device)
-            areas = torch.from_numpy(cache.shapes[at].prod(1))
-            out = (metrics.confusion(native, truth, areas), loss_terms(logits, y), idx) + (
-                (native > 0,) if volumes else ()
-            )
+            counted, native = native_counts(cache, logits, idx.cpu().numpy())  # against the released masks
+            out = (counted, loss_terms(logits, y), idx) + ((native > 0,) if volumes else ())
             out = accelerator.gather_for_metrics(out)
             counts.append(out[0]), terms.append(out[1]), index.append(out[2])
             if volumes:

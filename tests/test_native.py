@@ -95,3 +95,14 @@ def test_results_keep_runs_on_phantoms_apart_from_runs_on_patients(tmp_path):
     ]
     real, phantom = text.index("| real |"), text.index("| phantom |")
     assert text.index("## Data: kaggle_3m") < real < text.index("## Data: phantoms") < phantom
+
+
+def test_the_scoring_benchmark_times_both_ways_of_counting(phantoms, tmp_path):
+    from tools import bench
+
+    where = ["--data-dir", str(phantoms), "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path)]
+    size = ["--image-size", "32", "--width", "0.125", "--batch-size", "4", "--warmup", "1", "--batches", "2"]
+    argv = ["scoring", *where, *size]
+    assert bench.main(argv) == 0
+    rows = (tmp_path / "scoring.csv").read_text().splitlines()
+    assert [r.split(",")[2] for r in rows[1:]] == ["forward", "resized masks", "native"]

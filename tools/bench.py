@@ -113,6 +113,7 @@ def bench_scoring(args, device):
     forward pass (U-Net at --width, --image-size), counting at that size against the resized masks
     (before), and counting natively (resizing the logits back, unpacking the released masks)."""
     from common import metrics
+    from common.evaluate import native_counts
 
     _, _, cache = load_source(args)
     model = (
@@ -123,18 +124,11 @@ def bench_scoring(args, device):
     at = np.arange(min(args.batch_size, len(cache.images)))
     images, masks = (torch.from_numpy(np.array(a[at])).to(device) for a in (cache.images, cache.masks))
     x, y = data.to_inputs(images, masks)
-    logits = model(x)
-    size = tuple(int(v) for v in cache.shapes.max(0))
-
-    def native():
-        scaled = metrics.native_logits(logits, cache.shapes[at], cache.boxes[at], size)
-        truth = torch.from_numpy(cache.native_masks(at)).to(device)
-        return metrics.confusion(scaled, truth, torch.from_numpy(cache.shapes[at].prod(1)))
-
+    logits, size = model(x), cache.native_size
     steps = {
         "forward": lambda: model(x),
         "resized masks": lambda: metrics.confusion(logits, y),
-        "native": native,
+        "native": lambda: native_counts(cache, logits, at),
     }
     ms = {k: 1000 * step_median(fn, device, args.warmup, args.batches) for k, fn in steps.items()}
     return [
