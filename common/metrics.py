@@ -203,7 +203,11 @@ def hd95(pred, truth):
     def surface(v):
         return v & ~ndimage.binary_erosion(v)
 
-    sp, st = surface(pred), surface(truth)
+    # within the box around both (one voxel of background more where there is room) the surfaces
+    # and every distance between them are the same as in the whole volume, for a fraction of the cost
+    box = ndimage.find_objects((pred | truth).astype(np.uint8))[0]
+    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
+    sp, st = surface(pred[box]), surface(truth[box])
     d_to_truth = ndimage.distance_transform_edt(~st)[sp]
     d_to_pred = ndimage.distance_transform_edt(~sp)[st]
     return float(max(np.percentile(d_to_truth, 95), np.percentile(d_to_pred, 95)))

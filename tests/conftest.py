@@ -49,7 +49,14 @@ def env(tmp_path):
     return e
 
 
-def run(cmd, env, timeout=300):
+def run(cmd, env, timeout=300, process=False):
+    """`cmd` from the repository root, its output captured. `python SCRIPT ...` and `python -m
+    MODULE ...` run in this process (in_process): a new interpreter adds seconds of imports and
+    nothing a test looks at, but for what it imports (another PYTHONPATH) and for what happens
+    after the script has ended (test_contract_holds_in_a_new_process); `process=True` asks for one."""
+    own = cmd[0] == sys.executable and len(cmd) > 1 and cmd[1] != "-c"
+    if own and not process and env.get("PYTHONPATH") == os.environ.get("PYTHONPATH"):
+        return in_process(cmd[1:], env)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -67,13 +74,17 @@ def train(model, *args, env, launcher=()):
 
 
 def in_process(argv, env):
-    """`python argv...` run here: environment, working folder, argv and signal handlers as for a
-    new process, restored after; Accelerate's process state reset (it is a per-process singleton)."""
+    """`python argv...` run here (argv: a script, or `-m` and a module): environment, working
+    folder, argv and signal handlers as for a new process, restored after; Accelerate's process
+    state reset (it is a per-process singleton). What the interpreter would do at the end is done
+    too: a SystemExit's message, or an exception's traceback, on stderr (exit code 1)."""
     import contextlib
     import gc
     import io
     import runpy
     import signal
+    import traceback
+    import warnings
 
     from accelerate.state import AcceleratorState, GradientState
 
@@ -84,12 +95,22 @@ def in_process(argv, env):
         os.environ.clear()
         os.environ.update(env)
         os.chdir(ROOT)
-        sys.argv = list(argv)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        module = argv[0] == "-m"
+        sys.argv = list(argv[1:] if module else argv)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             try:
-                runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
+                if module:  # a module a test has imported runs again as __main__, as it should
+                    warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+                    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else int(e.code is not None)
+                if e.code is not None and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+                code = 1
     finally:
         os.environ.clear()
         os.environ.update(saved[0])

@@ -163,6 +163,15 @@ def test_user_errors_end_in_one_line_and_exit_code_2(flags, named, env):
     assert named in p.stderr and "Traceback" not in p.stderr
 
 
+def test_contract_holds_in_a_new_process(env):
+    """The tests run the scripts in their own process (conftest.run); this once in a new
+    interpreter: its exit code, and nothing on stderr after the line (a warning at exit, a thread's
+    traceback)."""
+    p = run([sys.executable, "unet/train.py", "--data-dir", "no/such/folder"], env, process=True)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith("error: data folder not found: no/such/folder"), p.stderr
+
+
 @pytest.mark.parametrize("model", ["unet", "fcn", "segnet"])
 def test_help_and_flag_errors_do_not_wait_for_torch(model, tmp_path, env):
     # a torch that cannot be imported: --help and a flag error must not need it (it takes seconds)
