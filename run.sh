@@ -9,6 +9,10 @@
 #   sbatch --array=0-2 run.sh unet,fcn,segnet --output-dir runs/cmp --val-frac 0.1 --test-frac 0.2 ...
 #                                  # the comparison: task i into runs/cmp/<model i>; then, once all ended,
 #                                  # python -m tools.compare --table --output-dir runs/cmp
+#   sbatch --array=0-14 run.sh unet,fcn,segnet --folds 5 --output-dir runs/cmp-cv5 --data-dir ...
+#                                  # the cross-validated comparison: task i, model i / 5 tested on fold
+#                                  # i % 5, into runs/cmp-cv5/<model>/fold-<k>; once all ended,
+#                                  # python -m tools.compare --table --folds 5 --output-dir runs/cmp-cv5
 #   sbatch --array=0-4 --gres=gpu:1 run.sh unet --folds 5 --output-dir runs/unet-cv5 --data-dir ...
 #                                  # cross-validation: task i trains fold i into runs/unet-cv5/fold-i;
 #                                  # python -m tools.folds unet --folds 5 --output-dir runs/unet-cv5 --summary
@@ -80,17 +84,25 @@ folds=$(value_of --folds "$@")
 [ "$folds" = 0 ] && folds=""
 [ -z "$folds" ] || [[ "$folds" =~ ^[0-9]+$ ]] || fail "argument --folds: expected a number, got '$folds'"
 
-# a job array: over models (task i trains the i-th of a,b,c) or over the folds of one model (--folds K)
+# a job array: over models (task i trains the i-th of a,b,c), over the folds of one model (--folds
+# K), or over both (a,b,c --folds K: the cross-validated comparison, task i = model i / K, fold i % K)
 array=""
 model=$spec
+test_fold=""
 if [[ "$spec" == *,* ]]; then
-  [ -z "$folds" ] || fail "a job array trains several models or the folds of one (--folds)," \
-    "not both: got $spec --folds $folds"
   IFS=, read -ra models <<< "$spec"
-  model=${models[${task:-0}]:-}
-  last=$((${#models[@]} - 1))
-  [ -n "$model" ] || fail "array task $task, but $spec has ${#models[@]} models: sbatch --array=0-$last"
+  per_model=${folds:-1}
+  model=${models[$((${task:-0} / per_model))]:-}
+  last=$((${#models[@]} * per_model - 1))
+  [ -n "$model" ] || fail "array task $task, but $spec${folds:+ x --folds $folds} has tasks 0-$last:" \
+    "sbatch --array=0-$last"
   array=$model
+  if [ -n "$folds" ]; then
+    [ -z "$(value_of --fold "$@")$(value_of --test-fold "$@")" ] || fail "argument --fold/--test-fold:" \
+      "in a job array over models and --folds, the task's index gives the fold"
+    test_fold=$((${task:-0} % folds))
+    array=$model/fold-$test_fold
+  fi
 elif [ -n "$folds" ] && [ -n "$task" ]; then
   last=$((folds - 1))
   [ "$task" -lt "$folds" ] || fail "array task $task, but --folds $folds has folds 0-$last:" \
@@ -119,15 +131,18 @@ else
   procs=1  # CPU: one process using every core (several CPU processes just split the same cores)
   device_flags=(--cpu --mixed_precision no)
 fi
-what=$model${folds:+${task:+ fold $task of $folds}}
+fold_of=${test_fold:-$task}
+what=$model${folds:+${fold_of:+ fold $fold_of of $folds}}
 echo "run.sh: $what on $nodes node(s) x $procs process(es) ($gpus GPU(s) per node)"
 
 # the run folder: under Slurm named after the job, so that a requeued job finds it and resumes
 out=$(value_of --output-dir "$@")
 run_dir=""
 if [ -n "$array" ]; then
-  # task i writes D/<model i> (a comparison: tools.compare) or D/fold-i (tools.folds), D shared by the tasks
-  [ -n "$out" ] || [ -z "$folds" ] || out="runs/$model-cv$folds-${SLURM_ARRAY_JOB_ID:-local}"
+  # task i writes D/<model i> or D/<model>/fold-k (a comparison: tools.compare) or D/fold-i
+  # (tools.folds), D shared by the tasks
+  [ -n "$out" ] || [ -z "$folds" ] || [ -n "$test_fold" ] || out="runs/$model-cv$folds-${SLURM_ARRAY_JOB_ID:-local}"
+  [ -n "$out" ] || [ -z "$test_fold" ] || out="runs/cmp-cv$folds-${SLURM_ARRAY_JOB_ID:-local}"
   if [ -n "$out" ]; then
     run_dir=$out/$array
     args=()
@@ -139,7 +154,11 @@ if [ -n "$array" ]; then
       esac
     done
     set -- "${args[@]}" --output-dir "$run_dir"
-    [ -z "$folds" ] || set -- "$@" --fold "$task"
+    if [ -n "$test_fold" ]; then  # tools.compare --folds's split: no validation unless --val-frac says
+      set -- --val-frac 0 "$@" --test-fold "$test_fold"
+    elif [ -n "$folds" ]; then
+      set -- "$@" --fold "$task"
+    fi
   fi
 fi
 if [ -z "$run_dir" ] && [ -n "${SLURM_JOB_ID:-}" ] && [ -z "$out" ] && [ -z "$(value_of --resume "$@")" ]; then
@@ -191,7 +210,7 @@ if [ "$status" -eq 0 ] && [ -n "$run_dir" ] && [ -n "${SLURM_JOB_ID:-}" ] && [ !
 then
   echo "run.sh: stopped before the end: requeueing job $SLURM_JOB_ID to resume from $run_dir"
   scontrol requeue "$SLURM_JOB_ID"
-elif [ "$status" -eq 0 ] && [ -n "$folds" ] && [ -n "$array" ] && all_folds_finished; then
+elif [ "$status" -eq 0 ] && [ -n "$folds" ] && [ -n "$array" ] && [ -z "$test_fold" ] && all_folds_finished; then
   # the last fold to finish prints the table (otherwise: python -m tools.folds ... --summary)
   PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" python -m tools.folds "$model" --folds "$folds" \
     --output-dir "$out" --summary || true

@@ -51,9 +51,9 @@ def save_last(accelerator, out):
 
 
 def save_epoch(run, epoch, val):
-    """best.pt when validation Dice improved; last/ always."""
-    if val["dice"] > run.state.best_dice:
-        run.state.best_dice, run.state.best_epoch = val["dice"], epoch
+    """best.pt when validation Dice improved (every epoch without validation patients); last/ always."""
+    if not val or val["dice"] > run.state.best_dice:
+        run.state.best_dice, run.state.best_epoch = val.get("dice", run.state.best_dice), epoch
         weights = run.accelerator.get_state_dict(run.model)
         if run.main:
             ckpt = {"model": weights, "config": model_config(run.args), "epoch": epoch, "val": val}

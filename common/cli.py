@@ -82,6 +82,14 @@ def data_flags(p):
     )
     d.add_argument("--fold", type=int, default=0, help="with --folds: the fold that validates")
     d.add_argument(
+        "--test-fold",
+        type=int,
+        default=None,
+        help="with --folds: outer cross-validation, every patient dealt into the folds and this one "
+        "tested; --val-frac of the patients, from the other folds, validate (0: none, the last epoch "
+        "is kept)",
+    )
+    d.add_argument(
         "--context",
         type=int,
         default=0,
@@ -340,7 +348,11 @@ def check(args):
     for flag in ("val_frac", "test_frac"):
         v = getattr(args, flag)
         need(0 <= v < 1, "--" + flag.replace("_", "-"), f"must be in [0, 1), got {v}")
-    need(args.val_frac > 0, "--val-frac", "must be above 0: the best epoch is chosen on validation")
+    need(
+        args.val_frac > 0 or not args.no_eval,
+        "--val-frac",
+        "0 (no validation) with --no-eval leaves nothing to evaluate",
+    )
     need(
         args.folds == 0 or args.folds >= 2, "--folds", f"must be 0 (no folds) or at least 2, got {args.folds}"
     )
@@ -349,6 +361,14 @@ def check(args):
         "--fold",
         f"must be in 0..{args.folds - 1}, got {args.fold}",
     )
+    if args.test_fold is not None:
+        need(args.folds >= 2, "--test-fold", "needs --folds K (K >= 2): the folds it is one of")
+        need(
+            0 <= args.test_fold < args.folds,
+            "--test-fold",
+            f"must be in 0..{args.folds - 1}, got {args.test_fold}",
+        )
+        need("fold" not in args.given, "--test-fold", "with --fold: a fold either validates or is tested")
     need(
         args.val_frac + args.test_frac < 1,
         "--val-frac/--test-frac",

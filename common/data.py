@@ -362,32 +362,30 @@ def pad_stack(arrays):
     return out
 
 
-def split(slices, how, val_frac, test_frac, seed, tumour_pixels=None, folds=0, fold=0):
+def split(slices, how, val_frac, test_frac, seed, tumour_pixels=None, folds=0, fold=0, test_fold=None):
     """Indices of the train/val/test slices. By patient (default): no patient on two sides; the
     same seed gives the same split on every rank and machine (Python's seeded shuffle).
 
     With folds > 1, the test set is held out first, as without folds; the other patients are dealt
-    into `folds` folds by their number of tumour slices (largest first, in turn forwards and
-    backwards), so each fold gets a similar share of tumour; fold `fold` validates, the rest train.
-    """
+    into `folds` folds (deal), so each fold gets a similar share of tumour; fold `fold` validates,
+    the rest train. With `test_fold` (outer cross-validation) every patient is dealt, none held out
+    first: that fold is the test set, and `val_frac` of all patients, from the others, validate.
+    val_frac 0: no validation patients (the run keeps its last epoch)."""
     keys = sorted({s.patient for s in slices}) if how == "patient" else list(range(len(slices)))
     key_of = (lambda i: slices[i].patient) if how == "patient" else (lambda i: i)
     unit = "patients" if how == "patient" else "slices"
     random.Random(seed).shuffle(keys)
-    n_test = max(1, round(test_frac * len(keys))) if test_frac > 0 else 0
+    n_test = max(1, round(test_frac * len(keys))) if test_frac > 0 and test_fold is None else 0
     test, rest = keys[:n_test], keys[n_test:]
-    if folds > 1:
-        if folds > len(rest):
-            raise UserError(f"--folds {folds}: only {len(rest)} {unit} outside the test set")
-        tumour = {k: 0 for k in rest}
-        for i in range(len(slices)):
-            if key_of(i) in tumour and tumour_pixels[i] > 0:
-                tumour[key_of(i)] += 1
-        ranked = sorted(rest, key=lambda k: -tumour[k])  # stable: ties keep the seeded order
-        turn = [j % folds if (j // folds) % 2 == 0 else folds - 1 - j % folds for j in range(len(ranked))]
-        val = [k for k, t in zip(ranked, turn) if t == fold]
+    n_val = max(1, round(val_frac * len(keys))) if val_frac > 0 else 0
+    if test_fold is not None:
+        test = deal(rest, slices, key_of, tumour_pixels, folds, test_fold, unit, "patients in all")
+        rest = [k for k in rest if k not in set(test)]
+        val = rest[:n_val]
+    elif folds > 1:
+        val = deal(rest, slices, key_of, tumour_pixels, folds, fold, unit, "outside the test set")
     else:
-        val = rest[: max(1, round(val_frac * len(keys)))]
+        val = rest[:n_val]
     in_val = set(val)
     train = [k for k in rest if k not in in_val]
     if not train:
@@ -399,7 +397,21 @@ def split(slices, how, val_frac, test_frac, seed, tumour_pixels=None, folds=0, f
     return out
 
 
-SPLIT_FLAGS = ("split", "seed", "val_frac", "test_frac", "folds", "fold")
+def deal(keys, slices, key_of, tumour_pixels, folds, fold, unit, where):
+    """Fold `fold` of `keys` dealt into `folds` by their number of tumour slices (largest first, in
+    turn forwards and backwards): each fold gets a similar share of tumour."""
+    if folds > len(keys):
+        raise UserError(f"--folds {folds}: only {len(keys)} {unit} {where}")
+    tumour = {k: 0 for k in keys}
+    for i in range(len(slices)):
+        if key_of(i) in tumour and tumour_pixels[i] > 0:
+            tumour[key_of(i)] += 1
+    ranked = sorted(keys, key=lambda k: -tumour[k])  # stable: ties keep the seeded order
+    turn = [j % folds if (j // folds) % 2 == 0 else folds - 1 - j % folds for j in range(len(ranked))]
+    return [k for k, t in zip(ranked, turn) if t == fold]
+
+
+SPLIT_FLAGS = ("split", "seed", "val_frac", "test_frac", "folds", "fold", "test_fold")
 
 
 def split_key(kind):

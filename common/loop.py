@@ -310,6 +310,8 @@ def check_finite(run, epoch, first_bad):
 
 def validate(run):
     _, val_loader, _ = run.loaders
+    if val_loader is None:  # --val-frac 0: nothing to choose an epoch on, the last is kept
+        return {}
     return evaluate(
         run.model, val_loader, run.accelerator, run.args, run.d, "validating" if run.main else None
     )
@@ -376,13 +378,15 @@ def final_report(run, build_model, stopped_by):
         best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
         accelerator.unwrap_model(run.model).load_state_dict(best["model"])
         model = Averaged([accelerator.unwrap_model(run.model)], mirror=True) if args.tta else run.model
-        val = evaluate(model, val_loader, accelerator, args, run.d, volumes=True)
+        if val_loader is not None:
+            results["val"] = evaluate(model, val_loader, accelerator, args, run.d, volumes=True)
         if test_loader and not args.no_test:
             title = "testing" if run.main else None
             results["test"] = evaluate(model, test_loader, accelerator, args, run.d, title, volumes=True)
         if run.main:  # chosen on the validation patients, then applied to the test patients
-            results = postprocess_all(args, {"val": val, **results})
-        results = {f"val (epoch {state.best_epoch})": results.pop("val", val), **results}
+            results = postprocess_all(args, results)
+        if "val" in results:
+            results = {f"val (epoch {state.best_epoch})": results.pop("val"), **results}
     summary = run_summary(run, build_model, stopped_by, results)
     if run.main:
         report.write_json(out / "summary.json", summary)
@@ -431,7 +435,7 @@ def run_summary(run, build_model, stopped_by, results):
         "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
         "peak_memory_of": peak_memory(accelerator.device)["peak_memory_of"],
         "stopped_by": stopped_by,
-        "postprocess": (results.get(f"val (epoch {state.best_epoch})") or {}).get("postprocess"),
+        "postprocess": next((r.get("postprocess") for r in results.values() if r), None),
         "best_epoch": state.best_epoch,
         "best_val": results.get(f"val (epoch {state.best_epoch})"),
         "test": results.get("test"),

@@ -68,6 +68,7 @@ def load_data(args, accelerator, record=None):
                 cache.tumour,
                 args.folds,
                 args.fold,
+                args.test_fold,
             ),
             [],
         )
@@ -102,6 +103,7 @@ def recorded_split(args, accelerator, slices, record):
     """The run's own split (its split.json), whatever the flags say: flags given that contradict it
     are refused, since another split would put training patients in validation or test."""
     for key in data.SPLIT_FLAGS:
+        record.setdefault(key, None)  # test_fold: not in the records of older runs
         if key in args.given and getattr(args, key) != record[key]:
             raise UserError(
                 f"--{key.replace('_', '-')} {getattr(args, key)}: the run was split with "

@@ -37,6 +37,7 @@ def split_record(args, d):
         "test_frac": args.test_frac,
         "folds": args.folds,
         "fold": args.fold,
+        "test_fold": args.test_fold,
     }
     for side, idx in d.parts.items():
         record[side] = sorted({name(d.slices[i]) for i in idx})

@@ -11,7 +11,7 @@ from conftest import run
 
 from common import stats
 from common.synthetic import write_phantoms
-from tools import compare
+from tools import compare, cv
 
 TINY = ["--image-size", "64", "--width", "0.125", "--epochs", "1", "--batch-size", "4"]
 
@@ -48,13 +48,13 @@ def test_verdict_claims_no_more_than_the_statistics():
     assert compare.verdict(flipped).startswith("U-Net scores higher than FCN-8s on these patients, by 0.050")
 
 
-def compare_in(root, *flags):
+def compare_in(root, *flags, train=()):
     """tools.compare on 10 phantom patients (7 train, 1 validate, 2 test) in root, tiny models."""
     data = write_phantoms(root / "kaggle_3m", patients=10, slices=4, size=64, seed=2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env["LGG_CACHE_DIR"] = str(root / "cache")
     cmd = [sys.executable, "-m", "tools.compare", "--output-dir", str(root / "cmp"), *flags]
-    p = run([*cmd, "--", "--data-dir", str(data), *TINY], env, timeout=600)
+    p = run([*cmd, "--", "--data-dir", str(data), *TINY, *train], env, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     return root / "cmp", env
 
@@ -133,11 +133,67 @@ def test_table_only_refuses_runs_tested_on_other_patients(comparison, tmp_path):
     )
 
 
-def test_the_comparison_through_accelerate_launch(tmp_path):
-    launch = f"{sys.executable} -m accelerate.commands.launch --config_file accelerate_configs/cpu2.yaml"
-    out, _ = compare_in(tmp_path, "--models", "fcn", "--launch", launch)
-    (row,) = compare.read_csv(out / "summary.csv")
-    assert row["model"] == "fcn" and row["world_size"] == 2 and row["test_patients"] == 2
+CV = ["--folds", "2", "--models", "unet,fcn"]
+LEARNS = ["--epochs", "2", "--lr", "1e-2"]  # U-Net learns the phantoms (Dice ~0.9), FCN-8s not yet
+
+
+@pytest.fixture(scope="session")
+def cross_validated(tmp_path_factory):
+    return compare_in(tmp_path_factory.mktemp("cv"), *CV, train=LEARNS)
+
+
+def test_the_cross_validated_comparison_tests_every_patient_once(cross_validated):
+    out, _ = cross_validated
+    rows = compare.read_csv(out / "per-patient.csv")
+    for model in ("unet", "fcn"):
+        mine = [r for r in rows if r["model"] == model]
+        assert sorted(r["patient"] for r in mine) == sorted(
+            p.name for p in (out.parent / "kaggle_3m").iterdir()
+        )
+        for fold in (0, 1):
+            split = json.loads((out / model / f"fold-{fold}" / "split.json").read_text())
+            assert split["val"] == [] and split["test_fold"] == fold  # the last epoch, no validation
+            assert sorted(r["patient"] for r in mine if r["fold"] == fold) == split["test"]
+    for f in ("summary.csv", "paired.json", "comparison.md", "paired-dice.png", "predictions.png"):
+        assert (out / f).exists(), f
+    assert "2-fold cross-validation over 10 patients" in (out / "comparison.md").read_text()
+
+
+def test_cv_summary_and_paired_are_recomputed_from_per_patient_csv(cross_validated):
+    out, _ = cross_validated
+    rows, summary = compare.read_csv(out / "per-patient.csv"), compare.read_csv(out / "summary.csv")
+    for s in summary:
+        mine = [r for r in rows if r["model"] == s["model"]]
+        assert {k: pytest.approx(v) for k, v in compare.scores(mine).items()} == {
+            k: s[k] for k in compare.scores(mine)
+        }
+        folds = [np.mean([r["dice"] for r in mine if r["fold"] == f]) for f in (0, 1)]
+        assert s["dice_patient_mean_fold_mean"] == pytest.approx(np.mean(folds))
+        assert s["dice_patient_mean_fold_sd"] == pytest.approx(np.std(folds, ddof=1))
+    paired = json.loads((out / "paired.json").read_text())
+    assert paired["pairs"] == compare.pairs(rows, ["unet", "fcn"])  # the CSV's numbers round-trip
+    assert paired["pairs"][0]["mean_diff"] > 0.5 and paired["pairs"][0]["wilcoxon_p"] < 0.01
+    strata = cv.by_size(rows, ["unet", "fcn"])
+    assert [s["patients"] for s in paired["by_tumour_size"]] == [s["patients"] for s in strata]
+    assert sum(s["patients"] for s in strata) == 10
+    assert paired["by_tumour_size"] == json.loads(json.dumps(strata))
+
+
+def test_the_cross_validated_comparison_through_accelerate_launch_is_the_same(cross_validated, tmp_path):
+    launch = f"{sys.executable} -m accelerate.commands.launch --config_file accelerate_configs/cpu.yaml"
+    out, _ = compare_in(tmp_path, *CV, "--launch", launch, train=LEARNS)
+    assert compare.read_csv(out / "per-patient.csv") == compare.read_csv(
+        cross_validated[0] / "per-patient.csv"
+    )
+
+
+def test_a_cross_validated_table_names_the_runs_missing(cross_validated, tmp_path):
+    out, env = cross_validated
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)
+    (copy / "fcn" / "fold-1" / "summary.json").unlink()
+    p = run([sys.executable, "-m", "tools.compare", "--table", *CV, "--output-dir", str(copy)], env)
+    assert p.returncode == 2 and "1 of 4 runs not finished (fcn fold 1)" in p.stderr, p.stderr
 
 
 def test_versus_pairs_each_model_with_itself_in_another_folder(comparison, tmp_path):

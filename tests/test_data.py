@@ -259,6 +259,22 @@ def test_folds_partition_the_non_test_patients_with_balanced_tumour():
     assert max(tumour_slices) - min(tumour_slices) <= 3
 
 
+def test_outer_folds_test_every_patient_once_and_validate_on_the_others():
+    slices = fake_slices(23, 4)
+    tumour = np.array([(i // 4) % 3 != 0 for i in range(len(slices))], np.int64)
+    patients = lambda r, side: {slices[i].patient for i in r[side]}  # noqa: E731
+    runs = [data.split(slices, "patient", 0.1, 0.2, 5, tumour, folds=5, test_fold=f) for f in range(5)]
+    tests = [patients(r, "test") for r in runs]
+    assert sum(len(t) for t in tests) == 23 and set().union(*tests) == {s.patient for s in slices}
+    assert max(len(t) for t in tests) - min(len(t) for t in tests) <= 1  # --test-frac plays no part
+    for r, t in zip(runs, tests):
+        assert len(patients(r, "val")) == 2 and not patients(r, "val") & t and not patients(r, "train") & t
+    tumour_patients = [int(tumour[r["test"]].sum()) // 4 for r in runs]
+    assert max(tumour_patients) - min(tumour_patients) <= 1
+    none = data.split(slices, "patient", 0, 0.2, 5, tumour, folds=5, test_fold=0)
+    assert none["val"] == [] and patients(none, "test") == tests[0]  # --val-frac 0: all the others train
+
+
 def test_more_folds_than_patients_is_refused():
     with pytest.raises(UserError, match="--folds 9"):
         data.split(fake_slices(8, 2), "patient", 0.2, 0.1, 0, np.zeros(16), folds=9, fold=0)

@@ -77,38 +77,46 @@ def test_sbatch_run_sh_trains_and_writes_its_run_folder(slurm, phantoms, tmp_pat
     assert (tmp_path / "run" / "summary.json").exists(), log
 
 
-def test_a_job_array_trains_one_model_per_task_then_the_table_is_the_comparison(slurm, phantoms, tmp_path):
+def test_a_job_array_over_models_and_folds_gives_the_cross_validated_comparisons_table(
+    slurm, phantoms, tmp_path
+):
+    """Task i trains model i / 2 tested on fold i % 2; the table after the array is the one
+    tools.compare --folds 2 makes by itself on the same data and flags."""
+    flags = ["--data-dir", str(phantoms), *TINY, "--epochs", "1"]
     out = tmp_path / "cmp"
-    split = ["--val-frac", "0.25", "--test-frac", "0.25"]  # of the 4 phantom patients: 2 / 1 / 1
     job = submit(
         slurm,
-        "--array=0-1",
+        "--array=0-3",
         f"--output={tmp_path}/%x-%A_%a.out",
         "run.sh",
         "unet,fcn",
-        "--data-dir",
-        str(phantoms),
-        *TINY,
-        "--epochs",
-        "1",
-        *split,
+        "--folds",
+        "2",
+        *flags,
         "--output-dir",
         str(out),
     )
     wait(slurm, job)
-    logs = {i: (tmp_path / f"lgg-seg-{job}_{i}.out").read_text() for i in (0, 1)}
-    for i, model in enumerate(("unet", "fcn")):
-        assert f"run.sh: {model} on 1 node(s)" in logs[i], logs[i]
-        assert (out / model / "summary.json").exists(), logs[i]
+    logs = {i: (tmp_path / f"lgg-seg-{job}_{i}.out").read_text() for i in range(4)}
+    for i in range(4):
+        model, fold = ("unet", "fcn")[i // 2], i % 2
+        assert f"run.sh: {model} fold {fold} of 2 on 1 node(s)" in logs[i], logs[i]
+        assert (out / model / f"fold-{fold}" / "summary.json").exists(), logs[i]
+    cmd = [sys.executable, "-m", "tools.compare", "--folds", "2", "--models", "unet,fcn"]
     p = subprocess.run(
-        [sys.executable, "-m", "tools.compare", "--table", "--output-dir", str(out)],
+        [*cmd, "--table", "--output-dir", str(out)], cwd=ROOT, env=slurm, capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr
+    by_itself = tmp_path / "by-itself"
+    p = subprocess.run(
+        [*cmd, "--output-dir", str(by_itself), "--", *flags],
         cwd=ROOT,
         env=slurm,
         capture_output=True,
         text=True,
     )
     assert p.returncode == 0, p.stderr
-    assert (out / "comparison.md").exists() and "FCN-8s - U-Net" in (out / "comparison.md").read_text()
+    assert (out / "per-patient.csv").read_text() == (by_itself / "per-patient.csv").read_text()
 
 
 def run_sh(*args, env, cwd=ROOT):
@@ -135,8 +143,13 @@ def test_run_sh_says_the_scripts_error_line_last_with_its_exit_code(env):
             "error: array task 3, but --folds 3 has folds 0-2: sbatch --array=0-2",
         ),
         (["unet", "--folds", "3", "--fold", "1"], "1", "error: argument --fold: in a job array over --folds"),
-        (["unet,fcn", "--folds", "3"], "0", "error: a job array trains several models or the folds of one"),
-        (["unet,fcn"], "2", "error: array task 2, but unet,fcn has 2 models: sbatch --array=0-1"),
+        (["unet,fcn", "--folds", "3"], "6", "error: array task 6, but unet,fcn x --folds 3 has tasks 0-5"),
+        (
+            ["unet,fcn", "--folds", "2", "--fold", "1"],
+            "0",
+            "error: argument --fold/--test-fold: in a job array",
+        ),
+        (["unet,fcn"], "2", "error: array task 2, but unet,fcn has tasks 0-1: sbatch --array=0-1"),
     ],
 )
 def test_run_sh_refuses_an_array_task_it_cannot_place_in_one_line(args, task, said, env):

@@ -154,6 +154,9 @@ def test_two_gloo_processes_through_accelerate_launch(phantoms, tmp_path, env):
         (["--eval-only", "--checkpoint", "README.md"], "not a checkpoint"),
         (["--folds", "1"], "--folds"),
         (["--folds", "3", "--fold", "3"], "--fold"),
+        (["--test-fold", "0"], "--test-fold"),
+        (["--folds", "3", "--fold", "1", "--test-fold", "0"], "--test-fold"),
+        (["--val-frac", "0", "--no-eval"], "--val-frac"),
     ],
 )
 def test_user_errors_end_in_one_line_and_exit_code_2(flags, named, env):

@@ -81,31 +81,37 @@ RUN_COLUMNS = [
 ]
 
 
-def train_all(out, runs, launch, flags):
-    """Train each run that has no summary.json yet (resuming one that has a checkpoint)."""
-    for name in runs:
-        run_dir = out / name
-        if (run_dir / "summary.json").exists():
-            report.console.print(f"{name}: finished, kept ({run_dir})")
-            continue
-        extra = ["--split", "slice"] if name == ORIGINAL else []
-        again = ["--resume", str(run_dir)] if (run_dir / "last").is_dir() else []
-        model = name.split("-")[0]
-        cmd = [
-            *launch,
-            str(ROOT / model / "train.py"),
-            *SPLIT,
-            *flags,
-            *extra,
-            "--output-dir",
-            str(run_dir),
-            *again,
+def cv_split(folds, fold):
+    """A fold's split in the cross-validated comparison: every patient dealt into the folds, this one
+    tested, no validation patients (the last epoch is the model: docs/comparison-cv.md says why)."""
+    return ["--folds", str(folds), "--test-fold", str(fold), "--val-frac", "0"]
+
+
+def runs_of(out, names, original=False, folds=0):
+    """(what, model, run folder, flags before the user's, flags after) of each run of a comparison."""
+    if folds:
+        return [
+            (f"{n} fold {i}", n, out / n / f"fold-{i}", cv_split(folds, i), [])
+            for n in names
+            for i in range(folds)
         ]
-        report.console.print(f"[bold]{name}[/]: {shlex.join(cmd)}")
-        code = subprocess.call(cmd)
+    runs = [(n, n, out / n, SPLIT, []) for n in names]
+    return runs + ([(ORIGINAL, "unet", out / ORIGINAL, SPLIT, ["--split", "slice"])] if original else [])
+
+
+def train_all(runs, launch, flags):
+    """Train each run that has no summary.json yet (resuming one that has a checkpoint)."""
+    for what, model, run_dir, before, after in runs:
+        if (run_dir / "summary.json").exists():
+            report.console.print(f"{what}: finished, kept ({run_dir})")
+            continue
+        again = ["--resume", str(run_dir)] if (run_dir / "last").is_dir() else []
+        cmd = [*launch, str(ROOT / model / "train.py"), *before, *flags, *after, "--output-dir", str(run_dir)]
+        report.console.print(f"[bold]{what}[/]: {shlex.join(cmd + again)}")
+        code = subprocess.call(cmd + again)
         if code != 0:
             raise SystemExit(
-                f"error: {name} failed (exit code {code}); run the same command again to resume it"
+                f"error: {what} failed (exit code {code}); run the same command again to resume it"
             )
 
 
@@ -268,7 +274,7 @@ def table(out, other=None):
         report.write_json(out / "versus.json", {"other": str(other), "pairs": against})
         md += "\n".join(versus_section(out, other, against)) + "\n"
     (out / "comparison.md").write_text(md)
-    figures(out, names, per_patient, runs)
+    figures(out, names, per_patient, runs, {n: out / n for n in names})
     report.console.print((out / "comparison.md").read_text())
     report.console.print(
         f"wrote {out}/: per-patient.csv summary.csv split.json paired.json comparison.md "
@@ -302,8 +308,9 @@ def verdict(p, pairs=1, labels=None):
     return f"{la} and {lb}: no difference shown ({better} ahead {by}; {test})."
 
 
-PROTOCOL = (
-    "Best epoch chosen on validation Dice; test patients used once. Per-patient Dice: Dice of each "
+SELECTION = "Best epoch chosen on validation Dice; test patients used once."
+MEASURES = (
+    "Per-patient Dice: Dice of each "
     "patient's volume, mean and median over patients with percentile-bootstrap 95 % intervals (10,000 "
     "resamples of patients). Pooled: over all test pixels. mIoU+bg: mean of background and tumour IoU "
     "(background IoU ~0.99), pooled, and by the original's per-batch protocol. HD95 in voxels, over "
@@ -340,22 +347,26 @@ def model_row(s):
     return "| " + " | ".join(cells) + " |"
 
 
+def setup_line(s0):
+    """How the runs of a table were made and scored, from its first summary row."""
+    scored = (
+        "at native resolution (the masks as released)"
+        if s0["scored_at"] == "native"
+        else f"on {s0['scored_at']}"
+    )
+    return (
+        f"Width {s0['width']:g}, {s0['image_size']} px, loss `{s0['loss']}`, "
+        f"{s0['device']} x {s0['world_size']}, precision {s0['precision']}. Scored {scored}."
+    )
+
+
 def markdown(summary, paired, original, runs):
     s0 = summary[0]
-    setup = (
-        f"Width {s0['width']:g}, {s0['image_size']} px, loss `{s0['loss']}`, "
-        f"{s0['device']} x {s0['world_size']}, precision {s0['precision']}. Scored "
-        + (
-            "at native resolution (the masks as released)"
-            if s0["scored_at"] == "native"
-            else f"on {s0['scored_at']}"
-        )
-        + "."
-    )
+    setup = setup_line(s0)
     lines = [
         f"# {', '.join(title(s['model']) for s in summary)} on {s0['test_patients']} test patients",
         "",
-        f"{setup} {PROTOCOL}",
+        f"{setup} {SELECTION} {MEASURES}",
         "",
         COLUMNS,
         "|---" * COLUMNS.count(" | ") + "|---|",
@@ -409,7 +420,9 @@ def original_section(original, runs):
     return lines
 
 
-def figures(out, names, per_patient, runs):
+def figures(out, names, per_patient, runs, folders):
+    """paired-dice.png, dice-vs-volume.png and predictions.png; `runs`: a run per model (args,
+    summary, split), whose model is in `folders`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -437,16 +450,18 @@ def figures(out, names, per_patient, runs):
             [max(r["tumour_voxels"], 1) for r in rows], [r["dice"] for r in rows], s=14, label=title(n)
         )
     ax.set_xscale("log")
-    ax.set_xlabel(f"tumour volume (voxels at {runs[names[0]][1]['image_size']} px; 1 = none)")
+    where = scored_at(runs[names[0]][1])
+    voxels = "of the released masks" if where == "native" else f"at {runs[names[0]][1]['image_size']} px"
+    ax.set_xlabel(f"tumour volume (voxels {voxels}; 1 = none)")
     ax.set_ylabel("Dice of the patient's volume")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "dice-vs-volume.png", dpi=110)
     plt.close(fig)
-    prediction_figure(out, names, runs)
+    prediction_figure(out, names, runs, folders)
 
 
-def prediction_figure(out, names, runs):
+def prediction_figure(out, names, runs, folders):
     """The models on the same test slices (a large tumour, a small one, an empty slice), at the
     runs' image size, from the data as the runs saw them (a kaggle_3m folder or a pack)."""
     import torch
@@ -467,7 +482,7 @@ def prediction_figure(out, names, runs):
     stats = np.array(cache.stats)[[index[k] for k in picks]]
     preds = {}
     for n in names:
-        model, cfg = predict.load_model(out / n / "best.pt", torch.device("cpu"))
+        model, cfg = predict.load_model(folders[n] / "best.pt", torch.device("cpu"))
         norm = stats if cfg.get("normalize", "slice") == "volume" else None
         logits = predict.predict(model, batch, torch.device("cpu"), stats=norm)
         preds[title(n)] = dict(zip(picks, (logits[:, 0] > 0).numpy()))
@@ -499,24 +514,39 @@ def main(argv=None):
         type=Path,
         help="another comparison folder (e.g. another recipe): each model paired with itself there",
     )
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="cross-validate: every patient dealt into K folds, each tested once by models trained on "
+        "the others (run folders MODEL/fold-i)",
+    )
     p.add_argument("--debug", action="store_true")
     args, flags = parse_with_train_flags(p, argv)
     names = args.models.split(",")
     if bad := [n for n in names if n not in registry.names()]:
         p.error(f"argument --models: unknown model {bad[0]!r} (choose from {', '.join(registry.names())})")
+    if args.folds == 1 or args.folds < 0:
+        p.error(f"argument --folds: must be 0 (one split) or at least 2, got {args.folds}")
+    if args.folds and (args.original or args.versus):
+        p.error("argument --folds: not with --original or --versus (they pair runs of one split)")
     try:
         if args.versus and not (args.versus / "per-patient.csv").is_file():  # before hours of training
             raise UserError(f"--versus {args.versus}: no per-patient.csv there (a tools.compare folder)")
         if not args.table:
             train_all(
-                args.output_dir,
-                names + ([ORIGINAL] if args.original else []),
+                runs_of(args.output_dir, names, args.original, args.folds),
                 shlex.split(args.launch) if args.launch else [sys.executable],
                 flags,
             )
         if not args.output_dir.is_dir():
             raise UserError(f"--output-dir {args.output_dir}: not a folder")
-        table(args.output_dir, args.versus)
+        if args.folds:
+            from tools import cv  # which builds on this module
+
+            cv.table(args.output_dir, names, args.folds)
+        else:
+            table(args.output_dir, args.versus)
     except UserError as e:
         if args.debug:
             raise

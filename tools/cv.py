@@ -1,0 +1,165 @@
+"""The cross-validated comparison's table (`tools.compare --folds K`): every patient is dealt into K
+folds and tested once, by the models trained on the other folds; per-patient rows over all of them,
+intervals over all patients, and the pairs of models on the same patients, also by tumour size.
+
+Writes into the comparison folder: per-patient.csv (a row per model and patient, with its fold),
+summary.csv, paired.json, comparison.md and the figures of tools.compare (predictions.png: fold 0).
+"""
+
+import json
+import statistics
+
+import numpy as np
+
+from common import report
+from common.errors import UserError
+from tools import compare
+
+STRATA = ("small", "medium", "large")  # tertiles of the patients' tumour volume
+
+
+def load(out, names, folds):
+    """{model: [(args, summary, split) of fold 0..K-1]}, each fold checked to be that fold of K; the
+    runs missing are named, not left out of the table."""
+    runs, missing = {}, []
+    for n in names:
+        runs[n] = []
+        for i in range(folds):
+            d = out / n / f"fold-{i}"
+            if not (d / "summary.json").is_file():
+                missing.append(f"{n} fold {i}")
+                continue
+            split = json.loads((d / "split.json").read_text())
+            if (split.get("folds"), split.get("test_fold")) != (folds, i):
+                raise UserError(
+                    f"--output-dir {d}: a run of --folds {split.get('folds')} --test-fold "
+                    f"{split.get('test_fold')}, not fold {i} of {folds}"
+                )
+            runs[n].append(
+                tuple(json.loads((d / f).read_text()) for f in ("args.json", "summary.json")) + (split,)
+            )
+    if missing:
+        raise UserError(
+            f"--output-dir {out}: {len(missing)} of {len(names) * folds} runs not finished "
+            f"({', '.join(missing)}): run the same command again to train them"
+        )
+    return runs
+
+
+def check_patients(out, runs, names):
+    """Fold i tests the same patients for every model, and the folds cover each patient once."""
+    first = [set(split["test"]) for _, _, split in runs[names[0]]]
+    for n in names[1:]:
+        for i, (_, _, split) in enumerate(runs[n]):
+            if set(split["test"]) != first[i]:
+                raise UserError(
+                    f"--output-dir {out}: {n} fold {i} was tested on other patients than {names[0]} "
+                    "fold {i}: give the models the same split flags"
+                )
+    every = [p for fold in first for p in fold]
+    if len(every) != len(set(every)):
+        raise UserError(f"--output-dir {out}: a patient is tested in two folds")
+
+
+def rows_of(runs, names):
+    """per-patient.csv: each model's test rows of every fold, with the fold."""
+    out = []
+    for n in names:
+        for i, (_, summary, _) in enumerate(runs[n]):
+            for r in compare.patient_rows(n, summary):
+                out.append({"model": n, "fold": i, **{k: v for k, v in r.items() if k != "model"}})
+    return out
+
+
+def summarise(runs, names, per_patient):
+    """summary.csv: each model's scores over all patients, and their spread over the folds."""
+    rows = []
+    for n in names:
+        mine = [r for r in per_patient if r["model"] == n]
+        fold_means = [
+            float(np.mean([r["dice"] for r in mine if r["fold"] == i])) for i in range(len(runs[n]))
+        ]
+        times = [s["train_time_s"] for _, s, _ in runs[n]]
+        args, summary, _ = runs[n][0]
+        rows.append(
+            {
+                **compare.run_row(n, args, summary),
+                "train_time_s": statistics.fmean(times),  # per fold
+                "best_epoch": min(s["best_epoch"] for _, s, _ in runs[n]),
+                "folds": len(runs[n]),
+                "train_time_s_total": sum(times),
+                "dice_patient_mean_fold_mean": statistics.fmean(fold_means),
+                "dice_patient_mean_fold_sd": statistics.stdev(fold_means),
+                **compare.scores(mine),
+            }
+        )
+    return rows
+
+
+def by_size(per_patient, names):
+    """The pairs of models within each tertile of tumour volume (the truth's, the same for all)."""
+    volume = {r["patient"]: r["tumour_voxels"] for r in per_patient if r["model"] == names[0]}
+    cuts = np.quantile(list(volume.values()), [1 / 3, 2 / 3])
+    strata = []
+    for k, name in enumerate(STRATA):
+        low, high = ([-np.inf, *cuts, np.inf])[k : k + 2]
+        inside = {p for p, v in volume.items() if low < v <= high}
+        rows = [r for r in per_patient if r["patient"] in inside]
+        bounds = [min(volume[p] for p in inside), max(volume[p] for p in inside)] if inside else None
+        pairs = compare.pairs(rows, names) if len(inside) > 1 else []
+        strata.append({"stratum": name, "tumour_voxels": bounds, "patients": len(inside), "pairs": pairs})
+    return strata
+
+
+def markdown(summary, paired, strata, folds, val_frac):
+    s0 = summary[0]
+    chosen = (
+        "Each fold's model is its last epoch (no validation patients)"
+        if not val_frac
+        else f"Each fold's best epoch chosen on {val_frac:g} of the patients, drawn from its training folds"
+    )
+    lines = [
+        f"# {', '.join(compare.title(s['model']) for s in summary)}: {folds}-fold cross-validation over "
+        f"{s0['test_patients']} patients, each tested once",
+        "",
+        f"{compare.setup_line(s0)} {chosen}; training: seconds per fold. {compare.MEASURES}",
+        "",
+        compare.COLUMNS + " per-fold mean +- sd |",
+        "|---" * (compare.COLUMNS.count(" | ") + 1) + "|---|",
+        *[
+            compare.model_row(s)
+            + f" {s['dice_patient_mean_fold_mean']:.3f} +- {s['dice_patient_mean_fold_sd']:.3f} |"
+            for s in summary
+        ],
+    ]
+    if paired:
+        lines += compare.paired_section(
+            paired, f"Paired comparison (per-patient Dice, all {s0['test_patients']} patients)"
+        )
+    for s in strata:
+        if s["pairs"]:
+            v = s["tumour_voxels"]
+            heading = f"{s['stratum'].capitalize()} tumours ({s['patients']} patients, {v[0]}-{v[1]} voxels)"
+            lines += compare.paired_section(s["pairs"], heading)
+    return "\n".join(lines) + "\n"
+
+
+def table(out, names, folds):
+    runs = load(out, names, folds)
+    check_patients(out, runs, names)
+    per_patient = rows_of(runs, names)
+    summary = summarise(runs, names, per_patient)
+    paired = compare.pairs(per_patient, names)
+    strata = by_size(per_patient, names) if len(names) > 1 else []
+    compare.write_csv(out / "per-patient.csv", per_patient)
+    compare.write_csv(out / "summary.csv", summary)
+    report.write_json(out / "paired.json", {"pairs": paired, "by_tumour_size": strata})
+    val_frac = runs[names[0]][0][0]["val_frac"]
+    (out / "comparison.md").write_text(markdown(summary, paired, strata, folds, val_frac))
+    first = {n: runs[n][0] for n in names}
+    compare.figures(out, names, per_patient, first, {n: out / n / "fold-0" for n in names})
+    report.console.print((out / "comparison.md").read_text())
+    report.console.print(
+        f"wrote {out}/: per-patient.csv summary.csv paired.json comparison.md paired-dice.png "
+        "dice-vs-volume.png predictions.png"
+    )
