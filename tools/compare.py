@@ -8,6 +8,9 @@ test patients; intervals over patients and paired tests between the models.
         -- --data-dir data/kaggle_3m --mixed-precision bf16
     sbatch --array=0-2 run.sh unet,fcn,segnet --output-dir runs/comparison --val-frac 0.1 --test-frac 0.2 ...
     python -m tools.compare --table --output-dir runs/comparison     # after the array: the table only
+    python -m tools.compare --folds 5 --output-dir runs/comparison-cv -- --data-dir data/kaggle_3m
+    sbatch --array=0-14 run.sh unet,fcn,segnet --folds 5 --output-dir runs/comparison-cv ...
+    python -m tools.compare --table --folds 5 --output-dir runs/comparison-cv
 
 Flags after `--` go to every train.py; the split defaults to 70 / 10 / 20 % of the patients
 (`--val-frac 0.1 --test-frac 0.2`). A finished run is kept, an interrupted one resumed. --original
@@ -16,6 +19,11 @@ Writes into --output-dir: a run folder per model, per-patient.csv, summary.csv, 
 comparison.md and the figures paired-dice.png, dice-vs-volume.png and predictions.png. --versus
 OTHER pairs each model with the same model of another comparison folder on the same test patients
 (versus.json, and a section of comparison.md): what a change of recipe did to each model.
+
+--folds K cross-validates instead: every patient is dealt into K folds (by tumour slices, seeded),
+and fold i is tested by models trained on the others (MODEL/fold-i), each keeping its last epoch
+(no validation patients; `-- --val-frac F` draws them from the training folds instead). Its table
+is tools/cv.py's: every patient once, intervals over all of them, pairs also by tumour size.
 """
 
 import argparse
