@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,55 @@ def pytest_configure(config):
         sys.modules["torch"].set_num_threads(1)
 
 
+def built_once(tmp_path_factory, name, build):
+    """The folder `name`, made by `build(folder)` once in a test session: under pytest-xdist by the
+    first worker that asks, the others waiting on a lock and then reading it (a session fixture
+    alone is built by each worker whose tests use it). Returns the folder."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 # a tiny model on tiny phantoms: each run takes seconds on a CPU
 TINY = ["--image-size", "64", "--width", "0.125", "--epochs", "2", "--batch-size", "4"]
+
+
+def compare_in(root, *flags, train=()):
+    """tools.compare on 10 phantom patients (7 train, 1 validate, 2 test) in root, tiny models."""
+    data = write_phantoms(root / "kaggle_3m", patients=10, slices=4, size=64, seed=2)
+    env = compare_env(root)
+    cmd = [sys.executable, "-m", "tools.compare", "--output-dir", str(root / "cmp"), *flags]
+    tiny = [*TINY, "--epochs", "1"]
+    p = run([*cmd, "--", "--data-dir", str(data), *tiny, *train], env, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return root / "cmp", env
+
+
+def compare_env(root):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    return {**env, "LGG_CACHE_DIR": str(root / "cache")}
+
+
+CV = ["--folds", "2", "--models", "unet,fcn"]
+LEARNS = ["--epochs", "2", "--lr", "1e-2"]  # U-Net learns the phantoms (Dice ~0.9), FCN-8s not yet
+
+
+@pytest.fixture(scope="session")
+def cross_validated(tmp_path_factory):
+    """U-Net and FCN-8s, 2-fold cross-validated on the 10 phantoms (also test_slurm's reference)."""
+    root = built_once(tmp_path_factory, "cv", lambda root: compare_in(root, *CV, train=LEARNS))
+    return root / "cmp", compare_env(root)
 
 
 @pytest.fixture(scope="session")

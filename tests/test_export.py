@@ -56,6 +56,7 @@ def assert_same_logits(folder, fmt, x):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", registry.names())
+@pytest.mark.slow
 def test_every_model_exports_to_a_file_that_gives_its_logits(tmp_path, name, fmt, capsys):
     folder = checkpoint(tmp_path / name, name)
     assert export.main(["--checkpoint", str(folder), "--format", fmt]) == 0
@@ -64,6 +65,7 @@ def test_every_model_exports_to_a_file_that_gives_its_logits(tmp_path, name, fmt
     assert_same_logits(folder, fmt, torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5)))
 
 
+@pytest.mark.slow
 def test_the_check_runs_on_real_slices_with_data_dir(tmp_path, phantoms, capsys):
     folder = checkpoint(tmp_path / "unet", "unet")
     cache = tmp_path / "cache"

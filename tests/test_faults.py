@@ -75,6 +75,7 @@ def build(args):
     return int(images.sum()) + int(masks.sum())
 
 
+@pytest.mark.slow
 def test_concurrent_cache_builds_agree(phantoms, tmp_path):
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         sums = pool.map(build, [(phantoms, tmp_path)] * 3)
@@ -99,6 +100,7 @@ def rows(out):
     return [json.loads(r) for r in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(phantoms, tmp_path, env):
     flags = ["--data-dir", str(phantoms), *TINY, "--epochs", "10"]
     train("unet", *flags, "--output-dir", str(tmp_path / "whole"), env=env)
@@ -127,6 +129,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(phantoms, tmp_
     assert final[0]["dice"] == pytest.approx(final[1]["dice"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_when_one_process_dies_the_launcher_ends_the_others(phantoms, tmp_path, env):
     out = tmp_path / "run"
     cmd = [
@@ -167,6 +170,7 @@ def test_when_one_process_dies_the_launcher_ends_the_others(phantoms, tmp_path, 
 
 
 @pytest.mark.parametrize("sig, delay", [(signal.SIGTERM, 0.05), (signal.SIGTERM, 0.4), (signal.SIGINT, 0.05)])
+@pytest.mark.slow
 def test_sigterm_saves_where_it_stopped_and_resume_matches(phantoms, tmp_path, env, sig, delay):
     """Slurm's SIGTERM before pre-emption: the run saves (part-way through an epoch, or after it) and
     exits cleanly; --resume then ends exactly where an uninterrupted run does."""
@@ -200,6 +204,7 @@ def test_sigterm_saves_where_it_stopped_and_resume_matches(phantoms, tmp_path, e
             assert a[k] == pytest.approx(b[k], abs=1e-6), (a["epoch"], k)
 
 
+@pytest.mark.slow
 def test_run_sh_under_slurm_requeues_on_sigterm_and_resumes(phantoms, tmp_path, env):
     """Slurm simulated: SLURM_JOB_ID set and a stand-in `scontrol` that records its arguments."""
     job = f"test{os.getpid()}"
@@ -232,6 +237,7 @@ def test_run_sh_under_slurm_requeues_on_sigterm_and_resumes(phantoms, tmp_path, 
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_failing_final_evaluation_keeps_the_training_and_resume_finishes_it(phantoms, tmp_path, env):
     """A package that breaks at the very end (scipy, as once for a new user) costs no training."""
     broken = tmp_path / "broken" / "scipy"
@@ -319,6 +325,7 @@ def test_a_cache_on_a_full_disk_says_so_before_writing(phantoms, small_disk, env
     assert "--cache-dir" in p.stderr and list(small_disk.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_checkpoints_on_a_full_disk_end_in_one_line_and_leave_nothing_hidden(phantoms, small_disk, env):
     out = small_disk / "run"
     p = run(

@@ -26,6 +26,7 @@ def test_width_shrinks_the_model():
     assert n_params(UNet(width=0.25)) < n_params(UNet(width=0.5)) / 3
 
 
+@pytest.mark.slow
 def test_fcn_loads_local_vgg16_bn_weights(tmp_path):
     reference = vgg16_bn(weights=None)
     torch.save(reference.state_dict(), tmp_path / "vgg16_bn.pth")

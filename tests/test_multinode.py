@@ -50,6 +50,7 @@ def reference(phantoms, scripts_env, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_machines_at_a_loopback_rendezvous_train_as_two_processes_on_one(
     phantoms, scripts_env, reference, tmp_path
 ):
@@ -148,6 +149,7 @@ def sbatch_on_two_nodes(env, tmp_path, *args):
     return job, (tmp_path / f"lgg-seg-{job}.out").read_text()
 
 
+@pytest.mark.slow
 def test_run_sh_on_two_slurm_nodes_trains_as_two_processes_on_one_machine(
     two_nodes, phantoms, reference, tmp_path
 ):
@@ -164,6 +166,7 @@ def test_run_sh_on_two_slurm_nodes_trains_as_two_processes_on_one_machine(
     assert metrics(out) == metrics(reference)
 
 
+@pytest.mark.slow
 def test_run_sh_on_two_slurm_nodes_ends_a_user_error_with_its_line(two_nodes, tmp_path):
     env, _ = two_nodes
     job, log = sbatch_on_two_nodes(env, tmp_path, "unet", "--bad-flag")

@@ -91,6 +91,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert make_schedule(Namespace(schedule="constant"), opt, 50, RunState()) is None
 
 
+@pytest.mark.slow
 def test_cosine_schedule_resumes_exactly(phantoms, tmp_path, env):
     args = ["--data-dir", str(phantoms), *TINY, "--epochs", "3", "--schedule", "cosine", "--warmup", "0.2"]
     train("unet", *args, "--output-dir", str(tmp_path / "whole"), env=env)
@@ -104,6 +105,7 @@ def test_cosine_schedule_resumes_exactly(phantoms, tmp_path, env):
     assert whole[-1]["lr"] < whole[0]["lr"]
 
 
+@pytest.mark.slow
 def test_context_run_then_tta_evaluation_of_an_ensemble(phantoms, tmp_path, env):
     flags = ["--data-dir", str(phantoms), *TINY, "--context", "1", "--no-test"]
     for seed in (0, 1):
@@ -222,6 +224,7 @@ def test_the_recipe_table_pairs_each_variant_with_the_plain_one(tmp_path):
     assert recipe.main([str(tmp_path), "--variants", "plain,cosine"]) == 2  # not run yet: one line
 
 
+@pytest.mark.slow
 def test_a_run_from_before_the_cosine_default_resumes_with_its_constant_rate(phantoms, tmp_path, env):
     out = tmp_path / "old"
     train("unet", "--data-dir", str(phantoms), *TINY, "--epochs", "1", "--schedule", "constant",

@@ -80,6 +80,7 @@ def test_a_budget_plans_the_epochs_that_fit_and_the_cosine_ends_there():
     assert factors[0] == 1.0 and 0 < factors[2] < 0.01 and factors[3] == 0.0
 
 
+@pytest.mark.slow
 def test_a_run_with_every_option_is_scored_natively_and_evaluates_again_the_same(phantoms, tmp_path, env):
     out = tmp_path / "run"
     options = ["--tumour-share", "0.5", "--normalize", "volume", "--crop", "brain", "--budget", "600"]

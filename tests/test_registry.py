@@ -81,6 +81,7 @@ def sh(cmd, root, env):
     return p
 
 
+@pytest.mark.slow
 def test_a_fourth_model_folder_is_all_it_takes(copy):
     root, env, data = copy
     py = sys.executable

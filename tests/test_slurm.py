@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY
+from conftest import CV, LEARNS, ROOT, TINY
 
 # the defaults of run.sh ask for 4 GPUs and 16 CPUs: a small CPU node overrides them, as users do
 SMALL = ["--gres=none", "--cpus-per-task=1", "--mem=2G", "--time=00:10:00"]
@@ -59,6 +59,7 @@ def wait(env, job, timeout=240):
     pytest.fail(f"job {job} still queued or running after {timeout} s")
 
 
+@pytest.mark.slow
 def test_sbatch_run_sh_trains_and_writes_its_run_folder(slurm, phantoms, tmp_path):
     job = submit(
         slurm,
@@ -77,24 +78,18 @@ def test_sbatch_run_sh_trains_and_writes_its_run_folder(slurm, phantoms, tmp_pat
     assert (tmp_path / "run" / "summary.json").exists(), log
 
 
+@pytest.mark.slow
 def test_a_job_array_over_models_and_folds_gives_the_cross_validated_comparisons_table(
-    slurm, phantoms, tmp_path
+    slurm, cross_validated, tmp_path
 ):
     """Task i trains model i / 2 tested on fold i % 2; the table after the array is the one
-    tools.compare --folds 2 makes by itself on the same data and flags."""
-    flags = ["--data-dir", str(phantoms), *TINY, "--epochs", "1"]
+    tools.compare --folds 2 made by itself on the same data and flags (conftest.cross_validated)."""
+    reference, _ = cross_validated
+    flags = ["--data-dir", str(reference.parent / "kaggle_3m"), *TINY, "--epochs", "1", *LEARNS]
     out = tmp_path / "cmp"
+    log = f"--output={tmp_path}/%x-%A_%a.out"
     job = submit(
-        slurm,
-        "--array=0-3",
-        f"--output={tmp_path}/%x-%A_%a.out",
-        "run.sh",
-        "unet,fcn",
-        "--folds",
-        "2",
-        *flags,
-        "--output-dir",
-        str(out),
+        slurm, "--array=0-3", log, "run.sh", "unet,fcn", "--folds", "2", *flags, "--output-dir", str(out)
     )
     wait(slurm, job)
     logs = {i: (tmp_path / f"lgg-seg-{job}_{i}.out").read_text() for i in range(4)}
@@ -102,21 +97,15 @@ def test_a_job_array_over_models_and_folds_gives_the_cross_validated_comparisons
         model, fold = ("unet", "fcn")[i // 2], i % 2
         assert f"run.sh: {model} fold {fold} of 2 on 1 node(s)" in logs[i], logs[i]
         assert (out / model / f"fold-{fold}" / "summary.json").exists(), logs[i]
-    cmd = [sys.executable, "-m", "tools.compare", "--folds", "2", "--models", "unet,fcn"]
     p = subprocess.run(
-        [*cmd, "--table", "--output-dir", str(out)], cwd=ROOT, env=slurm, capture_output=True, text=True
-    )
-    assert p.returncode == 0, p.stderr
-    by_itself = tmp_path / "by-itself"
-    p = subprocess.run(
-        [*cmd, "--output-dir", str(by_itself), "--", *flags],
+        [sys.executable, "-m", "tools.compare", "--table", *CV, "--output-dir", str(out)],
         cwd=ROOT,
         env=slurm,
         capture_output=True,
         text=True,
     )
     assert p.returncode == 0, p.stderr
-    assert (out / "per-patient.csv").read_text() == (by_itself / "per-patient.csv").read_text()
+    assert (out / "per-patient.csv").read_text() == (reference / "per-patient.csv").read_text()
 
 
 def run_sh(*args, env, cwd=ROOT):
@@ -177,6 +166,7 @@ def test_accelerate_launch_on_two_processes_says_the_error_line_once_above_torch
     assert "exitcode  : 2" in p.stdout
 
 
+@pytest.mark.slow
 def test_run_sh_from_another_folder_takes_relative_paths_from_there(phantoms, tmp_path, env):
     (tmp_path / "kaggle_3m").symlink_to(phantoms)
     flags = ["--data-dir", "kaggle_3m", "--cache-dir", "cache", *TINY, "--epochs", "1", "--output-dir", "run"]
@@ -185,6 +175,7 @@ def test_run_sh_from_another_folder_takes_relative_paths_from_there(phantoms, tm
     assert (tmp_path / "run" / "summary.json").exists() and any((tmp_path / "cache").iterdir())
 
 
+@pytest.mark.slow
 def test_a_job_array_over_folds_then_their_table(slurm, phantoms, tmp_path):
     """Submitted from another folder, with relative paths. Fold 1 fails (its folder holds a run made
     with other flags): the summary covers fold 0 and names fold 1; its task alone, run again once

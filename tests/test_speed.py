@@ -4,6 +4,7 @@ import csv
 import json
 import sys
 
+import pytest
 from conftest import run
 
 from common.timing import default_threads
@@ -47,6 +48,7 @@ def test_bench_data_compares_every_pipeline(tmp_path, env):
     assert float(rows[0]["vs_decode_0"]) == 1.0 and all(float(r["images_per_s"]) > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_bench_step_reports_the_loop_against_bare_compute(tmp_path, env):
     p = run(
         [
@@ -82,6 +84,7 @@ def test_bench_step_reports_the_loop_against_bare_compute(tmp_path, env):
     assert float(row["gflops_per_image"]) > 0
 
 
+@pytest.mark.slow
 def test_sweep_runs_the_grid_through_the_launcher_and_plots(tmp_path, env):
     p = run(
         [
@@ -136,6 +139,7 @@ def test_sweep_runs_the_grid_through_the_launcher_and_plots(tmp_path, env):
         assert (tmp_path / "fig" / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_the_gpu_command_runs_end_to_end_on_a_cpu(tmp_path, env):
     """What a lent GPU runs once (suite, then training in the time left), at a tiny size."""
     p = run(

@@ -116,6 +116,7 @@ def test_eval_only_refuses_another_models_checkpoint(phantoms, tmp_path, env):
     )
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_through_accelerate_launch(phantoms, tmp_path, env):
     out = tmp_path / "run"
     # 6 validation and 6 test slices over 2 processes x batch 4: the second process's batch is padded
@@ -202,6 +203,7 @@ def test_output_dir_holding_a_run_is_not_overwritten(phantoms, tmp_path, env):
     assert p.returncode == 2 and "--resume" in p.stderr
 
 
+@pytest.mark.slow
 def test_synthetic_run_through_run_sh_without_slurm(tmp_path, env):
     out = tmp_path / "run"
     p = run(
@@ -251,6 +253,7 @@ def test_a_few_real_patients(real_data, tmp_path, env):
     }
 
 
+@pytest.mark.slow
 def test_cross_validation_runs_every_fold_and_reports_mean_and_std(phantoms, tmp_path, env):
     out = tmp_path / "cv"
     p = run(
@@ -355,6 +358,7 @@ def test_tensorboard_missing_is_a_clear_error(phantoms, env):
     assert p.returncode == 2 and "pip install tensorboard" in p.stderr
 
 
+@pytest.mark.slow
 def test_sync_bn_over_two_processes_equals_one_process_on_the_whole_batch(phantoms, tmp_path, env):
     """One optimiser step: 2 gloo processes x 4 slices with --sync-bn, against 1 process x 8 slices.
     BCE only (soft Dice pooled per process is not the global one), no augmentation, and SGD: Adam's
@@ -412,6 +416,7 @@ def test_sync_bn_over_two_processes_equals_one_process_on_the_whole_batch(phanto
         )
 
 
+@pytest.mark.slow
 def test_time_limit_stops_every_process_at_the_same_epoch(phantoms, tmp_path, env):
     out = tmp_path / "run"
     train(
