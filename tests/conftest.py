@@ -168,6 +168,9 @@ def in_process(argv, env):
             signal.signal(s, h)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+        from common.report import console
+
+        console.release()  # its copy in the run folder's log.txt closed, as at a process's end
         gc.collect()  # the run folder's lock and log file are closed with the run
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 

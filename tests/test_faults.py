@@ -274,7 +274,8 @@ def small_disk(tmp_path):
     ).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield where
-    subprocess.run(["umount", str(where)], capture_output=True)
+    left = subprocess.run(["umount", str(where)], capture_output=True, text=True)
+    assert left.returncode == 0, f"a file left open on it: {left.stderr}"
 
 
 @pytest.fixture
@@ -285,7 +286,8 @@ def read_only(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(where)]).returncode:
         pytest.skip("cannot mount a read-only tmpfs here (needs root)")
     yield where
-    subprocess.run(["umount", str(where)], capture_output=True)
+    left = subprocess.run(["umount", str(where)], capture_output=True, text=True)
+    assert left.returncode == 0, f"a file left open on it: {left.stderr}"
 
 
 def test_unusable_cache_and_output_folders_are_one_line(phantoms, read_only, tmp_path, env):
