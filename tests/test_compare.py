@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import CV, LEARNS, built_once, compare_env, compare_in, run
+from conftest import LEARNS, built_once, compare_env, compare_in, run
 
 from common import stats
 from tools import compare, cv
@@ -170,13 +170,30 @@ def test_the_cross_validated_comparison_through_accelerate_launch_is_the_same(cr
 
 
 @pytest.mark.slow
-def test_a_cross_validated_table_names_the_runs_missing(cross_validated, tmp_path):
+def test_a_cross_validated_table_names_the_runs_missing_and_refuses_other_splits(cross_validated, tmp_path):
     out, env = cross_validated
     copy = tmp_path / "cmp"
     shutil.copytree(out, copy)
+    table = [
+        sys.executable,
+        "-m",
+        "tools.compare",
+        "--table",
+        "--models",
+        "unet,fcn",
+        "--output-dir",
+        str(copy),
+    ]
+    p = run([*table, "--folds", "3"], env)
+    assert p.returncode == 2 and "a run of --folds 2 --test-fold 0, not fold 0 of 3" in p.stderr, p.stderr
+    split = json.loads((copy / "fcn" / "fold-1" / "split.json").read_text())
+    (copy / "fcn" / "fold-1" / "split.json").write_text(json.dumps({**split, "test": split["test"][1:]}))
+    p = run([*table, "--folds", "2"], env)
+    assert p.returncode == 2 and "fcn fold 1 was tested on other patients than unet fold 1" in p.stderr
     (copy / "fcn" / "fold-1" / "summary.json").unlink()
-    p = run([sys.executable, "-m", "tools.compare", "--table", *CV, "--output-dir", str(copy)], env)
+    p = run([*table, "--folds", "2"], env)
     assert p.returncode == 2 and "1 of 4 runs not finished (fcn fold 1)" in p.stderr, p.stderr
+    assert (copy / "per-patient.csv").read_text() == (out / "per-patient.csv").read_text()  # nothing written
 
 
 @pytest.mark.slow

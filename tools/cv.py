@@ -54,7 +54,7 @@ def check_patients(out, runs, names):
             if set(split["test"]) != first[i]:
                 raise UserError(
                     f"--output-dir {out}: {n} fold {i} was tested on other patients than {names[0]} "
-                    "fold {i}: give the models the same split flags"
+                    f"fold {i}: give the models the same split flags"
                 )
     every = [p for fold in first for p in fold]
     if len(every) != len(set(every)):
@@ -85,7 +85,9 @@ def summarise(runs, names, per_patient):
             {
                 **compare.run_row(n, args, summary),
                 "train_time_s": statistics.fmean(times),  # per fold
-                "best_epoch": min(s["best_epoch"] for _, s, _ in runs[n]),
+                "best_epoch": statistics.median_low(
+                    s["best_epoch"] for _, s, _ in runs[n]
+                ),  # the folds' median
                 "folds": len(runs[n]),
                 "train_time_s_total": sum(times),
                 "dice_patient_mean_fold_mean": statistics.fmean(fold_means),
