@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from common import pipelines
-from common.errors import UserError
+from common.errors import UserError, no_data
 
 
 class Parser(argparse.ArgumentParser):
@@ -327,6 +327,12 @@ def check(args):
         if not ok:
             raise UserError(f"argument {flag}: {msg}")
 
+    if (
+        not args.synthetic
+        and (args.resume is None or "data_dir" in args.given)
+        and not args.data_dir.exists()
+    ):
+        raise no_data(args.data_dir)  # before torch is imported (a --resume reads its own, saved)
     need(args.epochs >= 1, "--epochs", f"must be at least 1, got {args.epochs}")
     need(args.batch_size >= 1, "--batch-size", f"must be at least 1, got {args.batch_size}")
     need(args.width > 0, "--width", f"must be positive, got {args.width}")

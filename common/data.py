@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.errors import UserError
+from common.errors import UserError, no_data
 from common.pipelines import WORKERS
 
 CACHE_VERSION = 3
@@ -48,7 +48,7 @@ def discover(data_dir):
     data_dir = Path(data_dir)
     hint = "--data-dir (default $LGG_DATA_DIR)"
     if not data_dir.exists():
-        raise UserError(f"data folder not found: {data_dir} (set {hint}, or use --synthetic)")
+        raise no_data(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"data folder is not a folder: {data_dir} ({hint})")
     patients = sorted(p for p in data_dir.iterdir() if p.is_dir())
