@@ -57,8 +57,9 @@ RECIPE_FLAGS = (
 
 def variant(study, name, reference):
     """(folder, runs, what) of a variant: a known one, or any run folder of the study, described by the
-    recipe flags its args.json holds that differ from the reference's."""
-    if name in VARIANTS:
+    recipe flags its args.json holds that differ from the reference's (a run folder of the study named
+    as a known variant is that folder: the second study's plain/ is a run, the first's plain/seed0)."""
+    if name in VARIANTS and not (study / name / "args.json").is_file():
         return VARIANTS[name]
 
     def flags(n):
