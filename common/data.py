@@ -380,7 +380,8 @@ def split(slices, how, val_frac, test_frac, seed, tumour_pixels=None, folds=0, f
     n_val = max(1, round(val_frac * len(keys))) if val_frac > 0 else 0
     if test_fold is not None:
         test = deal(rest, slices, key_of, tumour_pixels, folds, test_fold, unit, "patients in all")
-        rest = [k for k in rest if k not in set(test)]
+        tested = set(test)
+        rest = [k for k in rest if k not in tested]
         val = rest[:n_val]
     elif folds > 1:
         val = deal(rest, slices, key_of, tumour_pixels, folds, fold, unit, "outside the test set")
