@@ -9,8 +9,10 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 
 from common import data, report, synthetic
+from common.cache import Cache, open_dataset
 from common.distributed import on_main_first
 from common.errors import UserError
+from common.split import SPLIT_FLAGS, split, split_from_record
 from common.timing import default_threads
 
 
@@ -38,7 +40,7 @@ def make_accelerator(args):
 @dataclass
 class Data:
     slices: list  # data.Slice per cached slice, sorted by patient then slice number
-    cache: data.Cache  # the arrays, and each slice's native geometry
+    cache: Cache  # the arrays, and each slice's native geometry
     parts: dict  # "train"/"val"/"test" -> slice indices
     loaders: dict  # "train"/"val"/"test" -> DataLoader, or None for an empty part
     notes: list  # how the data differ from a recorded split (with --allow-missing)
@@ -52,14 +54,14 @@ def load_data(args, accelerator, record=None):
     def prepare():
         if args.synthetic:
             args.data_dir = synthetic.ensure_phantoms(args.cache_dir)
-        return data.open_dataset(
+        return open_dataset(
             args.data_dir, args.cache_dir, args.image_size, accelerator.is_main_process, args.crop
         )
 
     slices, cache = on_main_first(accelerator, prepare)
     if record is None:
         parts, notes = (
-            data.split(
+            split(
                 slices,
                 args.split,
                 args.val_frac,
@@ -102,7 +104,7 @@ def load_data(args, accelerator, record=None):
 def recorded_split(args, accelerator, slices, record):
     """The run's own split (its split.json), whatever the flags say: flags given that contradict it
     are refused, since another split would put training patients in validation or test."""
-    for key in data.SPLIT_FLAGS:
+    for key in SPLIT_FLAGS:
         record.setdefault(key, None)  # test_fold: not in the records of older runs
         if key in args.given and getattr(args, key) != record[key]:
             raise UserError(
@@ -111,7 +113,7 @@ def recorded_split(args, accelerator, slices, record):
                 "patients it trained on"
             )
         setattr(args, key, record[key])
-    parts, notes = data.split_from_record(slices, record, args.allow_missing)
+    parts, notes = split_from_record(slices, record, args.allow_missing)
     if accelerator.is_main_process:
         for note in notes:
             report.console.print(f"note: {note}")

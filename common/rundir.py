@@ -7,9 +7,10 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from common import data, report
+from common import report
 from common.distributed import main_value
 from common.errors import UserError
+from common.split import split_key
 
 # flags that may differ when the same run is started again
 UNCOMPARED = ("resume", "output_dir", "debug", "allow_missing", "time_limit", "log_with")
@@ -29,7 +30,7 @@ def recorded(folder):
 
 
 def split_record(args, d):
-    name = data.split_key(args.split)
+    name = split_key(args.split)
     record = {
         "split": args.split,
         "seed": args.seed,

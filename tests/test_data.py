@@ -10,8 +10,11 @@ from conftest import TINY, run, train
 from PIL import Image
 
 from common import data
+from common.cache import load_cache, open_dataset
 from common.errors import UserError
+from common.split import split
 from common.synthetic import write_phantoms
+from tools.pack import write_pack
 
 
 def fake_slices(patients, per_patient):
@@ -38,9 +41,9 @@ def test_numeric_slice_order(tmp_path):
 
 def test_patient_split_keeps_patients_on_one_side_and_is_stable():
     slices = fake_slices(20, 5)
-    a = data.split(slices, "patient", 0.2, 0.1, seed=7)
-    assert a == data.split(slices, "patient", 0.2, 0.1, seed=7)
-    assert a != data.split(slices, "patient", 0.2, 0.1, seed=8)
+    a = split(slices, "patient", 0.2, 0.1, seed=7)
+    assert a == split(slices, "patient", 0.2, 0.1, seed=7)
+    assert a != split(slices, "patient", 0.2, 0.1, seed=8)
     sides = {name: {slices[i].patient for i in idx} for name, idx in a.items()}
     assert not (
         sides["train"] & sides["val"] or sides["train"] & sides["test"] or sides["val"] & sides["test"]
@@ -51,28 +54,28 @@ def test_patient_split_keeps_patients_on_one_side_and_is_stable():
 
 def test_slice_split_leaks_patients_as_the_original_did():
     slices = fake_slices(10, 20)
-    s = data.split(slices, "slice", 0.2, 0.0, seed=233)
+    s = split(slices, "slice", 0.2, 0.0, seed=233)
     assert len(s["val"]) == 40 and not s["test"]
     assert {slices[i].patient for i in s["train"]} & {slices[i].patient for i in s["val"]}
 
 
 def test_split_needs_patients_left_to_train():
     with pytest.raises(UserError, match="--val-frac"):
-        data.split(fake_slices(2, 3), "patient", 0.2, 0.1, seed=0)
+        split(fake_slices(2, 3), "patient", 0.2, 0.1, seed=0)
 
 
 def test_cache_is_reused_then_rebuilt_when_a_file_changes(tmp_path):
     root = write_phantoms(tmp_path / "kaggle_3m", patients=2, slices=3, size=64)
     cache = tmp_path / "cache"
     slices = data.discover(root)
-    c = data.load_cache(slices, root, cache, 64)
+    c = load_cache(slices, root, cache, 64)
     images, masks, tumour_pixels = c.images, c.masks, c.tumour
     assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
     assert set(np.unique(masks)) <= {0, 1} and masks.any()
     assert tumour_pixels.tolist() == masks.reshape(6, -1).sum(1).tolist()
     first = next(cache.iterdir())
     stamp = (first / "images.npy").stat().st_mtime_ns
-    data.load_cache(slices, root, cache, 64)
+    load_cache(slices, root, cache, 64)
     assert [p.name for p in cache.iterdir()] == [first.name] and (
         first / "images.npy"
     ).stat().st_mtime_ns == stamp
@@ -80,13 +83,13 @@ def test_cache_is_reused_then_rebuilt_when_a_file_changes(tmp_path):
     mask_file = slices[0].mask
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask_file)
     os.utime(mask_file, ns=(1, 1))
-    masks2 = data.load_cache(data.discover(root), root, cache, 64).masks
+    masks2 = load_cache(data.discover(root), root, cache, 64).masks
     assert len(list(cache.iterdir())) == 2 and not masks2[0].any()
 
 
 def test_cache_resizes(tmp_path):
     root = write_phantoms(tmp_path / "kaggle_3m", patients=1, slices=2, size=64)
-    c = data.load_cache(data.discover(root), root, tmp_path / "cache", 32)
+    c = load_cache(data.discover(root), root, tmp_path / "cache", 32)
     images, masks = c.images, c.masks
     assert images.shape == (2, 32, 32, 3) and masks.shape == (2, 32, 32)
 
@@ -147,7 +150,7 @@ def test_bad_data_is_named(kind, phantoms, tmp_path):
     shutil.copytree(phantoms, root)
     path = broken(kind, root)
     with pytest.raises(UserError, match=path.name):
-        data.load_cache(data.discover(root), root, tmp_path / "cache", 64)
+        load_cache(data.discover(root), root, tmp_path / "cache", 64)
     assert list((tmp_path / "cache").glob("*")) == []  # no cache, not even half of one
 
 
@@ -186,7 +189,7 @@ def test_batches_are_read_whole_and_stay_uint8(tmp_path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_the_three_pipelines_give_the_same_batches(phantoms, tmp_path, workers):
     slices = data.discover(phantoms)
-    c = data.load_cache(slices, phantoms, tmp_path / "cache", 32)
+    c = load_cache(slices, phantoms, tmp_path / "cache", 32)
     images, masks = c.images, c.masks
     parts = {"train": [], "val": list(range(1, 24, 2)), "test": []}
     batches = {}
@@ -235,7 +238,7 @@ def test_no_augmentation_changes_nothing_but_scale():
 def test_phantoms_look_like_the_dataset(tmp_path):
     root = write_phantoms(tmp_path / "kaggle_3m", patients=3, slices=12, size=64, seed=3)
     slices = data.discover(root)
-    c = data.load_cache(slices, root, tmp_path / "cache", 64)
+    c = load_cache(slices, root, tmp_path / "cache", 64)
     images, masks = c.images, c.masks
     has_tumour = masks.reshape(len(masks), -1).any(1)
     assert 0.2 < has_tumour.mean() < 0.9  # some slices without tumour
@@ -248,10 +251,10 @@ def test_folds_partition_the_non_test_patients_with_balanced_tumour():
     tumour = np.array([(i // 4) % 3 != 0 for i in range(len(slices))], np.int64) * (
         np.arange(len(slices)) % 4
     )
-    runs = [data.split(slices, "patient", 0.2, 0.1, 5, tumour, folds=4, fold=f) for f in range(4)]
+    runs = [split(slices, "patient", 0.2, 0.1, 5, tumour, folds=4, fold=f) for f in range(4)]
     tests = {tuple(r["test"]) for r in runs}
     assert len(tests) == 1  # the test set is chosen before the folds, the same for every fold
-    assert runs[0]["test"] == data.split(slices, "patient", 0.2, 0.1, 5)["test"]
+    assert runs[0]["test"] == split(slices, "patient", 0.2, 0.1, 5)["test"]
     vals = [{slices[i].patient for i in r["val"]} for r in runs]
     assert set().union(*vals) == {slices[i].patient for r in runs[:1] for i in r["train"] + r["val"]}
     assert sum(len(v) for v in vals) == len(set().union(*vals))  # each patient validates once
@@ -263,7 +266,7 @@ def test_outer_folds_test_every_patient_once_and_validate_on_the_others():
     slices = fake_slices(23, 4)
     tumour = np.array([(i // 4) % 3 != 0 for i in range(len(slices))], np.int64)
     patients = lambda r, side: {slices[i].patient for i in r[side]}  # noqa: E731
-    runs = [data.split(slices, "patient", 0.1, 0.2, 5, tumour, folds=5, test_fold=f) for f in range(5)]
+    runs = [split(slices, "patient", 0.1, 0.2, 5, tumour, folds=5, test_fold=f) for f in range(5)]
     tests = [patients(r, "test") for r in runs]
     assert sum(len(t) for t in tests) == 23 and set().union(*tests) == {s.patient for s in slices}
     assert max(len(t) for t in tests) - min(len(t) for t in tests) <= 1  # --test-frac plays no part
@@ -271,13 +274,13 @@ def test_outer_folds_test_every_patient_once_and_validate_on_the_others():
         assert len(patients(r, "val")) == 2 and not patients(r, "val") & t and not patients(r, "train") & t
     tumour_patients = [int(tumour[r["test"]].sum()) // 4 for r in runs]
     assert max(tumour_patients) - min(tumour_patients) <= 1
-    none = data.split(slices, "patient", 0, 0.2, 5, tumour, folds=5, test_fold=0)
+    none = split(slices, "patient", 0, 0.2, 5, tumour, folds=5, test_fold=0)
     assert none["val"] == [] and patients(none, "test") == tests[0]  # --val-frac 0: all the others train
 
 
 def test_more_folds_than_patients_is_refused():
     with pytest.raises(UserError, match="--folds 9"):
-        data.split(fake_slices(8, 2), "patient", 0.2, 0.1, 0, np.zeros(16), folds=9, fold=0)
+        split(fake_slices(8, 2), "patient", 0.2, 0.1, 0, np.zeros(16), folds=9, fold=0)
 
 
 def test_an_unreadable_file_is_named(phantoms, monkeypatch):
@@ -295,12 +298,12 @@ def test_an_unreadable_file_is_named(phantoms, monkeypatch):
 
 
 def test_a_pack_round_trips_byte_identically_and_trains(phantoms, tmp_path, env):
-    written = data.pack(
+    written = write_pack(
         phantoms, tmp_path / "p.pack", tmp_path / "c1", size=64, part_size=20_000, progress=False
     )
     assert len(written) > 2  # the manifest and several parts
-    slices, built = data.open_dataset(phantoms, tmp_path / "c1", 64)
-    got, cached = data.open_dataset(tmp_path / "p.pack", tmp_path / "c2", 64)
+    slices, built = open_dataset(phantoms, tmp_path / "c1", 64)
+    got, cached = open_dataset(tmp_path / "p.pack", tmp_path / "c2", 64)
     assert [(s.patient, s.n) for s in got] == [(s.patient, s.n) for s in slices]
     for name in ("images", "masks", "tumour"):
         a, b = getattr(built, name), getattr(cached, name)
@@ -313,9 +316,28 @@ def test_a_pack_round_trips_byte_identically_and_trains(phantoms, tmp_path, env)
     assert json.loads((out / "split.json").read_text())["test"]
 
 
+def test_tools_pack_writes_and_unpacks_or_refuses_in_one_line(phantoms, tmp_path, env):
+    env = {**env, "LGG_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "p.pack"
+    bad = run([sys.executable, "-m", "tools.pack", "pack", "--data-dir", str(phantoms), "--out", str(out),
+               "--part-size", "-1"], env)  # fmt: skip
+    assert (bad.returncode, bad.stderr) == (2, "error: --part-size -1.0: must be 0 (one part) or more MiB\n")
+    assert not list(tmp_path.glob("p.pack*"))
+    made = run([sys.executable, "-m", "tools.pack", "pack", "--data-dir", str(phantoms), "--out", str(out),
+                "--image-size", "64", "--part-size", "0.02"], env)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert len(list(tmp_path.glob("p.pack.part*"))) > 1 and "4 patients" in made.stdout
+    got = run([sys.executable, "-m", "tools.pack", "unpack", str(out), "--image-size", "64"], env)
+    assert got.returncode == 0 and got.stdout.endswith(made.stdout.splitlines()[-1] + "\n"), got.stdout
+    missing = run([sys.executable, "-m", "tools.pack", "unpack"], env)
+    assert (
+        missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
+    )
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "remove", "not a pack"])
 def test_a_damaged_pack_is_a_one_line_error(phantoms, tmp_path, env, damage):
-    written = data.pack(
+    written = write_pack(
         phantoms, tmp_path / "p.pack", tmp_path / "c1", size=64, part_size=20_000, progress=False
     )
     part = written[2]
@@ -394,6 +416,6 @@ def test_odd_but_valid_layouts_are_used(phantoms, tmp_path):
     slices = data.discover(root)
     assert {s.patient for s in slices} >= {odd.name, second.name, "TCGA_BG_0000_19990101"}
     assert len(slices) == 4 * 6 + 3
-    c = data.load_cache(slices, root, tmp_path / "cache", 64)
+    c = load_cache(slices, root, tmp_path / "cache", 64)
     images, masks = c.images, c.masks
     assert images.shape == (27, 64, 64, 3) and masks.max() == 1

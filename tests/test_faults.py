@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, TINY, run, train
 
 from common import data
+from common.cache import load_cache
 from common.errors import UserError
 
 
@@ -49,28 +50,28 @@ def test_random_damage_to_tiffs_gives_a_clear_error_or_a_valid_slice(phantoms, t
 
 def test_a_cache_without_its_completion_mark_is_rebuilt(phantoms, tmp_path):
     slices = data.discover(phantoms)
-    data.load_cache(slices, phantoms, tmp_path, 64)
+    load_cache(slices, phantoms, tmp_path, 64)
     (folder,) = tmp_path.iterdir()
     (folder / "meta.json").unlink()  # as if the build had been killed before the end
     np.save(folder / "masks.npy", np.zeros((1,), np.uint8))  # and had left a half-written file
-    masks = data.load_cache(slices, phantoms, tmp_path, 64).masks
+    masks = load_cache(slices, phantoms, tmp_path, 64).masks
     assert masks.shape == (len(slices), 64, 64) and (folder / "meta.json").exists()
 
 
 def test_a_complete_cache_with_a_damaged_array_is_rebuilt(phantoms, tmp_path):
     slices = data.discover(phantoms)
-    images = data.load_cache(slices, phantoms, tmp_path, 64).images
+    images = load_cache(slices, phantoms, tmp_path, 64).images
     expected = np.array(images)
     (folder,) = tmp_path.iterdir()
     with open(folder / "images.npy", "r+b") as f:  # a disk error, a copy cut short
         f.truncate(1000)
-    images = data.load_cache(slices, phantoms, tmp_path, 64).images
+    images = load_cache(slices, phantoms, tmp_path, 64).images
     assert np.array_equal(images, expected)
 
 
 def build(args):
     slices = data.discover(args[0])
-    c = data.load_cache(slices, *args, 64)
+    c = load_cache(slices, *args, 64)
     images, masks = c.images, c.masks
     return int(images.sum()) + int(masks.sum())
 
@@ -361,5 +362,5 @@ def test_temporary_caches_of_dead_processes_are_removed(phantoms, tmp_path):
     other = tmp_path / "lgg-64px-z.tmp-another-host-1"
     for d in (dead, alive, other):
         d.mkdir()
-    data.load_cache(data.discover(phantoms), phantoms, tmp_path, 48)
+    load_cache(data.discover(phantoms), phantoms, tmp_path, 48)
     assert not dead.exists() and alive.exists() and other.exists()

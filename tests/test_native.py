@@ -10,6 +10,7 @@ from conftest import TINY, train
 from PIL import Image
 
 from common import data, metrics
+from common.cache import open_dataset
 from common.synthetic import write_phantoms
 from tools.predict import load_model
 
@@ -45,7 +46,7 @@ def test_padded_slices_count_no_true_negatives_beyond_their_size():
 
 def test_the_cache_keeps_the_released_masks_beside_the_resized_ones(tmp_path):
     root = tiny_tumour_data(tmp_path / "kaggle_3m")
-    slices, cache = data.open_dataset(root, tmp_path / "cache", 64)
+    slices, cache = open_dataset(root, tmp_path / "cache", 64)
     last = [i for i, s in enumerate(slices) if s.n == 6]
     assert cache.masks[last].sum() == 0  # lost at 64 px
     native = cache.native_masks(last)

@@ -10,6 +10,7 @@ import torch
 from conftest import TINY, train
 
 from common import data, metrics
+from common.cache import volume_stats
 from common.loop import RunState, make_schedule, plan_budget
 
 
@@ -34,7 +35,7 @@ def test_volume_normalisation_keeps_the_contrast_between_slices_of_a_patient():
     bright = rng.integers(100, 200, (2, 8, 8, 3)).astype(np.uint8)
     images = np.concatenate([bright, bright // 4])  # one patient: two bright slices, two dark
     slices = [SimpleNamespace(patient="a")] * 4
-    stats = data.volume_stats(slices, images)
+    stats = volume_stats(slices, images)
     assert np.allclose(stats, stats[0])  # one row per patient, repeated
     x, _ = data.to_inputs(torch.from_numpy(images), torch.zeros(4, 8, 8, dtype=torch.uint8))
     v, _ = data.to_inputs(

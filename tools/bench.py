@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from common import data, pipelines, registry, report, synthetic
+from common.cache import open_dataset
 from common.errors import UserError
 from common.loss import loss_from_terms, loss_terms
 from common.timing import default_threads, device_name, gflops, synchronize
@@ -43,7 +44,7 @@ def load_source(args):
     data_dir = (
         synthetic.ensure_phantoms(args.cache_dir, patients=args.phantoms) if args.synthetic else args.data_dir
     )
-    slices, cache = data.open_dataset(data_dir, args.cache_dir, args.image_size, progress=True)
+    slices, cache = open_dataset(data_dir, args.cache_dir, args.image_size, progress=True)
     return data_dir, slices, cache
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from common import registry, report, stats
+from common.cache import open_dataset
 from common.cli import parse_with_train_flags
 from common.errors import UserError
 from common.metrics import ratio
@@ -474,12 +475,11 @@ def prediction_figure(out, names, runs, folders):
     runs' image size, from the data as the runs saw them (a kaggle_3m folder or a pack)."""
     import torch
 
-    from common import data
     from tools import predict
 
     args = runs[names[0]][0]
     test = set(runs[names[0]][2]["test"])
-    slices, cache = data.open_dataset(
+    slices, cache = open_dataset(
         Path(args["data_dir"]), Path(args["cache_dir"]), args["image_size"], crop=args.get("crop", "none")
     )
     images, masks = cache.images, cache.masks

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from common import data, report
+from common.cache import open_dataset
 from common.cli import Parser, default_cache_dir
 from common.errors import UserError
 from tools.predict import load_model
@@ -155,7 +156,7 @@ def check_batch(args, channels, size):
         return x, "a random batch (seed 0)"
     if channels != 3:
         raise UserError(f"--data-dir: the model takes {channels} channels (--context): leave --data-dir out")
-    _, cache = data.open_dataset(args.data_dir, args.cache_dir, size, progress=True)
+    _, cache = open_dataset(args.data_dir, args.cache_dir, size, progress=True)
     picks = np.unique(np.linspace(0, len(cache.images) - 1, args.batch_size).round().astype(int))
     x, _ = data.to_inputs(torch.from_numpy(cache.images[picks]), torch.from_numpy(cache.masks[picks]))
     return x, f"{len(picks)} slices of {args.data_dir}"

@@ -34,9 +34,11 @@ from PIL import Image
 
 from common import data, metrics, registry, report
 from common.blocks import Averaged
+from common.cache import prepared, volume_stats
 from common.checkpoint import load_checkpoint, members
 from common.errors import UserError
 from common.rundir import recorded
+from common.split import split_key
 
 TRUTH, PRED = "#2ca02c", "#d62728"
 
@@ -67,7 +69,7 @@ def of_part(found, data_dir, checkpoints, part):
             raise UserError(f"--patients {part}: no split.json beside {path}")
     if len({tuple(r[part]) for r in records}) > 1 or len({r["split"] for r in records}) > 1:
         raise UserError(f"--patients {part}: the checkpoints' runs have different {part} sets (split.json)")
-    unit = data.split_key(records[0]["split"])
+    unit = split_key(records[0]["split"])
     keys = [unit(SimpleNamespace(patient=p, n=n)) for p, n in (patient_and_number(f[0]) for f in found)]
     wanted = set(records[0][part])
     chosen = [f for f, k in zip(found, keys) if k in wanted]
@@ -145,9 +147,9 @@ def predict_native(model, config, images, patients, device):
     size = config["image_size"]
     fake = [SimpleNamespace(patient=p) for p in patients]
     blank = [np.zeros(im.shape[:2], np.uint8) for im in images]
-    shrunk, _, _, boxes = zip(*data.prepared(fake, zip(images, blank), size, config.get("crop", "none")))
+    shrunk, _, _, boxes = zip(*prepared(fake, zip(images, blank), size, config.get("crop", "none")))
     stack = np.stack(shrunk)
-    stats = data.volume_stats(fake, stack) if config.get("normalize", "slice") == "volume" else None
+    stats = volume_stats(fake, stack) if config.get("normalize", "slice") == "volume" else None
     logits = predict(model, stack, device, patients, config.get("context", 0), stats=stats)
     shapes = np.array([im.shape[:2] for im in images])
     out = []

@@ -1,0 +1,82 @@
+"""Packs: the decoded cache as a portable file, to stage the data onto compute nodes (written by
+`python -m tools.pack pack`, read wherever --data-dir names one)."""
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import UserError
+
+# Packs: the decoded cache as a portable file, to stage data onto compute nodes. `F` is a small JSON
+# manifest (slices, image size, each part's size and sha256); the data are one compressed .npz
+# (lossless: the uint8 arrays themselves) cut into parts F.part1, F.part2, ... of at most --part-size.
+PACK_FORMAT = "lgg-seg pack 1"
+
+
+def write(out, slices, images, masks, size, part_size=0):
+    """The pack of `slices` and their cached arrays: manifest `out`, parts beside it, each written
+    to a temporary name and renamed; returns the paths written (manifest first, written last)."""
+    index = json.dumps([[s.patient, s.n] for s in slices])
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, images=images, masks=masks, index=np.array(index))
+    blob = buffer.getbuffer()
+    step = part_size or len(blob)
+    chunks = [blob[k : k + step] for k in range(0, len(blob), step)]
+    out = Path(out)
+    parts = [out.with_name(f"{out.name}.part{k + 1}") for k in range(len(chunks))]
+    for path, chunk in zip(parts, chunks):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(chunk)
+        tmp.replace(path)
+    manifest = {
+        "format": PACK_FORMAT,
+        "image_size": size,
+        "slices": len(slices),
+        "patients": len({s.patient for s in slices}),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "parts": [
+            {"name": p.name, "bytes": len(c), "sha256": hashlib.sha256(c).hexdigest()}
+            for p, c in zip(parts, chunks)
+        ],
+    }
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(out)
+    return [out, *parts]
+
+
+def pack_manifest(path):
+    try:
+        manifest = json.loads(path.read_text()) if path.stat().st_size < 1 << 20 else {}
+    except (ValueError, UnicodeDecodeError):
+        manifest = {}
+    if manifest.get("format") != PACK_FORMAT:
+        raise UserError(
+            f"--data-dir {path}: a file, but not a pack manifest of this repository "
+            "(give the kaggle_3m folder, or the manifest that `python -m tools.pack pack` wrote)"
+        )
+    return manifest
+
+
+def read_pack(path, manifest):
+    """The .npz bytes of a pack, checked part by part; a missing, truncated or altered part is a UserError."""
+    blob = bytearray()
+    for part in manifest["parts"]:
+        f = path.with_name(part["name"])
+        if not f.is_file():
+            raise UserError(f"--data-dir {path}: part {f} is missing")
+        chunk = f.read_bytes()
+        if len(chunk) != part["bytes"] or hashlib.sha256(chunk).hexdigest() != part["sha256"]:
+            raise UserError(
+                f"--data-dir {path}: part {f} is damaged ({len(chunk)} bytes, expected {part['bytes']}, "
+                "or another checksum): copy it again"
+            )
+        blob += chunk
+    if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+        raise UserError(
+            f"--data-dir {path}: the parts do not add up to the packed data (checksum): copy them again"
+        )
+    return bytes(blob)
