@@ -8,6 +8,7 @@ from pathlib import Path
 
 from common import pipelines
 from common.errors import UserError, no_data
+from common.ranges import amount, count, image_size, pathname, positive, seed, share
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,7 +48,7 @@ def data_flags(p):
     d = p.add_argument_group("data")
     d.add_argument(
         "--data-dir",
-        type=Path,
+        type=pathname,
         default=Path(os.environ.get("LGG_DATA_DIR", "data/kaggle_3m")),
         help="the kaggle_3m folder (one sub-folder per patient); default $LGG_DATA_DIR",
     )
@@ -58,12 +59,15 @@ def data_flags(p):
     )
     d.add_argument(
         "--cache-dir",
-        type=Path,
+        type=pathname,
         default=default_cache_dir(),
         help="where decoded slices (and the phantoms) are kept; default $LGG_CACHE_DIR",
     )
     d.add_argument(
-        "--image-size", type=int, default=256, help="resize slices to this many pixels (multiple of 32)"
+        "--image-size",
+        type=image_size(),
+        default=256,
+        help="resize slices to this many pixels (multiple of 32)",
     )
     d.add_argument(
         "--split",
@@ -71,19 +75,21 @@ def data_flags(p):
         default="patient",
         help="'slice' reproduces the original's leaky split: for comparison only",
     )
-    d.add_argument("--val-frac", type=float, default=0.2, help="share of patients (or slices) for validation")
-    d.add_argument("--test-frac", type=float, default=0.1, help="share held out for the final test")
+    d.add_argument(
+        "--val-frac", type=share(), default=0.2, help="share of patients (or slices) for validation"
+    )
+    d.add_argument("--test-frac", type=share(), default=0.1, help="share held out for the final test")
     d.add_argument(
         "--folds",
-        type=int,
+        type=count(2, zero="no folds"),
         default=0,
         help="cross-validation: split the non-test patients into this many folds "
         "(stratified by tumour slices)",
     )
-    d.add_argument("--fold", type=int, default=0, help="with --folds: the fold that validates")
+    d.add_argument("--fold", type=count(0), default=0, help="with --folds: the fold that validates")
     d.add_argument(
         "--test-fold",
-        type=int,
+        type=count(0),
         default=None,
         help="with --folds: outer cross-validation, every patient dealt into the folds and this one "
         "tested; --val-frac of the patients, from the other folds, validate (0: none, the last epoch "
@@ -91,7 +97,7 @@ def data_flags(p):
     )
     d.add_argument(
         "--context",
-        type=int,
+        type=count(0),
         default=0,
         help="2.5-D: feed each slice with its K neighbours on each side (same patient; edges repeated) "
         "as extra input channels, 3 x (2K + 1) in all",
@@ -118,7 +124,7 @@ def data_flags(p):
     )
     d.add_argument(
         "--num-workers",
-        type=int,
+        type=count(0),
         default=0,
         help=f"DataLoader workers per process ({', '.join(pipelines.WORKERS)})",
     )
@@ -132,9 +138,9 @@ def data_flags(p):
 
 def training_flags(p):
     a = p.add_argument_group("augmentation (on the training device, training batches only)")
-    a.add_argument("--flip", type=float, default=0.5, help="probability of a horizontal flip")
-    a.add_argument("--rotate", type=float, default=15.0, help="max rotation in degrees")
-    a.add_argument("--scale", type=float, default=0.05, help="max relative zoom")
+    a.add_argument("--flip", type=share(closed=True), default=0.5, help="probability of a horizontal flip")
+    a.add_argument("--rotate", type=amount(unit="degrees"), default=15.0, help="max rotation in degrees")
+    a.add_argument("--scale", type=share(), default=0.05, help="max relative zoom")
     t = p.add_argument_group("training")
     t.add_argument(
         "--preset",
@@ -146,14 +152,18 @@ def training_flags(p):
         )
         + " (flags given explicitly win)",
     )
-    t.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the published model)")
-    t.add_argument("--epochs", type=int, default=30, help="epochs in all (with --resume: up to this one)")
     t.add_argument(
-        "--batch-size", type=int, default=16, help="per process; the global batch is this x processes"
+        "--width", type=positive(), default=1.0, help="channel multiplier (1.0 = the published model)"
+    )
+    t.add_argument(
+        "--epochs", type=count(1), default=30, help="epochs in all (with --resume: up to this one)"
+    )
+    t.add_argument(
+        "--batch-size", type=count(1), default=16, help="per process; the global batch is this x processes"
     )
     t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="sgd: with momentum 0.9")
-    t.add_argument("--lr", type=float, default=1e-4, help="learning rate")
-    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--lr", type=positive(), default=1e-4, help="learning rate")
+    t.add_argument("--weight-decay", type=amount(), default=0.0)
     t.add_argument(
         "--schedule",
         choices=("cosine", "constant"),
@@ -161,17 +171,17 @@ def training_flags(p):
         help="cosine: linear warm-up over --warmup of the steps, then a cosine decay to 0, per step "
         "(+0.19 validation Dice at the CPU preset: docs/recipe.md); constant: --lr throughout",
     )
-    t.add_argument("--warmup", type=float, default=0.05, help="with --schedule cosine: share of the steps")
+    t.add_argument("--warmup", type=share(), default=0.05, help="with --schedule cosine: share of the steps")
     t.add_argument(
         "--budget",
-        type=float,
+        type=amount("none", "seconds"),
         default=0,
         help="seconds: train for about this long, the cosine spanning the epochs that fit (estimated "
         "from the first epoch, validation included); --epochs is then the most (0: --epochs decides)",
     )
     t.add_argument(
         "--tumour-share",
-        type=float,
+        type=share(),
         default=0,
         help="draw this share of each epoch's training slices from those with tumour (with replacement; "
         "an epoch stays as many draws as training slices; 0: each slice once, shuffled)",
@@ -197,17 +207,17 @@ def training_flags(p):
         help="default: the accelerate config's",
     )
     t.add_argument(
-        "--seed", type=int, default=0, help="seeds the split, and the training unless --train-seed"
+        "--seed", type=seed(), default=0, help="seeds the split, and the training unless --train-seed"
     )
     t.add_argument(
         "--train-seed",
-        type=int,
+        type=seed(),
         default=None,
         help="seeds the weights, augmentation and batch order only: runs on one split (ensemble members)",
     )
     t.add_argument(
         "--time-limit",
-        type=float,
+        type=amount("none", "seconds"),
         default=0,
         help="seconds: start no epoch that would end past this (0: none); for job and lease limits",
     )
@@ -222,13 +232,13 @@ def speed_flags(p):
     f.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over all processes")
     f.add_argument(
         "--threads",
-        type=int,
+        type=count(1, zero="automatic"),
         default=0,
         help="CPU threads per process; 0: the cores this process may use / processes on this machine",
     )
     f.add_argument(
         "--max-steps",
-        type=int,
+        type=count(1, zero="whole epochs"),
         default=0,
         help="stop each epoch after this many steps (benchmarks; 0: whole epochs)",
     )
@@ -247,10 +257,12 @@ def speed_flags(p):
 
 def run_flags(p):
     r = p.add_argument_group("run")
-    r.add_argument("--output-dir", type=Path, default=None, help="run folder; default runs/<model>-<time>")
+    r.add_argument(
+        "--output-dir", type=pathname, default=None, help="run folder; default runs/<model>-<time>"
+    )
     r.add_argument(
         "--resume",
-        type=Path,
+        type=pathname,
         default=None,
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last checkpoint (its saved flags, unless given again)",
@@ -260,7 +272,7 @@ def run_flags(p):
     )
     r.add_argument(
         "--checkpoint",
-        type=Path,
+        type=pathname,
         default=None,
         help="a best.pt file, a run folder holding one, or a folder of such runs (e.g. --folds runs or "
         "seeds): their ensemble",
@@ -333,35 +345,17 @@ def check(args):
         and not args.data_dir.exists()
     ):
         raise no_data(args.data_dir)  # before torch is imported (a --resume reads its own, saved)
-    need(args.epochs >= 1, "--epochs", f"must be at least 1, got {args.epochs}")
-    need(args.batch_size >= 1, "--batch-size", f"must be at least 1, got {args.batch_size}")
-    need(args.width > 0, "--width", f"must be positive, got {args.width}")
-    need(args.lr > 0, "--lr", f"must be positive, got {args.lr}")
-    need(args.num_workers >= 0, "--num-workers", f"must be 0 or more, got {args.num_workers}")
     need(
         args.data_pipeline in pipelines.WORKERS or args.num_workers == 0,
         "--num-workers",
         f"must be 0 with --data-pipeline {args.data_pipeline} (batches are cut on the training device)",
     )
-    need(args.threads >= 0, "--threads", f"must be 0 (automatic) or more, got {args.threads}")
-    need(args.time_limit >= 0, "--time-limit", f"must be 0 (none) or more, got {args.time_limit}")
-    need(args.max_steps >= 0, "--max-steps", f"must be 0 (whole epochs) or more, got {args.max_steps}")
-    need(
-        args.image_size >= 32 and args.image_size % 32 == 0,
-        "--image-size",
-        f"must be a positive multiple of 32 (five 2x poolings), got {args.image_size}",
-    )
-    for flag in ("val_frac", "test_frac"):
-        v = getattr(args, flag)
-        need(0 <= v < 1, "--" + flag.replace("_", "-"), f"must be in [0, 1), got {v}")
     need(
         args.val_frac > 0 or not args.no_eval,
         "--val-frac",
         "0 (no validation) with --no-eval leaves nothing to evaluate",
     )
-    need(
-        args.folds == 0 or args.folds >= 2, "--folds", f"must be 0 (no folds) or at least 2, got {args.folds}"
-    )
+    need(args.folds or "fold" not in args.given, "--fold", "needs --folds K: the folds it is one of")
     need(
         args.folds == 0 or 0 <= args.fold < args.folds,
         "--fold",
@@ -380,23 +374,13 @@ def check(args):
         "--val-frac/--test-frac",
         f"leave something to train on: {args.val_frac} + {args.test_frac} >= 1",
     )
-    need(args.context >= 0, "--context", f"must be 0 or more, got {args.context}")
     need(
         args.context == 0 or args.data_pipeline != "decode",
         "--context",
         "needs --data-pipeline cached or device (neighbours come from the cache)",
     )
-    need(0 <= args.warmup < 1, "--warmup", f"is a share of the steps in [0, 1), got {args.warmup}")
-    need(args.budget >= 0, "--budget", f"must be 0 (none) or more seconds, got {args.budget}")
     need(
         args.budget == 0 or args.schedule == "cosine", "--budget", "spans the cosine: needs --schedule cosine"
-    )
-    need(0 <= args.tumour_share < 1, "--tumour-share", f"is a share in [0, 1), got {args.tumour_share}")
-    need(0 <= args.flip <= 1, "--flip", f"is a probability, got {args.flip}")
-    need(
-        args.rotate >= 0 and 0 <= args.scale < 1,
-        "--rotate/--scale",
-        "must be non-negative (and --scale below 1)",
     )
     if args.eval_only:
         need(args.checkpoint is not None, "--checkpoint", "is required with --eval-only")

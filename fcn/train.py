@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.cli import in_channels, make_parser
 from common.entry import main
 from common.errors import UserError
+from common.ranges import pathname
 
 TITLE = "FCN-8s"
 
@@ -36,7 +37,7 @@ def parser():
     p = make_parser(__file__, __doc__)
     p.add_argument(
         "--pretrained",
-        type=Path,
+        type=pathname,
         default=None,
         help="local torchvision vgg16_bn state dict (ImageNet weights) for the encoder",
     )

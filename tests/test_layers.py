@@ -31,6 +31,7 @@ LAYERS = {
     "common.timing": 0,
     "common.blocks": 0,
     "common.errors": 0,
+    "common.ranges": 0,
     "common.pipelines": 0,
 }
 

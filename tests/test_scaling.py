@@ -75,7 +75,7 @@ def test_fixed_costs_split_validation_but_not_the_checkpoint_or_worker_starts():
 
 
 def test_the_calibration_reproduces_the_one_gpu_cells_it_was_fitted_on():
-    args = scaling.make_parser().parse_args([])
+    args = scaling.parser().parse_args([])
     rows = scaling.original_rows(scaling.fit_original(args), args)
     fitted = [r for r in rows if r["fitted"]]
     assert len(fitted) == 9 and all(abs(r["error_pct"]) < 5 for r in fitted), fitted

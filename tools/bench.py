@@ -28,8 +28,10 @@ import torch
 
 from common import data, pipelines, registry, report, synthetic
 from common.cache import open_dataset
-from common.errors import UserError
+from common.cli import Parser, default_cache_dir
+from common.errors import contract
 from common.loss import loss_from_terms, loss_terms
+from common.ranges import amount, count, image_size, pathname, positive
 from common.timing import default_threads, device_name, gflops, synchronize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,67 +361,73 @@ COLUMNS = {
 }  # fmt: skip
 
 
-def make_parser():
-    p = argparse.ArgumentParser(
+def parser():
+    p = Parser(
         prog="python -m tools.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("what", choices=("data", "step", "scoring", "suite", "gpu"))
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LGG_DATA_DIR", "data/kaggle_3m")))
+    p.add_argument(
+        "--data-dir", type=pathname, default=Path(os.environ.get("LGG_DATA_DIR", "data/kaggle_3m"))
+    )
     p.add_argument("--synthetic", action="store_true", help="phantoms (written once into the cache)")
     p.add_argument(
-        "--phantoms", type=int, default=10, help="with --synthetic: phantom patients (20 slices each)"
+        "--phantoms", type=count(1), default=10, help="with --synthetic: phantom patients (20 slices each)"
     )
-    cache = Path(os.environ.get("LGG_CACHE_DIR", Path.home() / ".cache" / "lgg-seg"))
-    p.add_argument("--cache-dir", type=Path, default=cache)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--cache-dir", type=pathname, default=default_cache_dir())
+    p.add_argument("--image-size", type=image_size(), default=256)
+    p.add_argument("--width", type=positive(), default=1.0)
+    p.add_argument("--batch-size", type=count(1), default=16)
     p.add_argument("--models", nargs="+", default=registry.names(), choices=registry.names())
     p.add_argument(
         "--pipelines", nargs="+", default=list(pipelines.PIPELINES), choices=list(pipelines.PIPELINES)
     )
-    p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2], help="bench data: DataLoader workers")
-    p.add_argument("--warmup", type=int, default=3, help="steps (batches) not timed")
-    p.add_argument("--batches", type=int, default=20, help="steps (batches) timed")
+    p.add_argument(
+        "--workers", nargs="+", type=count(0), default=[0, 1, 2], help="bench data: DataLoader workers"
+    )
+    p.add_argument("--warmup", type=count(0), default=3, help="steps (batches) not timed")
+    p.add_argument("--batches", type=count(1), default=20, help="steps (batches) timed")
     compiled = "suite: the models also timed with torch.compile (compiling takes a minute each)"
     p.add_argument("--compile-models", nargs="*", default=registry.names(), help=compiled)
     p.add_argument(
-        "--budget", type=float, default=480, help="gpu: seconds for the suite and the training run"
+        "--budget",
+        type=amount(unit="seconds"),
+        default=480,
+        help="gpu: seconds for the suite and the training run",
     )
-    p.add_argument("--train-width", type=float, default=1.0, help="gpu: width of the U-Net training run")
-    p.add_argument("--output-dir", type=Path, default=Path("bench"))
+    p.add_argument("--train-width", type=positive(), default=1.0, help="gpu: width of the U-Net training run")
+    p.add_argument("--output-dir", type=pathname, default=Path("bench"))
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
 def main(argv=None):
-    args = make_parser().parse_args(argv)
+    return contract(lambda argv: bench(parser().parse_args(argv)), argv)
+
+
+def bench(args):
     started, what = time.perf_counter(), args.what
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(default_threads(1))
     torch.set_flush_denormal(True)  # as the training loop does
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        if args.synthetic:
-            args.data_dir = synthetic.ensure_phantoms(args.cache_dir, patients=args.phantoms)
-        head = (
-            f"{device_name(device)}, 1 process, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-            f"{args.image_size} px, data {'phantoms' if args.synthetic else args.data_dir}"
-        )
-        report.console.print(head)
-        if args.what == "data":
-            rows, extra = bench_data(args, device)
-        elif args.what == "step":
-            rows, extra = bench_step(args, device), {}
-        elif args.what == "scoring":
-            rows, extra = bench_scoring(args, device), {}
-        else:
-            rows, extra = bench_suite(args, device)
-            args.what = "suite"
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.synthetic:
+        args.data_dir = synthetic.ensure_phantoms(args.cache_dir, patients=args.phantoms)
+    head = (
+        f"{device_name(device)}, 1 process, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+        f"{args.image_size} px, data {'phantoms' if args.synthetic else args.data_dir}"
+    )
+    report.console.print(head)
+    if args.what == "data":
+        rows, extra = bench_data(args, device)
+    elif args.what == "step":
+        rows, extra = bench_step(args, device), {}
+    elif args.what == "scoring":
+        rows, extra = bench_scoring(args, device), {}
+    else:
+        rows, extra = bench_suite(args, device)
+        args.what = "suite"
     write_table(args, head, rows, extra)
     return train_in_time_left(args, started) if what == "gpu" else 0
 

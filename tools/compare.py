@@ -39,9 +39,10 @@ import numpy as np
 
 from common import registry, report, stats
 from common.cache import open_dataset
-from common.cli import parse_with_train_flags
-from common.errors import UserError
+from common.cli import Parser, parse_with_train_flags
+from common.errors import UserError, contract
 from common.metrics import ratio
+from common.ranges import count, pathname
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL = "unet-slice"  # U-Net on the original's leaky slice split, for contrast
@@ -498,14 +499,14 @@ def prediction_figure(out, names, runs, folders):
     predict.comparison_figure(out / "predictions.png", names_shown, flairs, truths, preds, list(preds), picks)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
+def parser():
+    p = Parser(
         prog="python -m tools.compare",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--output-dir", type=Path, required=True, help="the comparison folder (a run folder per model)"
+        "--output-dir", type=pathname, required=True, help="the comparison folder (a run folder per model)"
     )
     p.add_argument(
         "--models",
@@ -519,47 +520,48 @@ def main(argv=None):
     )
     p.add_argument(
         "--versus",
-        type=Path,
+        type=pathname,
         help="another comparison folder (e.g. another recipe): each model paired with itself there",
     )
     p.add_argument(
         "--folds",
-        type=int,
+        type=count(2, zero="one split"),
         default=0,
         help="cross-validate: every patient dealt into K folds, each tested once by models trained on "
         "the others (run folders MODEL/fold-i)",
     )
-    p.add_argument("--debug", action="store_true")
-    args, flags = parse_with_train_flags(p, argv)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv=None):
+    return contract(lambda argv: compare(*parse_with_train_flags(parser(), argv)), argv)
+
+
+def compare(args, flags):
     names = args.models.split(",")
     if bad := [n for n in names if n not in registry.names()]:
-        p.error(f"argument --models: unknown model {bad[0]!r} (choose from {', '.join(registry.names())})")
-    if args.folds == 1 or args.folds < 0:
-        p.error(f"argument --folds: must be 0 (one split) or at least 2, got {args.folds}")
+        raise UserError(
+            f"argument --models: unknown model {bad[0]!r} (choose from {', '.join(registry.names())})"
+        )
     if args.folds and (args.original or args.versus):
-        p.error("argument --folds: not with --original or --versus (they pair runs of one split)")
-    try:
-        if args.versus and not (args.versus / "per-patient.csv").is_file():  # before hours of training
-            raise UserError(f"--versus {args.versus}: no per-patient.csv there (a tools.compare folder)")
-        if not args.table:
-            train_all(
-                runs_of(args.output_dir, names, args.original, args.folds),
-                shlex.split(args.launch) if args.launch else [sys.executable],
-                flags,
-            )
-        if not args.output_dir.is_dir():
-            raise UserError(f"--output-dir {args.output_dir}: not a folder")
-        if args.folds:
-            from tools import cv  # which builds on this module
+        raise UserError("argument --folds: not with --original or --versus (they pair runs of one split)")
+    if args.versus and not (args.versus / "per-patient.csv").is_file():  # before hours of training
+        raise UserError(f"--versus {args.versus}: no per-patient.csv there (a tools.compare folder)")
+    if not args.table:
+        train_all(
+            runs_of(args.output_dir, names, args.original, args.folds),
+            shlex.split(args.launch) if args.launch else [sys.executable],
+            flags,
+        )
+    if not args.output_dir.is_dir():
+        raise UserError(f"--output-dir {args.output_dir}: not a folder")
+    if args.folds:
+        from tools import cv  # which builds on this module
 
-            cv.table(args.output_dir, names, args.folds)
-        else:
-            table(args.output_dir, args.versus)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        cv.table(args.output_dir, names, args.folds)
+    else:
+        table(args.output_dir, args.versus)
     return 0
 
 

@@ -21,7 +21,6 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -30,7 +29,8 @@ import torch
 from common import data, report
 from common.cache import open_dataset
 from common.cli import Parser, default_cache_dir
-from common.errors import UserError
+from common.errors import UserError, contract
+from common.ranges import count, image_size, pathname, positive
 from tools.predict import load_model
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts.pt"}  # format -> default file name
@@ -55,37 +55,36 @@ def parser():
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="a run folder (its best.pt) or a .pt file")
+    p.add_argument(
+        "--checkpoint", type=pathname, required=True, help="a run folder (its best.pt) or a .pt file"
+    )
     p.add_argument("--format", choices=sorted(FORMATS), required=True)
-    p.add_argument("--output", type=Path, help="default: model.onnx or model.ts.pt beside the checkpoint")
-    p.add_argument("--image-size", type=int, help="default: the run's (its checkpoint's)")
-    p.add_argument("--data-dir", type=Path, help="check on slices of this kaggle_3m folder, not random ones")
+    p.add_argument("--output", type=pathname, help="default: model.onnx or model.ts.pt beside the checkpoint")
+    p.add_argument("--image-size", type=image_size(), help="default: the run's (its checkpoint's)")
+    p.add_argument(
+        "--data-dir", type=pathname, help="check on slices of this kaggle_3m folder, not random ones"
+    )
     p.add_argument(
         "--cache-dir",
-        type=Path,
+        type=pathname,
         default=default_cache_dir(),
         help="where --data-dir's decoded slices are kept (default: $LGG_CACHE_DIR or %(default)s)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=4, help="slices in the checking batch (default: %(default)s)"
+        "--batch-size", type=count(1), default=4, help="slices in the checking batch (default: %(default)s)"
     )
     p.add_argument(
-        "--atol", type=float, default=1e-4, help="largest |logit difference| allowed (default: %(default)s)"
+        "--atol",
+        type=positive(),
+        default=1e-4,
+        help="largest |logit difference| allowed (default: %(default)s)",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        run(parser().parse_args(argv))
-    except UserError as e:
-        if "--debug" in argv:
-            raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return e.exit_code
-    return 0
+    return contract(lambda argv: run(parser().parse_args(argv)), argv)
 
 
 def run(args):

@@ -21,8 +21,10 @@ from datetime import datetime
 from pathlib import Path
 
 from common import registry, report
-from common.cli import parse_with_train_flags
+from common.cli import Parser, parse_with_train_flags
+from common.errors import UserError, contract
 from common.metrics import METRICS
+from common.ranges import count, pathname
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,27 +142,33 @@ EXIT_CODES = """exit code: 0 when every fold has finished; 1 when one has not (t
 others and the last line names them), or a fold's training failed; 2 on a user error."""
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
+def parser():
+    p = Parser(
         prog="python -m tools.folds",
         description=__doc__,
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", choices=registry.names())
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--output-dir", type=Path, default=None, help="default runs/<model>-cv<K>-<time>")
+    p.add_argument("--folds", type=count(2), default=5)
+    p.add_argument("--output-dir", type=pathname, default=None, help="default runs/<model>-cv<K>-<time>")
     p.add_argument("--launch", default=None, help="launcher command for each fold (default: this python)")
     p.add_argument(
         "--summary",
         action="store_true",
         help="train nothing: the table of the folds finished in --output-dir (by a job array, say)",
     )
-    args, flags = parse_with_train_flags(p, argv)
-    if args.folds < 2:
-        p.error(f"argument --folds: must be at least 2, got {args.folds}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv=None):
+    return contract(lambda argv: cross_validate(*parse_with_train_flags(parser(), argv)), argv)
+
+
+def cross_validate(args, flags):
     if args.summary and (args.output_dir is None or not args.output_dir.is_dir()):
-        p.error(f"argument --summary: --output-dir must be the folds' folder (got {args.output_dir})")
+        raise UserError(f"argument --summary: --output-dir must be the folds' folder (got {args.output_dir})")
     out = args.output_dir or Path("runs") / f"{args.model}-cv{args.folds}-{datetime.now():%Y%m%d-%H%M%S}"
     code = 0 if args.summary else train_folds(args, flags, out)
     return code or summarise(args, out)

@@ -9,10 +9,10 @@ kaggle_3m folder.
 
 import argparse
 import sys
-from pathlib import Path
 
 from common.cli import Parser, default_cache_dir
-from common.errors import UserError
+from common.errors import contract
+from common.ranges import amount, image_size, pathname
 
 
 def parser():
@@ -21,15 +21,22 @@ def parser():
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     a = sub.add_parser("pack", help="write a pack: manifest OUT and parts OUT.part1, ...")
-    a.add_argument("--data-dir", type=Path, required=True, help="a kaggle_3m folder")
-    a.add_argument("--out", type=Path, required=True)
-    a.add_argument("--part-size", type=float, default=0, help="MiB per part at most (0: one part)")
-    a.add_argument("--image-size", type=int, default=256, help="256: the slices as released, losslessly")
+    a.add_argument("--data-dir", type=pathname, required=True, help="a kaggle_3m folder")
+    a.add_argument("--out", type=pathname, required=True)
+    a.add_argument(
+        "--part-size", type=amount("one part", "MiB"), default=0, help="MiB per part at most (0: one part)"
+    )
+    a.add_argument(
+        "--image-size",
+        type=image_size(),
+        default=256,
+        help="256: the slices as released, losslessly",
+    )
     b = sub.add_parser("unpack", help="check a pack and unpack it into the cache, where runs find it")
-    b.add_argument("pack", type=Path)
-    b.add_argument("--image-size", type=int, default=256)
+    b.add_argument("pack", type=pathname)
+    b.add_argument("--image-size", type=image_size(), default=256)
     for s in (a, b):
-        s.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+        s.add_argument("--cache-dir", type=pathname, default=default_cache_dir())
         s.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -46,14 +53,10 @@ def write_pack(data_dir, out, cache_dir, size=256, part_size=0, progress=True):
 def run(args):
     from common.cache import load_pack, open_dataset  # numpy and torch: not for --help
 
-    if args.image_size < 1:
-        raise UserError(f"--image-size {args.image_size}: must be 1 or more")
     if args.command == "unpack":
         slices, cache = load_pack(args.pack, args.cache_dir, args.image_size, progress=True)
         print(f"unpacked into {args.cache_dir}: {counts(slices, cache)}")
         return
-    if not args.part_size >= 0:
-        raise UserError(f"--part-size {args.part_size}: must be 0 (one part) or more MiB")
     written = write_pack(
         args.data_dir, args.out, args.cache_dir, args.image_size, int(args.part_size * 2**20)
     )
@@ -67,15 +70,7 @@ def counts(slices, cache):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        run(parser().parse_args(argv))
-    except UserError as e:
-        if "--debug" in argv:
-            raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return e.exit_code
-    return 0
+    return contract(lambda argv: run(parser().parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ from common import data, metrics, registry, report
 from common.blocks import Averaged
 from common.cache import prepared, volume_stats
 from common.checkpoint import load_checkpoint, members
-from common.errors import UserError
+from common.cli import Parser
+from common.errors import UserError, contract
+from common.ranges import pathname
 from common.rundir import recorded
 from common.split import split_key
 
@@ -249,21 +251,21 @@ def comparison_figure(path, names, flairs, truths, preds, labels, picks):
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
+def parser():
+    p = Parser(
         prog="python -m tools.predict",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--checkpoint",
-        type=Path,
+        type=pathname,
         action="append",
         required=True,
         help="best.pt or a run folder; repeat to compare models",
     )
-    p.add_argument("--data-dir", type=Path, required=True)
-    p.add_argument("--output-dir", type=Path, default=Path("predictions"))
+    p.add_argument("--data-dir", type=pathname, required=True)
+    p.add_argument("--output-dir", type=pathname, default=Path("predictions"))
     p.add_argument("--no-figures", action="store_true", help="write the masks only")
     p.add_argument(
         "--patients",
@@ -278,15 +280,11 @@ def main(argv=None):
         "--ensemble", action="store_true", help="one model: the mean of all the checkpoints' probabilities"
     )
     p.add_argument("--debug", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return p
+
+
+def main(argv=None):
+    return contract(lambda argv: run(parser().parse_args(argv)), argv)
 
 
 def run(args):

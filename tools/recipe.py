@@ -15,10 +15,11 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
 from common import report, stats
-from common.errors import UserError
+from common.cli import Parser
+from common.errors import UserError, contract
+from common.ranges import pathname
 from tools.compare import scores, write_csv
 
 # name: (folder under the study's folder, the runs trained for it, what it is)
@@ -177,41 +178,42 @@ def paired_cell(r, ref):
     )
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
+def parser():
+    p = Parser(
         prog="python -m tools.recipe",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("study", type=Path, help="the folder docs/recipe/run.sh wrote")
+    p.add_argument("study", type=pathname, help="the folder docs/recipe/run.sh wrote")
     p.add_argument("--set", choices=("val", "test"), default="val", help="which patients' evaluation")
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
         help=f"comma-separated, the first the reference: {', '.join(VARIANTS)}, or run folders of the study",
     )
-    p.add_argument("--output-dir", type=Path, default=None, help="write recipe-<set>.csv and .md there")
+    p.add_argument("--output-dir", type=pathname, default=None, help="write recipe-<set>.csv and .md there")
     p.add_argument("--debug", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        names = args.variants.split(",")
-        unknown = [n for n in names if n not in VARIANTS and not (args.study / n).is_dir()]
-        if unknown:
-            raise UserError(
-                f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)}, or a run folder "
-                f"of {args.study})"
-            )
-        table = rows(args.study, names, args.set)
-        text = markdown(table, args.set)
-        if args.output_dir is not None:
-            args.output_dir.mkdir(parents=True, exist_ok=True)
-            write_csv(args.output_dir / f"recipe-{args.set}.csv", table)
-            report.replace(args.output_dir / f"recipe-{args.set}.md", lambda tmp: tmp.write_text(text))
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return p
+
+
+def main(argv=None):
+    return contract(lambda argv: tabulate(parser().parse_args(argv)), argv)
+
+
+def tabulate(args):
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS and not (args.study / n).is_dir()]
+    if unknown:
+        raise UserError(
+            f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)}, or a run folder "
+            f"of {args.study})"
+        )
+    table = rows(args.study, names, args.set)
+    text = markdown(table, args.set)
+    if args.output_dir is not None:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(args.output_dir / f"recipe-{args.set}.csv", table)
+        report.replace(args.output_dir / f"recipe-{args.set}.md", lambda tmp: tmp.write_text(text))
     print(text)
     return 0
 

@@ -19,7 +19,10 @@ import sys
 from pathlib import Path
 
 from common import report
+from common.cli import Parser
+from common.errors import contract
 from common.metrics import METRICS
+from common.ranges import pathname
 
 # the original study's reported numbers: per-batch mIoU incl. background, validation, leaky slice split
 ORIGINAL = {"fcn": 0.8095, "unet": 0.8340, "segnet": 0.7802}
@@ -256,17 +259,25 @@ def suite_figure(path, out):
     return [written]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
+def parser():
+    p = Parser(
         prog="python -m tools.results",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("runs", nargs="*", type=Path, help="run folders, or folders holding them")
-    p.add_argument("--sweep", type=Path, help="a CSV from tools.sweep")
-    p.add_argument("--suite", type=Path, help="a CSV from tools.bench suite")
-    p.add_argument("--output-dir", type=Path, default=Path("results"))
-    args = p.parse_args(argv)
+    p.add_argument("runs", nargs="*", type=pathname, help="run folders, or folders holding them")
+    p.add_argument("--sweep", type=pathname, help="a CSV from tools.sweep")
+    p.add_argument("--suite", type=pathname, help="a CSV from tools.bench suite")
+    p.add_argument("--output-dir", type=pathname, default=Path("results"))
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv=None):
+    return contract(lambda argv: results(parser().parse_args(argv)), argv)
+
+
+def results(args):
     args.output_dir.mkdir(parents=True, exist_ok=True)
     written = (sweep_figures(args.sweep, args.output_dir) if args.sweep else []) + (
         suite_figure(args.suite, args.output_dir) if args.suite else []

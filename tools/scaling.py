@@ -23,7 +23,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import Parser
 from common.errors import UserError
+from common.ranges import amount, count, pathname
 
 # --- The original study (its README and code, bananighosh/hpml_project_lgg_mri_segmentation, May
 # 2024): 4 V100-16GB, 4 CPUs, batch 16 per GPU, epoch 2 over all 3929 slices, no evaluation,
@@ -425,38 +427,30 @@ def plot(path, rows):
     plt.close(fig)
 
 
-class Parser(argparse.ArgumentParser):
-    """A bad flag is one line `error: ...` with exit code 2, as in common.cli (whose Parser would
-    bring torch in: this tool needs none)."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def make_parser():
+def parser():
     p = Parser(
         prog="python -m tools.scaling",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     out = "where scaling.csv and scaling.png go (default %(default)s)"
-    p.add_argument("--output-dir", type=Path, default=Path("docs"), help=out)
+    p.add_argument("--output-dir", type=pathname, default=Path("docs"), help=out)
     p.add_argument(
         "--threads-per-rank",
-        type=int,
+        type=count(1),
         default=2,
         help="the original's threads per rank for its 0-worker data path (default %(default)s: PyTorch "
         "uses the physical cores, assumed 2 behind its 4 vCPUs)",
     )
     p.add_argument(
         "--contention",
-        type=float,
+        type=amount(),
         default=CONTENTION_HERE,
         help="extra stretch per unit of oversubscription (default %(default)s, docs/speed.md section 3)",
     )
     p.add_argument(
         "--node-cores",
-        type=int,
+        type=count(1),
         default=4 * H200_CORES_PER_GPU,
         help="CPU cores of the 4-GPU H200 node (default %(default)s: 16 per GPU, as beside the measured one)",
     )
@@ -464,19 +458,13 @@ def make_parser():
 
 
 def check(args):
-    if args.threads_per_rank < 1:
-        raise UserError(f"--threads-per-rank {args.threads_per_rank}: must be at least 1")
-    if args.contention < 0:
-        raise UserError(f"--contention {args.contention}: must be 0 or more")
-    if args.node_cores < 1:
-        raise UserError(f"--node-cores {args.node_cores}: must be at least 1")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise UserError(f"--output-dir {args.output_dir}: exists and is not a folder")
 
 
 def main(argv=None):
     try:
-        args = make_parser().parse_args(argv)
+        args = parser().parse_args(argv)
         check(args)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from common import pipelines, registry, report
-from common.cli import parse_with_train_flags
+from common.cli import Parser, parse_with_train_flags
+from common.errors import contract
+from common.ranges import count, pathname
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_DATASET = 3929
@@ -41,26 +43,29 @@ def launcher(processes):
     ]
 
 
-def make_parser():
-    p = argparse.ArgumentParser(
+def parser():
+    p = Parser(
         prog="python -m tools.sweep",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", choices=registry.names())
-    p.add_argument("--processes", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--processes", nargs="+", type=count(1), default=[1, 2])
+    p.add_argument("--workers", nargs="+", type=count(0), default=[0, 1, 2])
     p.add_argument("--pipelines", nargs="+", default=["decode", "cached"], choices=list(pipelines.PIPELINES))
     p.add_argument("--precisions", nargs="+", default=["no"], choices=("no", "bf16", "fp16"))
     threads = "threads per process; 0: automatic (cores / processes); more shows oversubscription"
-    p.add_argument("--threads", nargs="+", type=int, default=[0], help=threads)
-    p.add_argument("--steps", type=int, default=20, help="steps per process and epoch")
-    p.add_argument("--output-dir", type=Path, default=Path("sweeps"))
+    p.add_argument("--threads", nargs="+", type=count(1, zero="automatic"), default=[0], help=threads)
+    p.add_argument("--steps", type=count(1), default=20, help="steps per process and epoch")
+    p.add_argument("--output-dir", type=pathname, default=Path("sweeps"))
     return p
 
 
 def main(argv=None):
-    args, flags = parse_with_train_flags(make_parser(), argv)
+    return contract(lambda argv: sweep(*parse_with_train_flags(parser(), argv)), argv)
+
+
+def sweep(args, flags):
     args.output_dir.mkdir(parents=True, exist_ok=True)
     settings = itertools.product(args.processes, args.pipelines, args.workers, args.precisions, args.threads)
     grid = [g for g in settings if g[1] in pipelines.WORKERS or g[2] == 0]

@@ -1,0 +1,118 @@
+"""Every flag of every command, checked where it is parsed (common/ranges.py): the boundary values
+of each numeric flag are derived from its declaration, and every value either parses to a number
+its rule allows or is refused in one line naming the flag (exit 2 through common.errors.contract).
+Nothing here is written case by case: a flag added tomorrow is tested by the same table."""
+
+import argparse
+import importlib
+from pathlib import Path
+
+import pytest
+
+from common import cli, registry
+from common.errors import UserError
+from common.ranges import Range
+
+TOOLS = ["bench", "compare", "export", "folds", "pack", "predict", "recipe", "results", "scaling", "sweep"]
+
+
+def commands():
+    """(name, parser, parse): every train.py and every tool; the pack tool once per sub-command."""
+    out = []
+    for model in registry.names():
+        p = registry.script(model).parser()
+        out.append((f"{model}/train.py", p, lambda argv, p=p: cli.parse(p, ["--synthetic", *argv])))
+    for name in TOOLS:
+        p = importlib.import_module(f"tools.{name}").parser()
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        for sub, sp in subs[0].choices.items() if subs else [(None, p)]:
+            head = [sub] if sub else []
+            out.append((" ".join([f"tools.{name}", *head]), sp, lambda argv, p=p, h=head, sp=sp: p.parse_args(
+                [*h, *required(sp), *argv])))  # fmt: skip
+    return out
+
+
+def required(p):
+    """The least a parser needs: each positional and required flag with its first choice, or "x"."""
+    argv = []
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction) or not (a.required or not a.option_strings):
+            continue
+        if a.dest == "help":
+            continue
+        value = str(next(iter(a.choices))) if a.choices else "x"
+        argv += [value] if not a.option_strings else [a.option_strings[0], value]
+    return argv
+
+
+def options(p):
+    return [a for a in p._actions if a.option_strings and a.nargs != 0 and a.dest != "help"]
+
+
+COMMANDS = commands()
+FLAGS = [(name, a.option_strings[-1], a, parse) for name, p, parse in COMMANDS for a in options(p)]
+NUMERIC = [f for f in FLAGS if isinstance(f[2].type, Range)]
+
+
+def boundary(r):
+    """Values either side of each edge of a Range, and the usual hostile ones."""
+    step = 1 if r.kind is int else 0.5
+    near = [e + d for e in r.edges for d in (-step, 0, step)]
+    return [str(v) for v in near] + ["-1", "0", "1e12", str(10**12), "", "abc", "nan", "inf", "-inf", "1.5"]
+
+
+def test_every_parser_keeps_the_contract():
+    """argparse's own errors (a missing argument, a bad choice) are UserErrors, not usage and exit 2."""
+    for name, p, _ in COMMANDS:
+        assert isinstance(p, cli.Parser), f"{name}: {type(p).__name__}, not common.cli.Parser"
+
+
+def ids(flags):
+    return [f"{name} {flag}" for name, flag, *_ in flags]
+
+
+@pytest.mark.parametrize("name, flag, action", [(n, f, a) for n, f, a, _ in FLAGS], ids=ids(FLAGS))
+def test_every_numeric_and_path_flag_declares_its_range(name, flag, action):
+    assert action.type not in (int, float, Path), (
+        f"{name} {flag}: type={action.type.__name__}, not a common.ranges type"
+    )
+
+
+@pytest.mark.parametrize("name, flag, action, parse", NUMERIC, ids=ids(NUMERIC))
+def test_a_numeric_flag_takes_what_its_rule_allows_and_refuses_the_rest_in_one_line(
+    name, flag, action, parse
+):
+    r = action.type
+    for text in boundary(r):
+        try:
+            r(text)
+            allowed = True
+        except argparse.ArgumentTypeError:
+            allowed = False
+        try:
+            args = parse([f"{flag}={text}"])
+        except UserError as e:
+            line = str(e)
+            assert "\n" not in line and line.startswith("argument ") and flag in line.split(":")[0], (
+                name,
+                text,
+                line,
+            )
+            assert allowed or line.startswith(f"argument {flag}: {r.rule}") or "expected" in line, (
+                name,
+                text,
+                line,
+            )
+            continue  # allowed by the flag's rule, refused in combination with the others (named)
+        assert allowed, f"{name} {flag}={text!r} accepted against its rule: {r.rule}"
+        value = getattr(args, action.dest)
+        assert (value[0] if isinstance(value, list) else value) == r(text)
+
+
+@pytest.mark.parametrize("name, flag, action, parse", FLAGS, ids=ids(FLAGS))
+def test_any_flag_given_garbage_is_taken_or_refused_in_one_line(name, flag, action, parse):
+    for text in ("", "-", "abc", "\x00", "9" * 400):
+        try:
+            parse([f"{flag}={text}"])
+        except UserError as e:
+            assert "\n" not in str(e), (name, flag, text, str(e))
