@@ -34,8 +34,9 @@ def make_parser(script, description, **defaults):
     model = Path(script).resolve().parent.name
     p = Parser(prog=f"{model}/train.py", description=description, formatter_class=HelpFormatter)
     p.set_defaults(model=model)
-    for add in (data_flags, training_flags, speed_flags, run_flags):
+    for add in (data_flags, split_flags, augmentation_flags, training_flags, recipe_flags):
         add(p)
+    speed_flags(p), run_flags(p)
     p.set_defaults(network_flags=(), **defaults)  # a model's own flags that shape its network
     return p
 
@@ -68,32 +69,6 @@ def data_flags(p):
         type=image_size(),
         default=256,
         help="resize slices to this many pixels (multiple of 32)",
-    )
-    d.add_argument(
-        "--split",
-        choices=("patient", "slice"),
-        default="patient",
-        help="'slice' reproduces the original's leaky split: for comparison only",
-    )
-    d.add_argument(
-        "--val-frac", type=share(), default=0.2, help="share of patients (or slices) for validation"
-    )
-    d.add_argument("--test-frac", type=share(), default=0.1, help="share held out for the final test")
-    d.add_argument(
-        "--folds",
-        type=count(2, zero="no folds"),
-        default=0,
-        help="cross-validation: split the non-test patients into this many folds "
-        "(stratified by tumour slices)",
-    )
-    d.add_argument("--fold", type=count(0), default=0, help="with --folds: the fold that validates")
-    d.add_argument(
-        "--test-fold",
-        type=count(0),
-        default=None,
-        help="with --folds: outer cross-validation, every patient dealt into the folds and this one "
-        "tested; --val-frac of the patients, from the other folds, validate (0: none, the last epoch "
-        "is kept)",
     )
     d.add_argument(
         "--context",
@@ -136,11 +111,44 @@ def data_flags(p):
     )
 
 
-def training_flags(p):
+def split_flags(p):
+    d = p.add_argument_group("patients: which train, validate and test")
+    d.add_argument(
+        "--split",
+        choices=("patient", "slice"),
+        default="patient",
+        help="'slice' reproduces the original's leaky split: for comparison only",
+    )
+    d.add_argument(
+        "--val-frac", type=share(), default=0.2, help="share of patients (or slices) for validation"
+    )
+    d.add_argument("--test-frac", type=share(), default=0.1, help="share held out for the final test")
+    d.add_argument(
+        "--folds",
+        type=count(2, zero="no folds"),
+        default=0,
+        help="cross-validation: split the non-test patients into this many folds "
+        "(stratified by tumour slices)",
+    )
+    d.add_argument("--fold", type=count(0), default=0, help="with --folds: the fold that validates")
+    d.add_argument(
+        "--test-fold",
+        type=count(0),
+        default=None,
+        help="with --folds: outer cross-validation, every patient dealt into the folds and this one "
+        "tested; --val-frac of the patients, from the other folds, validate (0: none, the last epoch "
+        "is kept)",
+    )
+
+
+def augmentation_flags(p):
     a = p.add_argument_group("augmentation (on the training device, training batches only)")
     a.add_argument("--flip", type=share(closed=True), default=0.5, help="probability of a horizontal flip")
     a.add_argument("--rotate", type=amount(unit="degrees"), default=15.0, help="max rotation in degrees")
     a.add_argument("--scale", type=share(), default=0.05, help="max relative zoom")
+
+
+def training_flags(p):
     t = p.add_argument_group("training")
     t.add_argument(
         "--preset",
@@ -179,12 +187,22 @@ def training_flags(p):
         help="seconds: train for about this long, the cosine spanning the epochs that fit (estimated "
         "from the first epoch, validation included); --epochs is then the most (0: --epochs decides)",
     )
+
+
+def recipe_flags(p):
+    t = p.add_argument_group("recipe: what each epoch draws, what is minimised, what is kept")
     t.add_argument(
         "--tumour-share",
         type=share(),
         default=0,
         help="draw this share of each epoch's training slices from those with tumour (with replacement; "
         "an epoch stays as many draws as training slices; 0: each slice once, shuffled)",
+    )
+    t.add_argument(
+        "--loss",
+        choices=("bce+dice", "bce", "dice"),
+        default="bce+dice",
+        help="bce: binary cross-entropy over pixels; dice: soft Dice pooled over the batch (docs/loss.md)",
     )
     t.add_argument(
         "--postprocess",
@@ -194,37 +212,16 @@ def training_flags(p):
         "kept, or auto: the best of those and dropping components under 8/32/128 voxels on the "
         "validation patients (the test patients' are reported both as predicted and so)",
     )
-    t.add_argument(
-        "--loss",
-        choices=("bce+dice", "bce", "dice"),
-        default="bce+dice",
-        help="bce: binary cross-entropy over pixels; dice: soft Dice pooled over the batch (docs/loss.md)",
-    )
-    t.add_argument(
+
+
+def speed_flags(p):
+    f = p.add_argument_group("speed")
+    f.add_argument(
         "--mixed-precision",
         choices=("no", "fp16", "bf16"),
         default=None,
         help="default: the accelerate config's",
     )
-    t.add_argument(
-        "--seed", type=seed(), default=0, help="seeds the split, and the training unless --train-seed"
-    )
-    t.add_argument(
-        "--train-seed",
-        type=seed(),
-        default=None,
-        help="seeds the weights, augmentation and batch order only: runs on one split (ensemble members)",
-    )
-    t.add_argument(
-        "--time-limit",
-        type=amount("none", "seconds"),
-        default=0,
-        help="seconds: start no epoch that would end past this (0: none); for job and lease limits",
-    )
-
-
-def speed_flags(p):
-    f = p.add_argument_group("speed")
     f.add_argument(
         "--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)"
     )
@@ -257,6 +254,21 @@ def speed_flags(p):
 
 def run_flags(p):
     r = p.add_argument_group("run")
+    r.add_argument(
+        "--seed", type=seed(), default=0, help="seeds the split, and the training unless --train-seed"
+    )
+    r.add_argument(
+        "--train-seed",
+        type=seed(),
+        default=None,
+        help="seeds the weights, augmentation and batch order only: runs on one split (ensemble members)",
+    )
+    r.add_argument(
+        "--time-limit",
+        type=amount("none", "seconds"),
+        default=0,
+        help="seconds: start no epoch that would end past this (0: none); for job and lease limits",
+    )
     r.add_argument(
         "--output-dir", type=pathname, default=None, help="run folder; default runs/<model>-<time>"
     )
