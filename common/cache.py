@@ -213,6 +213,11 @@ def load_pack(path, cache_dir, size, progress=False, crop="none"):
     """A pack's slices and Cache, through the cache (unpacked there once, keyed by its checksum). The
     pack's slices are the native ones (a pack at 256 px, the default, holds kaggle_3m losslessly)."""
     manifest = pack_manifest(path)
+    if manifest.get("image_size", 0) < size:
+        raise UserError(
+            f"--data-dir {path}: packed at {manifest.get('image_size')} px, below --image-size {size} (its "
+            "slices would be upsampled): pack at 256 px, the default, or train at that size"
+        )
     tag = "" if crop == "none" else f"-{crop}"
     folder = Path(cache_dir) / f"lgg-{size}px{tag}-pack-{manifest['sha256'][:20]}"
     if not (folder / "meta.json").is_file():

@@ -76,7 +76,7 @@ def load_last(run):
             group["lr"] = run.args.lr * factor(run.schedule.last_epoch)
     if run.main:  # drop epochs that ran after the last checkpoint
         rows = [r for r in report.read_jsonl(run.out / "metrics.jsonl") if r["epoch"] <= run.state.epoch]
-        (run.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        report.write_text(run.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def load_checkpoint(path, model_name=None):

@@ -1,7 +1,10 @@
 """The error contract: a user error ends with exit code 2 and one line `error: ...` naming the file
 or flag (a traceback only with --debug)."""
 
+import os
+import subprocess
 import sys
+import tempfile
 
 
 class UserError(Exception):
@@ -16,6 +19,12 @@ def no_data(path):
     return UserError(
         f"data folder not found: {path} (set --data-dir (default $LGG_DATA_DIR), or use --synthetic)"
     )
+
+
+class Incomplete(UserError):
+    """A table made of what has finished, with something requested missing (named): exit code 1."""
+
+    exit_code = 1
 
 
 class Unfinished(UserError):
@@ -36,3 +45,21 @@ def contract(body, argv=None):
             raise
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return e.exit_code
+
+
+def child(cmd, what):
+    """Run a command of this repository (a train.py, or a launcher of one), its output shown; 0, or
+    its exit code when it failed otherwise than by a user error. A user error of the child comes
+    back as that error, `what: <its line>` (it writes the line to LGG_ERROR_FILE: common.entry.say)."""
+    with tempfile.NamedTemporaryFile("r", prefix="lgg-error-") as said:
+        try:
+            code = subprocess.call(cmd, env={**os.environ, "LGG_ERROR_FILE": said.name})
+        except OSError as e:  # a launcher that is not there
+            raise UserError(f"{what}: cannot run {cmd[0]} ({e.strerror or e})") from e
+        lines = said.read().splitlines()
+    if code == 0 or not lines:
+        return code
+    status, _, line = lines[-1].partition(" ")
+    error = UserError(f"{what}: {line.removeprefix('error: ')}")
+    error.exit_code = int(status) if status.isdigit() else 2
+    raise error

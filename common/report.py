@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -106,13 +105,27 @@ def write_json(path, obj):
     replace(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
+def write_text(path, text):
+    replace(Path(path), lambda tmp: tmp.write_text(text))
+
+
 def save_torch(obj, path):
+    import torch  # here only: the tools that write tables need none
+
     replace(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def save_figure(fig, path, dpi):
+    """A matplotlib figure, its format told by the name (the temporary name has none)."""
+    path = Path(path)
+    replace(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix[1:]))
 
 
 def replace(path, write):
     """write(tmp), then tmp renamed to path: the old file stays whole until the new one is. A failed
-    write (a full disk) leaves no hidden temporary file and says so in one line."""
+    write (a full disk) leaves no hidden temporary file and says so in one line; every result the
+    project writes goes through here (tests/test_writes.py)."""
+    path = Path(path)
     tmp = tmp_name(path)
     try:
         write(tmp)
@@ -121,18 +134,43 @@ def replace(path, write):
         tmp.unlink(missing_ok=True)
         kept = " (the previous one is intact)" if path.exists() else ""
         raise UserError(f"cannot write {path}{kept}: {getattr(e, 'strerror', None) or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def append_jsonl(path, row):
+    """One line more of an append-only log (metrics.jsonl): a crash mid-write tears only its last line,
+    which read_jsonl drops."""
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
 def read_jsonl(path):
+    """The rows of an append-only log; a torn last line (a crash mid-write) is dropped and said, a
+    damaged line before it is an error naming the file."""
     path = Path(path)
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
+    if not path.exists():
+        return []
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+    rows = []
+    for k, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if k == len(lines) - 1:
+                console.print(f"note: {path}: its last line is torn (a write cut short): left out")
+                break
+            raise UserError(
+                f"{path}: line {k + 1} is not a row ({e}): restore the file or remove the run"
+            ) from e
+        rows.append(row)
+    return rows
 
 
 def bar(enabled):

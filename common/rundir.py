@@ -10,6 +10,7 @@ from pathlib import Path
 from common import report
 from common.distributed import main_value
 from common.errors import UserError
+from common.folders import claim
 from common.split import split_key
 
 # flags that may differ when the same run is started again
@@ -21,6 +22,10 @@ LEGACY = {"schedule": "constant", "normalize": "slice", "crop": "none"}
 
 
 PATH_FLAGS = ("data_dir", "cache_dir", "output_dir", "resume", "checkpoint", "pretrained")
+
+# what the network sees and is: under --resume these stay the run's (another value would compare
+# epochs of two inputs for "best", or not load the weights); other flags given again win
+FIXED = ("model", "image_size", "crop", "normalize", "context", "width")
 
 
 def recorded(folder):
@@ -54,7 +59,7 @@ def make_run_dir(args, accelerator, tag=""):
             k += 1
             out = base.with_name(f"{base.name}-{k}")
     else:
-        out = args.output_dir
+        out = claim(args.output_dir, "run")
         if (out / "args.json").exists() and args.resume is None and (tag or has_checkpoint(out)):
             raise UserError(
                 f"--output-dir {out} already holds a run: continue it with --resume {out}, or pick another"
@@ -97,27 +102,39 @@ def starting_point(args):
             raise UserError(f"--resume {args.resume}: no run there (expected args.json and last/)")
         return args
     saved = json.loads((folder / "args.json").read_text())
-    if args.resume is None and has_checkpoint(folder):
-        differ = [k for k in args.given if k not in UNCOMPARED and as_json(getattr(args, k)) != saved.get(k)]
-        if differ:
-            flag = "--" + differ[0].replace("_", "-")
-            raise UserError(
-                f"--output-dir {folder} holds a run made with {flag} {saved.get(differ[0])}, not "
-                f"{getattr(args, differ[0])}: continue it with --resume {folder} (flags given again win), "
-                "or pick another folder"
-            )
+    resumable, finished = has_checkpoint(folder), (folder / "summary.json").is_file()
+    if args.resume is not None:
+        fixed = [*FIXED, *(saved.get("network_flags") or ())]
+        refuse_other(folder, args, saved, [k for k in fixed if k == "model" or k in args.given], "--resume")
+    elif resumable or finished:
+        refuse_other(folder, args, saved, [*args.given, "model"], "--output-dir")
         args.resume = folder
     for key, value in {**LEGACY, **saved}.items() if args.resume is not None else ():
         if key not in args.given and key not in ("resume", "given"):
             setattr(args, key, Path(value) if key in PATH_FLAGS and value is not None else value)
     args.output_dir = folder
-    if not has_checkpoint(folder):
+    if not resumable:
+        why = "a finished --no-eval run" if finished else "it stopped in its first epoch"
         if os.environ.get("RANK", "0") == "0":  # before the processes are set up: one note per job
-            report.console.print(
-                f"note: no checkpoint in {folder} (it stopped in its first epoch): starting afresh"
-            )
+            report.console.print(f"note: no checkpoint in {folder} ({why}): starting afresh")
         args.resume = None
     return args
+
+
+def refuse_other(folder, args, saved, keys, flag):
+    """One line when a flag of `keys` differs from the run's own (its args.json)."""
+    differ = [k for k in keys if k not in UNCOMPARED and as_json(getattr(args, k, None)) != saved.get(k)]
+    if not differ:
+        return
+    k = differ[0]
+    if k == "model":
+        raise UserError(f"{flag} {folder} holds a {saved.get(k)} run, not {args.model}: pick another folder")
+    said = f"--{k.replace('_', '-')} {saved.get(k)}, not {getattr(args, k)}"
+    if flag == "--resume":
+        raise UserError(f"--resume {folder}: the run was trained with {said} (what the network sees "
+                        "stays the run's): start a new run for another")  # fmt: skip
+    raise UserError(f"--output-dir {folder} holds a run made with {said}: continue it with --resume {folder} "
+                    "(flags given again win), or pick another folder")  # fmt: skip
 
 
 def as_json(value):

@@ -185,6 +185,9 @@ def test_a_cross_validated_table_names_the_runs_missing_and_refuses_other_splits
         str(copy),
     ]
     p = run([*table, "--folds", "3"], env)
+    assert p.returncode == 2 and "holds a comparison (tools.compare) made with folds 2, not 3" in p.stderr
+    (copy / "folder.json").unlink()  # as a Slurm array leaves the folder: the runs themselves say
+    p = run([*table, "--folds", "3"], env)
     assert p.returncode == 2 and "a run of --folds 2 --test-fold 0, not fold 0 of 3" in p.stderr, p.stderr
     split = json.loads((copy / "fcn" / "fold-1" / "split.json").read_text())
     (copy / "fcn" / "fold-1" / "split.json").write_text(json.dumps({**split, "test": split["test"][1:]}))

@@ -17,6 +17,7 @@ LAYERS = {
     "common.prepare": 3,
     "common.registry": 3,
     "common.checkpoint": 2,
+    "common.folders": 2,
     "common.distributed": 2,
     "common.cli": 2,
     "common.split": 1,

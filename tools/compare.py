@@ -31,7 +31,6 @@ import csv
 import itertools
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -40,7 +39,8 @@ import numpy as np
 from common import registry, report, stats
 from common.cache import open_dataset
 from common.cli import Parser, parse_with_train_flags
-from common.errors import UserError, contract
+from common.errors import Incomplete, UserError, child, contract
+from common.folders import claim, finished, not_finished, recipe_flags, same_recipe
 from common.metrics import ratio
 from common.ranges import count, pathname
 
@@ -110,25 +110,24 @@ def runs_of(out, names, original=False, folds=0):
 
 
 def train_all(runs, launch, flags):
-    """Train each run that has no summary.json yet (resuming one that has a checkpoint)."""
+    """Train each run that has not finished (resuming one that has a checkpoint); a run's own user
+    error stops the comparison with that error."""
     for what, model, run_dir, before, after in runs:
-        if (run_dir / "summary.json").exists():
+        if finished(run_dir):
             report.console.print(f"{what}: finished, kept ({run_dir})")
             continue
         again = ["--resume", str(run_dir)] if (run_dir / "last").is_dir() else []
         cmd = [*launch, str(ROOT / model / "train.py"), *before, *flags, *after, "--output-dir", str(run_dir)]
         report.console.print(f"[bold]{what}[/]: {shlex.join(cmd + again)}")
-        code = subprocess.call(cmd + again)
+        code = child(cmd + again, what)
         if code != 0:
-            raise SystemExit(
-                f"error: {what} failed (exit code {code}); run the same command again to resume it"
-            )
+            raise UserError(f"{what} failed (exit code {code}); run the same command again to resume it")
 
 
 def load_runs(out):
     """{name: (args, summary, split)} of the finished run folders in `out`."""
     runs = {}
-    for folder in sorted(p for p in out.iterdir() if (p / "summary.json").exists()):
+    for folder in sorted(p for p in out.iterdir() if finished(p)):
         read = lambda f: json.loads((folder / f).read_text())  # noqa: E731
         runs[folder.name] = read("args.json"), read("summary.json"), read("split.json")
     return runs
@@ -255,11 +254,21 @@ def versus_section(out, other, rows):
     )
 
 
-def table(out, other=None):
+def table(out, other=None, wanted=()):
+    """The comparison of the finished runs in `out`; those of `wanted` that have not finished are
+    named after it is written (Incomplete: exit code 1)."""
     runs = load_runs(out)
     names = [n for n in runs if runs[n][0]["split"] == "patient"]
+    missing = [f"{n} ({not_finished(out / n)})" for n in wanted if n not in runs]
+    unfinished = Incomplete(f"{len(missing)} of {len(wanted)} runs not finished in {out}: "
+                            f"{', '.join(missing)}: the same command again trains them")  # fmt: skip
     if not names:
-        raise UserError(f"--output-dir {out}: no finished run with a patient split there")
+        raise (
+            unfinished
+            if missing
+            else UserError(f"--output-dir {out}: no finished run with a patient split there")
+        )
+    same_recipe({n: runs[n][0] for n in names}, f"--output-dir {out}")
     tests = {n: runs[n][2]["test"] for n in names}
     if any(t != tests[names[0]] for t in tests.values()):
         raise UserError(
@@ -283,13 +292,18 @@ def table(out, other=None):
     if against:
         report.write_json(out / "versus.json", {"other": str(other), "pairs": against})
         md += "\n".join(versus_section(out, other, against)) + "\n"
-    (out / "comparison.md").write_text(md)
+    report.write_text(out / "comparison.md", md)
     figures(out, names, per_patient, runs, {n: out / n for n in names})
     report.console.print((out / "comparison.md").read_text())
     report.console.print(
         f"wrote {out}/: per-patient.csv summary.csv split.json paired.json comparison.md "
         "paired-dice.png dice-vs-volume.png predictions.png" + (" versus.json" if other else "")
     )
+    if missing:
+        raise Incomplete(f"{len(missing)} of {len(wanted)} runs not finished in {out}: {', '.join(missing)}: "
+                         "the same command again trains them")  # fmt: skip
+    if missing:
+        raise unfinished
 
 
 def fmt(v, f="{:.3f}"):
@@ -450,7 +464,7 @@ def figures(out, names, per_patient, runs, folders):
     ax.set_ylabel("Dice of the patient's volume")
     ax.set_title(f"{len(patients)} test patients (bar: mean)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "paired-dice.png", dpi=110)
+    report.save_figure(fig, out / "paired-dice.png", dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -466,7 +480,7 @@ def figures(out, names, per_patient, runs, folders):
     ax.set_ylabel("Dice of the patient's volume")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "dice-vs-volume.png", dpi=110)
+    report.save_figure(fig, out / "dice-vs-volume.png", dpi=110)
     plt.close(fig)
     prediction_figure(out, names, runs, folders)
 
@@ -548,6 +562,9 @@ def compare(args, flags):
         raise UserError("argument --folds: not with --original or --versus (they pair runs of one split)")
     if args.versus and not (args.versus / "per-patient.csv").is_file():  # before hours of training
         raise UserError(f"--versus {args.versus}: no per-patient.csv there (a tools.compare folder)")
+    # a run folder, a sweep, or a comparison made with other training flags is not this one's
+    identity = {"folds": args.folds, **({} if args.table else {"flags": recipe_flags(flags)})}
+    claim(args.output_dir, "comparison", identity, record=not args.table)  # a table only reads it
     if not args.table:
         train_all(
             runs_of(args.output_dir, names, args.original, args.folds),
@@ -561,7 +578,7 @@ def compare(args, flags):
 
         cv.table(args.output_dir, names, args.folds)
     else:
-        table(args.output_dir, args.versus)
+        table(args.output_dir, args.versus, names + ([ORIGINAL] if args.original else []))
     return 0
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from common import report
 from common.errors import UserError
+from common.folders import finished, same_recipe
 from tools import compare
 
 STRATA = ("small", "medium", "large")  # tertiles of the patients' tumour volume
@@ -26,7 +27,7 @@ def load(out, names, folds):
         runs[n] = []
         for i in range(folds):
             d = out / n / f"fold-{i}"
-            if not (d / "summary.json").is_file():
+            if not finished(d):
                 missing.append(f"{n} fold {i}")
                 continue
             split = json.loads((d / "split.json").read_text())
@@ -148,6 +149,8 @@ def markdown(summary, paired, strata, folds, val_frac):
 
 def table(out, names, folds):
     runs = load(out, names, folds)
+    every = {f"{n} fold {i}": run[0] for n in names for i, run in enumerate(runs[n])}
+    same_recipe(every, f"--output-dir {out}", ignore=("test_fold",))
     check_patients(out, runs, names)
     per_patient = rows_of(runs, names)
     summary = summarise(runs, names, per_patient)
@@ -157,7 +160,7 @@ def table(out, names, folds):
     compare.write_csv(out / "summary.csv", summary)
     report.write_json(out / "paired.json", {"pairs": paired, "by_tumour_size": strata})
     val_frac = runs[names[0]][0][0]["val_frac"]
-    (out / "comparison.md").write_text(markdown(summary, paired, strata, folds, val_frac))
+    report.write_text(out / "comparison.md", markdown(summary, paired, strata, folds, val_frac))
     first = {n: runs[n][0] for n in names}
     compare.figures(out, names, per_patient, first, {n: out / n / "fold-0" for n in names})
     report.console.print((out / "comparison.md").read_text())

@@ -15,14 +15,14 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
 
 from common import registry, report
 from common.cli import Parser, parse_with_train_flags
-from common.errors import UserError, contract
+from common.errors import UserError, child, contract
+from common.folders import claim, finished, recipe_flags
 from common.metrics import METRICS
 from common.ranges import count, pathname
 
@@ -75,12 +75,18 @@ def not_finished(run_dir):
     return "failed, stopped or still running; the same task or command again resumes it"
 
 
-def collect(out, folds):
+def collect(out, folds, model):
     """The finished folds' summaries, and {fold: why} for the others."""
     summaries, missing = [], {}
     for fold in range(folds):
         run_dir = out / f"fold-{fold}"
-        if (run_dir / "summary.json").is_file():
+        if finished(run_dir):
+            own = json.loads((run_dir / "args.json").read_text())
+            if (own.get("model"), own.get("folds"), own.get("fold")) != (model, folds, fold):
+                raise UserError(
+                    f"--output-dir {run_dir}: a {own.get('model')} run of --folds {own.get('folds')} --fold "
+                    f"{own.get('fold')}, not {model} fold {fold} of {folds}"
+                )
             summaries.append(json.loads((run_dir / "summary.json").read_text()))
         else:
             missing[fold] = not_finished(run_dir)
@@ -92,7 +98,7 @@ def train_folds(args, flags, out):
     launch = shlex.split(args.launch) if args.launch else [sys.executable]
     for fold in range(args.folds):
         run_dir = out / f"fold-{fold}"
-        if (run_dir / "summary.json").exists():
+        if finished(run_dir):
             continue
         again = ["--resume", str(run_dir)] if (run_dir / "args.json").exists() else []
         cmd = [
@@ -108,19 +114,20 @@ def train_folds(args, flags, out):
             *again,
         ]
         report.console.print(f"[bold]fold {fold + 1}/{args.folds}[/]: {shlex.join(cmd)}")
-        code = subprocess.call(cmd)
+        code = child(cmd, f"fold {fold}")
         if code != 0:
             print(
                 f"error: fold {fold} failed (exit code {code}); run the same command again to resume it",
                 file=sys.stderr,
             )
-            return 2 if code == 2 else 1
+            return 1
     return 0
 
 
 def summarise(args, out):
     """cv.json and cv.md over the finished folds; 1 when a fold is missing (named), else 0."""
-    summaries, missing = collect(out, args.folds)
+    summaries, missing = collect(out, args.folds, args.model)
+    claim(out, "folds", {"model": args.model, "folds": args.folds})
     named = ", ".join(f"fold {f} ({why})" for f, why in missing.items())
     if not summaries:
         print(f"error: no fold has finished in {out}: {named}", file=sys.stderr)
@@ -129,7 +136,7 @@ def summarise(args, out):
     done = [f for f in range(args.folds) if f not in missing]
     cv = {"model": args.model, "folds": args.folds, "finished": done, "missing": missing, **result}
     report.write_json(out / "cv.json", cv)
-    (out / "cv.md").write_text(markdown(args.model, args.folds, result, missing))
+    report.write_text(out / "cv.md", markdown(args.model, args.folds, result, missing))
     report.console.print(markdown(args.model, args.folds, result, missing))
     report.console.print(f"wrote {out / 'cv.json'} and {out / 'cv.md'}")
     if missing:
@@ -170,6 +177,8 @@ def cross_validate(args, flags):
     if args.summary and (args.output_dir is None or not args.output_dir.is_dir()):
         raise UserError(f"argument --summary: --output-dir must be the folds' folder (got {args.output_dir})")
     out = args.output_dir or Path("runs") / f"{args.model}-cv{args.folds}-{datetime.now():%Y%m%d-%H%M%S}"
+    if not args.summary:  # before anything trains; a summary claims the folder once it has read it
+        claim(out, "folds", {"model": args.model, "folds": args.folds, "flags": recipe_flags(flags)})
     code = 0 if args.summary else train_folds(args, flags, out)
     return code or summarise(args, out)
 

@@ -24,6 +24,7 @@ trained on by mistake.
 """
 
 import argparse
+import gzip
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -176,7 +177,8 @@ def write_volumes(folder, names, masks):
             report.console.print(f"note: {patient}: slices of different sizes, no volume written")
             continue
         volume = np.stack(stack, axis=-1).astype(np.uint8)
-        nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), folder / f"{patient}.nii.gz")
+        blob = gzip.compress(nibabel.Nifti1Image(volume, np.eye(4)).to_bytes())
+        report.replace(folder / f"{patient}.nii.gz", lambda tmp: tmp.write_bytes(blob))
     return len(by_patient)
 
 
@@ -211,7 +213,7 @@ def slice_figure(path, name, flair, truth, pred):
     axes[3].set_title("overlay" + (f" (Dice {dice(pred, truth):.2f})" if truth is not None else ""))
     fig.suptitle(name, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    report.save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -247,7 +249,7 @@ def comparison_figure(path, names, flairs, truths, preds, labels, picks):
             axes[r, c].set_title(f"{label}{score}", fontsize=9)
     fig.suptitle("truth green, prediction red", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    report.save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -310,7 +312,8 @@ def run(args):
         folder = args.output_dir / label
         (folder / "masks").mkdir(parents=True, exist_ok=True)
         for name, m in zip(names, preds[label]):
-            Image.fromarray(m.astype(np.uint8) * 255).save(folder / "masks" / f"{name}_pred.tif")
+            mask = Image.fromarray(m.astype(np.uint8) * 255)
+            report.replace(folder / "masks" / f"{name}_pred.tif", lambda tmp: mask.save(tmp, format="TIFF"))
         written.append(f"{folder / 'masks'}/ ({len(names)} masks)")
         n = write_volumes(folder / "volumes", names, preds[label])
         written.append(f"{folder / 'volumes'}/ ({n} NIfTI volumes, unit spacing)")

@@ -103,7 +103,11 @@ def section(members):
 def write_csv(path, runs, summaries):
     keys = [k for k, _, _ in SETUP]
     header = ["run", *keys] + [f"{side}_{m.key}" for side in ("test", "val") for m in METRICS] + ["data"]
-    with open(path, "w", newline="") as f:
+    report.replace(path, lambda tmp: write_rows(tmp, header, runs, summaries, keys))
+
+
+def write_rows(tmp, header, runs, summaries, keys):
+    with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for run, s in zip(runs, summaries):
@@ -138,7 +142,7 @@ def curves(path, model, runs):
     ax_dice.set(title=f"{model}: validation Dice", xlabel="epoch", ylim=(0, 1))
     ax_loss.legend(fontsize=7), ax_dice.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    report.save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -194,7 +198,7 @@ def sweep_figures(path, out):
         fig.suptitle(f"{mine[0]['device']}: time per epoch (lower is better)", fontsize=9)
         fig.tight_layout()
         written.append(out / f"sweep-time-{model}.png")
-        fig.savefig(written[-1], dpi=90)
+        report.save_figure(fig, written[-1], dpi=90)
         plt.close(fig)
 
     labels = [f"{r['model']} p{r['processes']} {r['pipeline']} w{r['workers']} t{r['threads']}" for r in rows]
@@ -210,7 +214,7 @@ def sweep_figures(path, out):
     ax.legend(fontsize=7)
     fig.tight_layout()
     written.append(out / "sweep-breakdown.png")
-    fig.savefig(written[-1], dpi=90)
+    report.save_figure(fig, written[-1], dpi=90)
     plt.close(fig)
 
     plt, fig, ax = plt_figure(figsize=(6, 3.8))
@@ -239,7 +243,7 @@ def sweep_figures(path, out):
     ax.legend(fontsize=6)
     fig.tight_layout()
     written.append(out / "sweep-scaling.png")
-    fig.savefig(written[-1], dpi=90)
+    report.save_figure(fig, written[-1], dpi=90)
     plt.close(fig)
     return written
 
@@ -254,7 +258,7 @@ def suite_figure(path, out):
     ax.legend(fontsize=7)
     fig.tight_layout()
     written = out / "suite-speedup.png"
-    fig.savefig(written, dpi=90)
+    report.save_figure(fig, written, dpi=90)
     plt.close(fig)
     return [written]
 
@@ -294,7 +298,7 @@ def results(args):
         except (OSError, ValueError) as e:
             print(f"note: {run} left out: its summary.json cannot be read ({e})", file=sys.stderr)
     written += [args.output_dir / "results.md", args.output_dir / "results.csv"]
-    written[-2].write_text(markdown(runs, summaries))
+    report.write_text(written[-2], markdown(runs, summaries))
     write_csv(written[-1], runs, summaries)
     for model in dict.fromkeys(s["model"] for s in summaries):
         path = args.output_dir / f"curves-{model}.png"

@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import report
 from common.cli import Parser
 from common.errors import UserError
 from common.ranges import amount, count, pathname
@@ -363,8 +364,12 @@ def fit_table(theta, args):
 
 
 def write_csv(path, rows):
+    report.replace(path, lambda tmp: write_rows(tmp, rows))
+
+
+def write_rows(tmp, rows):
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
@@ -423,7 +428,7 @@ def plot(path, rows):
         )
     axes[1][0].legend(fontsize=7, title="solid NVLink, dashed PCIe", title_fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    report.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

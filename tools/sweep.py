@@ -22,7 +22,8 @@ import torch
 
 from common import pipelines, registry, report
 from common.cli import Parser, parse_with_train_flags
-from common.errors import contract
+from common.errors import UserError, contract
+from common.folders import claim
 from common.ranges import count, pathname
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,9 +67,14 @@ def main(argv=None):
 
 
 def sweep(args, flags):
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     settings = itertools.product(args.processes, args.pipelines, args.workers, args.precisions, args.threads)
     grid = [g for g in settings if g[1] in pipelines.WORKERS or g[2] == 0]
+    if not grid:  # before anything is written: the CSV of an earlier sweep stays
+        raise UserError(
+            f"argument --workers: --pipelines {' '.join(args.pipelines)} take --workers 0 only: "
+            "the grid is empty"
+        )
+    claim(args.output_dir, "sweep")
     rows = []
     for k, (procs, pipeline, workers, precision, threads) in enumerate(grid, 1):
         name = f"{args.model}-p{procs}-{pipeline}-w{workers}-{precision}-t{threads}"
@@ -80,6 +86,9 @@ def sweep(args, flags):
         report.console.print(f"[{k}/{len(grid)}] {name}")
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
+            said = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+            if result.returncode == 2 and said:  # the run's own user error, as it said it
+                raise UserError(f"run {name}: {said[-1][len('error: ') :]}")
             print(f"error: run {name} failed ({shlex.join(cmd)}):\n{result.stderr[-3000:]}", file=sys.stderr)
             return 1
         rows.append(sweep_row(args.model, out, procs, pipeline, workers, precision, threads))
@@ -87,12 +96,16 @@ def sweep(args, flags):
             f"    {rows[-1]['images_per_s']:.1f} images/s, data wait {rows[-1]['data_wait_share']:.1%}"
         )
     path = args.output_dir / f"sweep-{args.model}.csv"
-    with open(path, "w", newline="") as f:
+    report.replace(path, lambda tmp: write_rows(tmp, rows))
+    report.console.print(f"wrote {path} ({len(rows)} runs)")
+    return 0
+
+
+def write_rows(tmp, rows):
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    report.console.print(f"wrote {path} ({len(rows)} runs)")
-    return 0
 
 
 def sweep_row(model, out, procs, pipeline, workers, precision, threads):

@@ -1,0 +1,169 @@
+"""A folder says what it is, and only its owner writes it (common/folders.py); commands that run
+commands give back their children's errors (common.errors.child); tables pair one recipe."""
+
+import json
+import sys
+
+from conftest import TINY, run, train
+
+from common.folders import claim, finished, kind_of
+from tools.pack import write_pack
+
+ONE = [*TINY, "--epochs", "1"]
+
+
+def one_line(p, *says):
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for s in says:
+        assert s in lines[0], lines[0]
+
+
+def compare(env, out, *flags, train=()):
+    return run([sys.executable, "-m", "tools.compare", "--output-dir", str(out), *flags, "--", *train], env)
+
+
+def test_a_comparison_into_a_run_folder_is_refused_and_the_runs_split_kept(phantoms, tmp_path, env):
+    """The leak of round three: the comparison's table wrote its split.json over the run's own."""
+    run_dir = tmp_path / "run"
+    train("unet", "--data-dir", str(phantoms), *ONE, "--seed", "1", "--output-dir", str(run_dir), env=env)
+    before = (run_dir / "split.json").read_bytes()
+    for flags in (["--models", "unet"], ["--table", "--models", "unet"]):
+        p = compare(env, run_dir, *flags, train=["--data-dir", str(phantoms), *ONE])
+        one_line(p, f"--output-dir {run_dir} holds a training run", "not a comparison")
+    assert (run_dir / "split.json").read_bytes() == before
+    assert not (run_dir / "per-patient.csv").exists() and not (run_dir / "folder.json").exists()
+
+
+def test_a_run_into_another_commands_folder_is_refused(phantoms, tmp_path, env):
+    for kind in ("comparison", "folds", "sweep"):
+        claim(tmp_path / kind, kind)
+        p = run([sys.executable, "unet/train.py", "--data-dir", str(phantoms), *ONE, "--output-dir",
+                 str(tmp_path / kind)], env)  # fmt: skip
+        one_line(p, f"holds {'a' if kind != 'folds' else 'cross'}", "not a training run")
+        assert sorted(f.name for f in (tmp_path / kind).iterdir()) == ["folder.json"]
+
+
+def test_a_comparison_again_with_other_training_flags_is_refused(phantoms, tmp_path, env):
+    out = tmp_path / "cmp"
+    flags = ["--data-dir", str(phantoms), *ONE]
+    assert compare(env, out, "--models", "unet", train=flags).returncode == 0
+    p = compare(env, out, "--models", "unet", train=[*flags, "--lr", "0.01"])
+    one_line(p, f"--output-dir {out} holds a comparison (tools.compare) made with flags", "--lr 0.01")
+    assert compare(env, out, "--models", "unet", train=flags).returncode == 0  # the same again: kept
+
+
+def test_a_table_of_runs_trained_differently_is_refused(phantoms, tmp_path, env):
+    out = tmp_path / "cmp"
+    for model, size in (("unet", "64"), ("fcn", "96")):
+        flags = ["--data-dir", str(phantoms), *ONE, "--image-size", size]
+        train(model, *flags, "--output-dir", str(out / model), env=env)
+    p = compare(env, out, "--table", "--models", "unet,fcn")
+    one_line(p, "different --image-size (fcn: 96, unet: 64)")
+    assert not (out / "per-patient.csv").exists()
+
+
+def test_folds_of_another_model_or_fold_count_are_not_tabled_as_these(phantoms, tmp_path, env):
+    out = tmp_path / "cv"
+    for fold in (0, 1):
+        train("fcn", "--data-dir", str(phantoms), *ONE, "--folds", "2", "--fold", str(fold), "--output-dir",
+              str(out / f"fold-{fold}"), env=env)  # fmt: skip
+    p = run(
+        [sys.executable, "-m", "tools.folds", "unet", "--folds", "2", "--summary", "--output-dir", str(out)],
+        env,
+    )
+    one_line(p, "a fcn run of --folds 2 --fold 0, not unet fold 0 of 2")
+    p = run(
+        [sys.executable, "-m", "tools.folds", "fcn", "--folds", "3", "--summary", "--output-dir", str(out)],
+        env,
+    )
+    one_line(p, "not fcn fold 0 of 3")
+    assert not (out / "cv.json").exists()
+
+
+def test_a_run_folder_keeps_what_its_network_sees_and_its_model(phantoms, tmp_path, env):
+    out = tmp_path / "run"
+    train("unet", "--data-dir", str(phantoms), *ONE, "--output-dir", str(out), env=env)
+    p = run(
+        [sys.executable, "unet/train.py", "--resume", str(out), "--image-size", "96", "--epochs", "2"], env
+    )
+    one_line(p, f"--resume {out}: the run was trained with --image-size 64, not 96")
+    p = run([sys.executable, "fcn/train.py", "--resume", str(out)], env)
+    one_line(p, "holds a unet run, not fcn")
+    timing = tmp_path / "timing"  # a finished --no-eval run: no checkpoint, but a result
+    train("unet", "--data-dir", str(phantoms), *ONE, "--no-eval", "--output-dir", str(timing), env=env)
+    p = run([sys.executable, "fcn/train.py", "--data-dir", str(phantoms), *ONE, "--no-eval", "--output-dir",
+             str(timing)], env)  # fmt: skip
+    one_line(p, f"--output-dir {timing} holds a unet run, not fcn")
+    assert json.loads((timing / "args.json").read_text())["model"] == "unet"
+
+
+def test_a_childs_user_error_comes_back_as_that_error(phantoms, tmp_path, env):
+    p = compare(env, tmp_path / "cmp", "--models", "unet", train=["--data-dir", str(tmp_path / "none"), *ONE])
+    one_line(p, "unet: data folder not found")
+    p = compare(env, tmp_path / "cmp2", "--models", "unet", "--launch", "no-such-launcher",
+                train=["--data-dir", str(phantoms), *ONE])  # fmt: skip
+    one_line(p, "unet: cannot run no-such-launcher")
+    folds = [
+        sys.executable,
+        "-m",
+        "tools.folds",
+        "unet",
+        "--folds",
+        "2",
+        "--output-dir",
+        str(tmp_path / "cv"),
+    ]
+    p = run([*folds, "--", "--data-dir", str(tmp_path / "none"), *ONE], env)
+    one_line(p, "fold 0: data folder not found")
+
+
+def test_a_time_limited_run_is_not_finished_and_the_next_call_resumes_it(phantoms, tmp_path, env):
+    out = tmp_path / "cmp"
+    flags = ["--data-dir", str(phantoms), *TINY, "--epochs", "3", "--time-limit", "0.001"]
+    p = compare(env, out, "--models", "unet", train=flags)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith(
+        "error: 1 of 1 runs not finished"
+    )
+    assert "unet (stopped by --time-limit)" in p.stderr and not finished(out / "unet")
+    flags[-1] = "0"  # --time-limit is not part of what the comparison is made with
+    assert compare(env, out, "--models", "unet", train=flags).returncode == 0
+    assert [r["epoch"] for r in map(json.loads, (out / "unet" / "metrics.jsonl").open())] == [1, 2, 3]
+
+
+def test_a_table_names_the_requested_runs_it_lacks(phantoms, tmp_path, env):
+    out = tmp_path / "cmp"
+    train("unet", "--data-dir", str(phantoms), *ONE, "--output-dir", str(out / "unet"), env=env)
+    p = compare(env, out, "--table", "--models", "unet,fcn")
+    assert p.returncode == 1 and (out / "per-patient.csv").is_file()
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 of 2 runs not finished") and "fcn (not started)" in last
+
+
+def test_an_empty_sweep_grid_leaves_the_last_sweep_whole(tmp_path, env):
+    out = tmp_path / "sweep"
+    claim(out, "sweep")
+    (out / "sweep-unet.csv").write_text("kept\n")
+    p = run([sys.executable, "-m", "tools.sweep", "unet", "--pipelines", "device", "--workers", "1",
+             "--output-dir", str(out), "--", "--synthetic"], env)  # fmt: skip
+    one_line(p, "the grid is empty")
+    assert (out / "sweep-unet.csv").read_text() == "kept\n"
+
+
+def test_a_pack_below_the_image_size_is_refused(phantoms, tmp_path, env):
+    written = write_pack(phantoms, tmp_path / "p.pack", tmp_path / "c", size=64, progress=False)
+    p = run(
+        [sys.executable, "unet/train.py", "--data-dir", str(written[0]), *TINY, "--image-size", "128"], env
+    )
+    one_line(p, "packed at 64 px, below --image-size 128")
+
+
+def test_kinds_are_told_from_their_files_for_folders_made_before_folder_json(tmp_path):
+    for name, kind in (("args.json", "run"), ("per-patient.csv", "comparison"), ("cv.json", "folds"),
+                       ("sweep-unet.csv", "sweep")):  # fmt: skip
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / name).write_text("{}")
+        assert kind_of(tmp_path / kind) == kind
+    (tmp_path / "empty").mkdir()
+    assert kind_of(tmp_path / "empty") is None
