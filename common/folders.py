@@ -91,8 +91,8 @@ def finished(run):
     """A run folder whose training has ended: a summary.json, not written by a --time-limit stop
     (the same command again resumes that one)."""
     try:
-        summary = json.loads((Path(run) / "summary.json").read_text())
-    except (OSError, ValueError):
+        summary = report.read_json(Path(run) / "summary.json")
+    except UserError:
         return False
     return not str(summary.get("stopped_by") or "").startswith("--time-limit")
 
@@ -102,9 +102,13 @@ def not_finished(run):
     run = Path(run)
     if not (run / "args.json").is_file():
         return "not started"
-    if (run / "summary.json").is_file():
-        return "stopped by --time-limit"
-    return "failed, stopped or still running"
+    if not (run / "summary.json").is_file():
+        return "failed, stopped or still running"
+    try:
+        report.read_json(run / "summary.json")
+    except UserError:
+        return "its summary.json is damaged"
+    return "stopped by --time-limit"
 
 
 def recipe_flags(argv):

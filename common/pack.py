@@ -27,10 +27,12 @@ def write(out, slices, images, masks, size, part_size=0):
     chunks = [blob[k : k + step] for k in range(0, len(blob), step)]
     out = Path(out)
     parts = [out.with_name(f"{out.name}.part{k + 1}") for k in range(len(chunks))]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot make its folder ({e.strerror or e})") from e
     for path, chunk in zip(parts, chunks):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(chunk)
-        tmp.replace(path)
+        put(path, lambda tmp, chunk=chunk: tmp.write_bytes(chunk))
     manifest = {
         "format": PACK_FORMAT,
         "image_size": size,
@@ -42,18 +44,30 @@ def write(out, slices, images, masks, size, part_size=0):
             for p, c in zip(parts, chunks)
         ],
     }
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(out)
+    put(out, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1) + "\n"))
     return [out, *parts]
 
 
+def put(path, write):
+    """write(tmp), renamed to path; a failed write (a full disk) is one line and leaves no temporary
+    (common.report.replace, which this layer cannot import, does the same for every other file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
+
+
 def pack_manifest(path):
+    if not path.is_file():
+        raise UserError(f"--data-dir {path}: no such pack manifest")
     try:
         manifest = json.loads(path.read_text()) if path.stat().st_size < 1 << 20 else {}
     except (ValueError, UnicodeDecodeError):
         manifest = {}
-    if manifest.get("format") != PACK_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
         raise UserError(
             f"--data-dir {path}: a file, but not a pack manifest of this repository "
             "(give the kaggle_3m folder, or the manifest that `python -m tools.pack pack` wrote)"

@@ -101,6 +101,42 @@ def tmp_name(path):
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def read_json(path, kind=dict):
+    """A JSON file the project wrote: a `kind` (an object), or one line naming the file when it is
+    missing, empty, damaged or of another shape."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise UserError(f"{path} is missing") from e
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = "empty" if path.is_file() and not path.stat().st_size else f"damaged: {e}"
+        raise UserError(f"{path} is {why}; restore it, or remove the folder it is in") from e
+    if not isinstance(value, kind):
+        raise UserError(f"{path} is damaged: a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def read_csv(path, columns=()):
+    """The rows of a CSV the project wrote, each a dict of strings; one line naming the file when it
+    is missing, not text, or lacks one of `columns` (a row missing a cell: also one line)."""
+    import csv
+
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError as e:
+        raise UserError(f"{path} is missing") from e
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path} is damaged ({e}): restore it, or make it again") from e
+    lacking = [c for c in columns if not rows or c not in rows[0]]
+    if lacking or any(None in r.values() or None in r for r in rows):
+        said = f"no column {lacking[0]}" if lacking else "a row is cut short"
+        raise UserError(f"{path} is damaged or of another kind ({said}): restore it, or make it again")
+    return rows
+
+
 def write_json(path, obj):
     replace(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 

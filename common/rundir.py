@@ -31,7 +31,7 @@ FIXED = ("model", "image_size", "crop", "normalize", "context", "width")
 def recorded(folder):
     """A run folder's split.json, or None."""
     path = Path(folder) / "split.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return report.read_json(path) if path.is_file() else None
 
 
 def split_record(args, d):
@@ -101,7 +101,7 @@ def starting_point(args):
         if args.resume is not None:
             raise UserError(f"--resume {args.resume}: no run there (expected args.json and last/)")
         return args
-    saved = json.loads((folder / "args.json").read_text())
+    saved = report.read_json(folder / "args.json")
     resumable, finished = has_checkpoint(folder), (folder / "summary.json").is_file()
     if args.resume is not None:
         fixed = [*FIXED, *(saved.get("network_flags") or ())]

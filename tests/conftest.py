@@ -65,6 +65,13 @@ def compare_in(root, *flags, train=()):
     return root / "cmp", env
 
 
+@pytest.fixture(scope="session")
+def comparison(tmp_path_factory):
+    """A comparison of the three models and the original's split on 10 phantoms (built once)."""
+    root = built_once(tmp_path_factory, "compare", lambda root: compare_in(root, "--original"))
+    return root / "cmp", compare_env(root)
+
+
 def compare_env(root):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     return {**env, "LGG_CACHE_DIR": str(root / "cache")}

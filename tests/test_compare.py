@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import LEARNS, built_once, compare_env, compare_in, run
+from conftest import LEARNS, compare_in, run
 
 from common import stats
 from tools import compare, cv
@@ -42,12 +42,6 @@ def test_verdict_claims_no_more_than_the_statistics():
     assert "scores higher" in compare.verdict(p03) and "not shown" in compare.verdict(p03, pairs=3)
     flipped = {**shown, "a": "fcn", "b": "unet", "mean_diff": -0.05, "ci_low": -0.09, "ci_high": -0.01}
     assert compare.verdict(flipped).startswith("U-Net scores higher than FCN-8s on these patients, by 0.050")
-
-
-@pytest.fixture(scope="session")
-def comparison(tmp_path_factory):
-    root = built_once(tmp_path_factory, "compare", lambda root: compare_in(root, "--original"))
-    return root / "cmp", compare_env(root)
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ Data: --data-dir (default $LGG_DATA_DIR) or --synthetic.
 
 import argparse
 import csv
-import json
 import os
 import statistics
 import subprocess
@@ -217,7 +216,7 @@ def loop_run(model, args, out, flags):
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     rows = report.read_jsonl(out / "metrics.jsonl")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = report.read_json(out / "summary.json")
     r = rows[-1]
     return {
         "images_per_s": summary["global_batch_size"] / r["step_median_s"],

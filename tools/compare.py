@@ -29,7 +29,6 @@ is tools/cv.py's: every patient once, intervals over all of them, pairs also by 
 import argparse
 import csv
 import itertools
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -128,7 +127,7 @@ def load_runs(out):
     """{name: (args, summary, split)} of the finished run folders in `out`."""
     runs = {}
     for folder in sorted(p for p in out.iterdir() if finished(p)):
-        read = lambda f: json.loads((folder / f).read_text())  # noqa: E731
+        read = lambda f: report.read_json(folder / f)  # noqa: E731
         runs[folder.name] = read("args.json"), read("summary.json"), read("split.json")
     return runs
 
@@ -201,7 +200,7 @@ def write_csv(path, rows):
     report.tmp_name(path).replace(path)
 
 
-def read_csv(path):
+def read_csv(path, columns=()):
     """Rows of a CSV written by write_csv, numbers as floats, empty cells as None."""
 
     def value(v):
@@ -210,8 +209,7 @@ def read_csv(path):
         except ValueError:
             return v or None
 
-    with open(path, newline="") as f:
-        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    return [{k: value(v) for k, v in r.items()} for r in report.read_csv(path, columns)]
 
 
 def pairs(per_patient, names):
@@ -227,7 +225,7 @@ def pairs(per_patient, names):
 def versus(out, other, per_patient, summary):
     """Each model against the same model of another comparison folder (another recipe, say) on the
     same test patients: the paired per-patient Dice difference, this folder's minus the other's."""
-    theirs = read_csv(other / "per-patient.csv")
+    theirs = read_csv(other / "per-patient.csv", ("model", "patient", "dice"))
     out_rows = []
     for s in summary:
         mine = {r["patient"]: r["dice"] for r in per_patient if r["model"] == s["model"]}

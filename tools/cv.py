@@ -6,7 +6,6 @@ Writes into the comparison folder: per-patient.csv (a row per model and patient,
 summary.csv, paired.json, comparison.md and the figures of tools.compare (predictions.png: fold 0).
 """
 
-import json
 import statistics
 
 import numpy as np
@@ -30,15 +29,13 @@ def load(out, names, folds):
             if not finished(d):
                 missing.append(f"{n} fold {i}")
                 continue
-            split = json.loads((d / "split.json").read_text())
+            split = report.read_json(d / "split.json")
             if (split.get("folds"), split.get("test_fold")) != (folds, i):
                 raise UserError(
                     f"--output-dir {d}: a run of --folds {split.get('folds')} --test-fold "
                     f"{split.get('test_fold')}, not fold {i} of {folds}"
                 )
-            runs[n].append(
-                tuple(json.loads((d / f).read_text()) for f in ("args.json", "summary.json")) + (split,)
-            )
+            runs[n].append(tuple(report.read_json(d / f) for f in ("args.json", "summary.json")) + (split,))
     if missing:
         raise UserError(
             f"--output-dir {out}: {len(missing)} of {len(names) * folds} runs not finished "

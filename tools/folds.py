@@ -12,7 +12,6 @@ Or the folds in parallel, a Slurm job array of one task (one GPU) per fold, then
 """
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -81,13 +80,13 @@ def collect(out, folds, model):
     for fold in range(folds):
         run_dir = out / f"fold-{fold}"
         if finished(run_dir):
-            own = json.loads((run_dir / "args.json").read_text())
+            own = report.read_json(run_dir / "args.json")
             if (own.get("model"), own.get("folds"), own.get("fold")) != (model, folds, fold):
                 raise UserError(
                     f"--output-dir {run_dir}: a {own.get('model')} run of --folds {own.get('folds')} --fold "
                     f"{own.get('fold')}, not {model} fold {fold} of {folds}"
                 )
-            summaries.append(json.loads((run_dir / "summary.json").read_text()))
+            summaries.append(report.read_json(run_dir / "summary.json"))
         else:
             missing[fold] = not_finished(run_dir)
     return summaries, missing

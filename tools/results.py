@@ -14,13 +14,12 @@ efficiency against processes). --suite (from tools.bench suite): suite-speedup.p
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
 from common import report
 from common.cli import Parser
-from common.errors import contract
+from common.errors import UserError, contract
 from common.metrics import METRICS
 from common.ranges import pathname
 
@@ -166,13 +165,17 @@ def bars(ax, groups, series, values, labels=None):
     ax.set_xticks(range(len(groups)), [str(g) for g in groups])
 
 
+SWEEP_INTS = ("processes", "workers", "threads")
+SWEEP_FLOATS = ("images_per_s", "s_per_3929", "step_ms", "step_data_ms", "step_compute_ms")
+
+
 def sweep_figures(path, out):
-    rows = list(csv.DictReader(open(path)))
-    for r in rows:
-        for k in ("processes", "workers", "threads"):
-            r[k] = int(r[k])
-        for k in ("images_per_s", "s_per_3929", "step_ms", "step_data_ms", "step_compute_ms"):
-            r[k] = float(r[k])
+    rows = report.read_csv(path, ("model", "pipeline", "threads_setting", *SWEEP_INTS, *SWEEP_FLOATS))
+    try:
+        for r in rows:
+            r.update({k: int(r[k]) for k in SWEEP_INTS} | {k: float(r[k]) for k in SWEEP_FLOATS})
+    except ValueError as e:
+        raise UserError(f"--sweep {path}: not a tools.sweep table ({e})") from e
     written = []
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
@@ -293,10 +296,10 @@ def results(args):
     runs, summaries = [], []
     for run in find_runs(args.runs):  # one odd folder costs its own line, not the table
         try:
-            summaries.append(json.loads((run / "summary.json").read_text()))
+            summaries.append(report.read_json(run / "summary.json"))
             runs.append(run)
-        except (OSError, ValueError) as e:
-            print(f"note: {run} left out: its summary.json cannot be read ({e})", file=sys.stderr)
+        except UserError as e:
+            print(f"note: {run} left out: {e}", file=sys.stderr)
     written += [args.output_dir / "results.md", args.output_dir / "results.csv"]
     report.write_text(written[-2], markdown(runs, summaries))
     write_csv(written[-1], runs, summaries)

@@ -12,7 +12,6 @@ images/s: the quantity the original study plotted. Plot with `python -m tools.re
 import argparse
 import csv
 import itertools
-import json
 import shlex
 import subprocess
 import sys
@@ -110,7 +109,7 @@ def write_rows(tmp, rows):
 
 def sweep_row(model, out, procs, pipeline, workers, precision, threads):
     """A run's line of the sweep's CSV, from its summary.json and its last epoch."""
-    s = json.loads((out / "summary.json").read_text())
+    s = report.read_json(out / "summary.json")
     r = report.read_jsonl(out / "metrics.jsonl")[-1]
     return {
         "model": model,
