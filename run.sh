@@ -96,6 +96,8 @@ if [[ "$spec" == *,* ]]; then
   last=$((${#models[@]} * per_model - 1))
   [ -n "$model" ] || fail "array task $task, but $spec${folds:+ x --folds $folds} has tasks 0-$last:" \
     "sbatch --array=0-$last"
+  [ -n "$task" ] || fail "a model list ($spec) is for a job array, one task per model${folds:+ and fold}:" \
+    "sbatch --array=0-$last run.sh $spec ..., or give one model"
   array=$model
   if [ -n "$folds" ]; then
     [ -z "$(value_of --fold "$@")$(value_of --test-fold "$@")" ] || fail "argument --fold/--test-fold:" \

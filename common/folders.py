@@ -56,6 +56,19 @@ def kind_of(folder):
     return None
 
 
+def make(folder, flag="--output-dir"):
+    """A folder for a command's output files, made (with its parents) now, before the work whose
+    results it will hold; one line when it cannot be (a file there, a file above it, no right)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder}: exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot make it ({e.strerror or e})") from e
+    return folder
+
+
 def claim(folder, kind, identity=None, flag="--output-dir", record=True):
     """`folder` for a command of `kind`: refused if it holds another kind, or (its folder.json) the
     same kind with another value of a key of `identity`; then made, and with `record` its record
@@ -79,11 +92,7 @@ def claim(folder, kind, identity=None, flag="--output-dir", record=True):
     if not record:
         return folder
     mine["identity"] = {**mine["identity"], **as_json(identity or {})}
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{flag} {folder}: cannot make it ({e.strerror or e})") from e
-    report.write_json(folder / RECORD, mine)
+    report.write_json(make(folder, flag) / RECORD, mine)
     return folder
 
 

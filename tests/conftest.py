@@ -66,6 +66,29 @@ def compare_in(root, *flags, train=()):
 
 
 @pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    """A finished tiny run on 4 phantom patients (built once per test session)."""
+
+    def build(root):
+        data = write_phantoms(root / "kaggle_3m", patients=4, slices=4, size=64, seed=3)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+        env["LGG_CACHE_DIR"] = str(root / "cache")
+        train(
+            "unet",
+            "--data-dir",
+            str(data),
+            *TINY,
+            "--epochs",
+            "1",
+            "--output-dir",
+            str(root / "run"),
+            env=env,
+        )
+
+    return built_once(tmp_path_factory, "damage", build)
+
+
+@pytest.fixture(scope="session")
 def comparison(tmp_path_factory):
     """A comparison of the three models and the original's split on 10 phantoms (built once)."""
     root = built_once(tmp_path_factory, "compare", lambda root: compare_in(root, "--original"))

@@ -3,14 +3,12 @@ it: the command recovers (exit 0) or says so in one line (`error: ...`), never a
 Generated from two tables (the files and who reads them; the kinds of damage), not case by case:
 a reader or a file added to the tables is tested under every damage."""
 
-import os
 import shutil
 import sys
 
 import pytest
-from conftest import ROOT, TINY, built_once, run, train
+from conftest import ROOT, run
 
-from common.synthetic import write_phantoms
 from tools.pack import write_pack
 
 DAMAGES = {
@@ -77,29 +75,6 @@ TOOLS = {
     ],
 }
 TOOL_CASES = [(k, f, d, cmd) for k, files in TOOLS.items() for f, cmd in files for d in DAMAGES]
-
-
-@pytest.fixture(scope="session")
-def finished(tmp_path_factory):
-    """A finished tiny run on 4 phantom patients (built once per test session)."""
-
-    def build(root):
-        data = write_phantoms(root / "kaggle_3m", patients=4, slices=4, size=64, seed=3)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-        env["LGG_CACHE_DIR"] = str(root / "cache")
-        train(
-            "unet",
-            "--data-dir",
-            str(data),
-            *TINY,
-            "--epochs",
-            "1",
-            "--output-dir",
-            str(root / "run"),
-            env=env,
-        )
-
-    return built_once(tmp_path_factory, "damage", build)
 
 
 @pytest.fixture(scope="session")

@@ -105,6 +105,11 @@ def test_a_childs_user_error_comes_back_as_that_error(phantoms, tmp_path, env):
     p = compare(env, tmp_path / "cmp2", "--models", "unet", "--launch", "no-such-launcher",
                 train=["--data-dir", str(phantoms), *ONE])  # fmt: skip
     one_line(p, "unet: cannot run no-such-launcher")
+    p = compare(
+        env, tmp_path / "cmp3", "--models", "unet", train=["--data-dir", str(phantoms), *ONE, "--no-test"]
+    )
+    one_line(p, "--no-test: a comparison tables the models on their test patients")
+    assert not (tmp_path / "cmp3").exists()  # refused before anything trains
     folds = [
         sys.executable,
         "-m",

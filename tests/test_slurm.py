@@ -146,6 +146,15 @@ def test_run_sh_refuses_an_array_task_it_cannot_place_in_one_line(args, task, sa
     assert p.returncode == 2 and p.stdout.startswith(said) and len(p.stdout.splitlines()) == 1, p.stdout
 
 
+def test_run_sh_refuses_a_model_list_outside_a_job_array(env):
+    """It trained the first model and dropped the others, exit 0."""
+    p = run_sh("unet,fcn", "--folds", "2", env={k: v for k, v in env.items() if not k.startswith("SLURM_")})
+    assert p.returncode == 2 and len(p.stdout.splitlines()) == 1, p.stdout
+    assert p.stdout.startswith(
+        "error: a model list (unet,fcn) is for a job array, one task per model and fold"
+    )
+
+
 def test_accelerate_launch_q_ends_with_the_error_line_on_one_process(env):
     cmd = ["accelerate", "launch", "-q", "--config_file", "accelerate_configs/cpu.yaml", "unet/train.py"]
     p = subprocess.run(

@@ -29,6 +29,7 @@ from common import data, pipelines, registry, report, synthetic
 from common.cache import open_dataset
 from common.cli import Parser, default_cache_dir
 from common.errors import contract
+from common.folders import make
 from common.loss import loss_from_terms, loss_terms
 from common.ranges import amount, count, image_size, pathname, positive
 from common.timing import default_threads, device_name, gflops, synchronize
@@ -410,7 +411,7 @@ def bench(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(default_threads(1))
     torch.set_flush_denormal(True)  # as the training loop does
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    make(args.output_dir)
     if args.synthetic:
         args.data_dir = synthetic.ensure_phantoms(args.cache_dir, patients=args.phantoms)
     head = (

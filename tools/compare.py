@@ -558,6 +558,8 @@ def compare(args, flags):
         )
     if args.folds and (args.original or args.versus):
         raise UserError("argument --folds: not with --original or --versus (they pair runs of one split)")
+    if "--no-test" in flags:  # a comparison is made of the test patients' scores
+        raise UserError("--no-test: a comparison tables the models on their test patients; leave it out")
     if args.versus and not (args.versus / "per-patient.csv").is_file():  # before hours of training
         raise UserError(f"--versus {args.versus}: no per-patient.csv there (a tools.compare folder)")
     # a run folder, a sweep, or a comparison made with other training flags is not this one's

@@ -39,6 +39,7 @@ from common.cache import prepared, volume_stats
 from common.checkpoint import load_checkpoint, members
 from common.cli import Parser
 from common.errors import UserError, contract
+from common.folders import make
 from common.ranges import pathname
 from common.rundir import recorded
 from common.split import split_key
@@ -293,8 +294,7 @@ def run(args):
     import matplotlib
 
     matplotlib.use("Agg")
-    if args.output_dir.exists() and not args.output_dir.is_dir():
-        raise UserError(f"--output-dir {args.output_dir}: exists and is not a folder")
+    make(args.output_dir)  # before the predictions it will hold
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     found = find_slices(args.data_dir)
     if args.patients != "all":

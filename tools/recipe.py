@@ -19,6 +19,7 @@ import sys
 from common import report, stats
 from common.cli import Parser
 from common.errors import UserError, contract
+from common.folders import make
 from common.ranges import pathname
 from tools.compare import scores, write_csv
 
@@ -211,7 +212,7 @@ def tabulate(args):
     table = rows(args.study, names, args.set)
     text = markdown(table, args.set)
     if args.output_dir is not None:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
+        make(args.output_dir)
         write_csv(args.output_dir / f"recipe-{args.set}.csv", table)
         report.replace(args.output_dir / f"recipe-{args.set}.md", lambda tmp: tmp.write_text(text))
     print(text)

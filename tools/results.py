@@ -20,6 +20,7 @@ from pathlib import Path
 from common import report
 from common.cli import Parser
 from common.errors import UserError, contract
+from common.folders import make
 from common.metrics import METRICS
 from common.ranges import pathname
 
@@ -285,7 +286,7 @@ def main(argv=None):
 
 
 def results(args):
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    make(args.output_dir)
     written = (sweep_figures(args.sweep, args.output_dir) if args.sweep else []) + (
         suite_figure(args.suite, args.output_dir) if args.suite else []
     )

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from common import report
 from common.cli import Parser
-from common.errors import UserError
+from common.errors import contract
+from common.folders import make
 from common.ranges import amount, count, pathname
 
 # --- The original study (its README and code, bananighosh/hpml_project_lgg_mri_segmentation, May
@@ -462,18 +463,11 @@ def parser():
     return p
 
 
-def check(args):
-    if args.output_dir.exists() and not args.output_dir.is_dir():
-        raise UserError(f"--output-dir {args.output_dir}: exists and is not a folder")
-
-
 def main(argv=None):
-    try:
-        args = parser().parse_args(argv)
-        check(args)
-    except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    return contract(lambda argv: model(parser().parse_args(argv)), argv)
+
+
+def model(args):
     theta, rows = fit_original(args), []
     needed = contention_needed(theta, args)
     for r, alt in zip(original_rows(theta, args), original_rows(theta, with_contention(args, needed))):
@@ -482,7 +476,7 @@ def main(argv=None):
         )
     rows += h200_rows(args)
     numbers = summary(rows, needed)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    make(args.output_dir)
     write_csv(args.output_dir / "scaling.csv", rows)
     plot(args.output_dir / "scaling.png", rows)
     print("Calibration on the original's 1-GPU cells\n\n" + fit_table(theta, args))
