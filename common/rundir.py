@@ -107,7 +107,7 @@ def starting_point(args):
         fixed = [*FIXED, *(saved.get("network_flags") or ())]
         refuse_other(folder, args, saved, [k for k in fixed if k == "model" or k in args.given], "--resume")
     elif resumable or finished:
-        refuse_other(folder, args, saved, [*args.given, "model"], "--output-dir")
+        refuse_other(folder, args, saved, ["model", *args.given], "--output-dir")
         args.resume = folder
     for key, value in {**LEGACY, **saved}.items() if args.resume is not None else ():
         if key not in args.given and key not in ("resume", "given"):

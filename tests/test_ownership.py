@@ -2,9 +2,10 @@
 commands give back their children's errors (common.errors.child); tables pair one recipe."""
 
 import json
+import shutil
 import sys
 
-from conftest import TINY, run, train
+from conftest import TINY, run
 
 from common.folders import claim, finished, kind_of
 from tools.pack import write_pack
@@ -20,14 +21,22 @@ def one_line(p, *says):
         assert s in lines[0], lines[0]
 
 
+def copy_run(finished, folder, **changes):
+    """The session's finished tiny run (conftest.finished) copied to `folder`, its args.json changed:
+    a run of another model or recipe, for the checks that read the records before anything else."""
+    shutil.copytree(finished / "run", folder)
+    args = json.loads((folder / "args.json").read_text())
+    (folder / "args.json").write_text(json.dumps({**args, **changes}))
+    return folder
+
+
 def compare(env, out, *flags, train=()):
     return run([sys.executable, "-m", "tools.compare", "--output-dir", str(out), *flags, "--", *train], env)
 
 
-def test_a_comparison_into_a_run_folder_is_refused_and_the_runs_split_kept(phantoms, tmp_path, env):
+def test_a_comparison_into_a_run_folder_is_refused_and_the_runs_split_kept(finished, phantoms, tmp_path, env):
     """The leak of round three: the comparison's table wrote its split.json over the run's own."""
-    run_dir = tmp_path / "run"
-    train("unet", "--data-dir", str(phantoms), *ONE, "--seed", "1", "--output-dir", str(run_dir), env=env)
+    run_dir = copy_run(finished, tmp_path / "run")
     before = (run_dir / "split.json").read_bytes()
     for flags in (["--models", "unet"], ["--table", "--models", "unet"]):
         p = compare(env, run_dir, *flags, train=["--data-dir", str(phantoms), *ONE])
@@ -54,21 +63,19 @@ def test_a_comparison_again_with_other_training_flags_is_refused(phantoms, tmp_p
     assert compare(env, out, "--models", "unet", train=flags).returncode == 0  # the same again: kept
 
 
-def test_a_table_of_runs_trained_differently_is_refused(phantoms, tmp_path, env):
+def test_a_table_of_runs_trained_differently_is_refused(finished, tmp_path, env):
     out = tmp_path / "cmp"
-    for model, size in (("unet", "64"), ("fcn", "96")):
-        flags = ["--data-dir", str(phantoms), *ONE, "--image-size", size]
-        train(model, *flags, "--output-dir", str(out / model), env=env)
+    copy_run(finished, out / "unet")
+    copy_run(finished, out / "fcn", model="fcn", image_size=96)
     p = compare(env, out, "--table", "--models", "unet,fcn")
     one_line(p, "different --image-size (fcn: 96, unet: 64)")
     assert not (out / "per-patient.csv").exists()
 
 
-def test_folds_of_another_model_or_fold_count_are_not_tabled_as_these(phantoms, tmp_path, env):
+def test_folds_of_another_model_or_fold_count_are_not_tabled_as_these(finished, tmp_path, env):
     out = tmp_path / "cv"
     for fold in (0, 1):
-        train("fcn", "--data-dir", str(phantoms), *ONE, "--folds", "2", "--fold", str(fold), "--output-dir",
-              str(out / f"fold-{fold}"), env=env)  # fmt: skip
+        copy_run(finished, out / f"fold-{fold}", model="fcn", folds=2, fold=fold)
     p = run(
         [sys.executable, "-m", "tools.folds", "unet", "--folds", "2", "--summary", "--output-dir", str(out)],
         env,
@@ -82,17 +89,16 @@ def test_folds_of_another_model_or_fold_count_are_not_tabled_as_these(phantoms, 
     assert not (out / "cv.json").exists()
 
 
-def test_a_run_folder_keeps_what_its_network_sees_and_its_model(phantoms, tmp_path, env):
-    out = tmp_path / "run"
-    train("unet", "--data-dir", str(phantoms), *ONE, "--output-dir", str(out), env=env)
+def test_a_run_folder_keeps_what_its_network_sees_and_its_model(finished, phantoms, tmp_path, env):
+    out = copy_run(finished, tmp_path / "run")
     p = run(
         [sys.executable, "unet/train.py", "--resume", str(out), "--image-size", "96", "--epochs", "2"], env
     )
     one_line(p, f"--resume {out}: the run was trained with --image-size 64, not 96")
     p = run([sys.executable, "fcn/train.py", "--resume", str(out)], env)
     one_line(p, "holds a unet run, not fcn")
-    timing = tmp_path / "timing"  # a finished --no-eval run: no checkpoint, but a result
-    train("unet", "--data-dir", str(phantoms), *ONE, "--no-eval", "--output-dir", str(timing), env=env)
+    timing = copy_run(finished, tmp_path / "timing", no_eval=True)  # a finished --no-eval run: a result,
+    shutil.rmtree(timing / "last"), (timing / "best.pt").unlink()  # but no checkpoint
     p = run([sys.executable, "fcn/train.py", "--data-dir", str(phantoms), *ONE, "--no-eval", "--output-dir",
              str(timing)], env)  # fmt: skip
     one_line(p, f"--output-dir {timing} holds a unet run, not fcn")
@@ -137,9 +143,9 @@ def test_a_time_limited_run_is_not_finished_and_the_next_call_resumes_it(phantom
     assert [r["epoch"] for r in map(json.loads, (out / "unet" / "metrics.jsonl").open())] == [1, 2, 3]
 
 
-def test_a_table_names_the_requested_runs_it_lacks(phantoms, tmp_path, env):
+def test_a_table_names_the_requested_runs_it_lacks(finished, tmp_path, env):
     out = tmp_path / "cmp"
-    train("unet", "--data-dir", str(phantoms), *ONE, "--output-dir", str(out / "unet"), env=env)
+    copy_run(finished, out / "unet")
     p = compare(env, out, "--table", "--models", "unet,fcn")
     assert p.returncode == 1 and (out / "per-patient.csv").is_file()
     last = p.stderr.strip().splitlines()[-1]
