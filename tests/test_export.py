@@ -2,6 +2,7 @@
 file that gives the model's logits to 1e-4, for any batch size; what cannot be exported, or exports
 wrong, is one `error:` line and leaves no file."""
 
+import shutil
 import sys
 from argparse import Namespace
 
@@ -164,3 +165,14 @@ def test_the_command_runs_as_a_user_runs_it(tmp_path, env):
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         f"error: --checkpoint {tmp_path / 'none'}: no such file"
     ]
+
+
+def test_a_disk_without_room_for_the_model_is_refused_before_writing(tmp_path, monkeypatch, capsys):
+    """TorchScript's writer aborts the process from C++ on a full disk, leaving a hidden temporary."""
+    folder = checkpoint(tmp_path / "unet", "unet")
+    full = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: full)
+    assert export.main(["--checkpoint", str(folder), "--format", "torchscript"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MiB needed, 0 MiB free there" in err[0], err
+    assert [p.name for p in folder.iterdir()] == ["best.pt"]

@@ -19,6 +19,7 @@ near-equal values, which onnxruntime's rounding can tip); its TorchScript file p
 import argparse
 import logging
 import os
+import shutil
 import sys
 import warnings
 from unittest import mock
@@ -104,6 +105,7 @@ def run(args):
     # traced or exported at batch 2 and checked at --batch-size: the check also shows B is free
     example = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(1))
     export = export_onnx if args.format == "onnx" else export_torchscript
+    room(out, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
     diff = write_checked(
         out,
         lambda tmp: export(model, name, example, tmp),
@@ -159,6 +161,14 @@ def check_batch(args, channels, size):
     picks = np.unique(np.linspace(0, len(cache.images) - 1, args.batch_size).round().astype(int))
     x, _ = data.to_inputs(torch.from_numpy(cache.images[picks]), torch.from_numpy(cache.masks[picks]))
     return x, f"{len(picks)} slices of {args.data_dir}"
+
+
+def room(out, weights):
+    """The file holds the weights and a little more: refused here on a disk without room for them,
+    since the TorchScript writer aborts the process from C++ on a full disk (no error to catch)."""
+    need, free = int(weights * 1.2) + 2**20, shutil.disk_usage(out.parent).free
+    if free < need:
+        raise UserError(f"--output {out}: {need / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free there")
 
 
 def write_checked(out, export, check):
