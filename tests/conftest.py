@@ -30,12 +30,6 @@ def pytest_configure(config):
         sys.modules["torch"].set_num_threads(1)
 
 
-def pytest_collection_modifyitems(items):
-    """The slow tests first: pytest-xdist hands tests out in this order, and a minutes-long test
-    started last would keep one core busy after the other has run out of work."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def built_once(tmp_path_factory, name, build):
     """The folder `name`, made by `build(folder)` once in a test session: under pytest-xdist by the
     first worker that asks, the others waiting on a lock and then reading it (a session fixture
