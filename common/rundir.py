@@ -123,6 +123,7 @@ def starting_point(args):
 
 def refuse_other(folder, args, saved, keys, flag):
     """One line when a flag of `keys` differs from the run's own (its args.json)."""
+    keys = [k for k in keys if k != "model" or "model" in saved]  # a record without it says nothing of it
     differ = [k for k in keys if k not in UNCOMPARED and as_json(getattr(args, k, None)) != saved.get(k)]
     if not differ:
         return
