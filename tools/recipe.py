@@ -12,7 +12,6 @@ the reference the others are paired with.
 """
 
 import argparse
-import json
 import statistics
 import sys
 
@@ -66,7 +65,7 @@ def variant(study, name, reference):
 
     def flags(n):
         path = study / n / "args.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return report.read_json(path) if path.is_file() else {}
 
     mine, ref = flags(name), flags(reference)
     differ = [
@@ -78,10 +77,10 @@ def variant(study, name, reference):
 def evaluation(folder, part):
     """The `part` ("val" or "test") evaluation of a run or an --eval-only folder, with per-patient rows."""
     if (folder / "eval.json").is_file():
-        result = json.loads((folder / "eval.json").read_text()).get(part)
+        result = report.read_json(folder / "eval.json").get(part)
     elif (folder / "summary.json").is_file():
-        summary = json.loads((folder / "summary.json").read_text())
-        result = summary["best_val"] if part == "val" else summary["test"]
+        summary = report.read_json(folder / "summary.json")
+        result = summary.get("best_val") if part == "val" else summary.get("test")
     else:
         raise UserError(f"{folder}: not finished (no summary.json or eval.json): run the study first")
     if not result or "per_patient" not in result:
