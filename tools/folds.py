@@ -21,7 +21,7 @@ from pathlib import Path
 from common import registry, report
 from common.cli import Parser, parse_with_train_flags
 from common.errors import UserError, child, contract
-from common.folders import claim, finished, recipe_flags
+from common.folders import claim, finished, not_finished, recipe_flags
 from common.metrics import METRICS
 from common.ranges import count, pathname
 
@@ -67,13 +67,6 @@ def markdown(model, folds, result, missing=()):
     return "\n".join(lines) + "\n"
 
 
-def not_finished(run_dir):
-    """Why a fold has no summary.json (its job's log says more)."""
-    if not run_dir.is_dir():
-        return "not started"
-    return "failed, stopped or still running; the same task or command again resumes it"
-
-
 def collect(out, folds, model):
     """The finished folds' summaries, and {fold: why} for the others."""
     summaries, missing = [], {}
@@ -88,7 +81,7 @@ def collect(out, folds, model):
                 )
             summaries.append(report.read_json(run_dir / "summary.json"))
         else:
-            missing[fold] = not_finished(run_dir)
+            missing[fold] = f"{not_finished(run_dir)}; the same task or command again resumes it"
     return summaries, missing
 
 
