@@ -2,6 +2,7 @@
 brain crop, post-processing chosen on validation patients, and a time budget for the schedule."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -96,3 +97,17 @@ def test_a_run_with_every_option_is_scored_natively_and_evaluates_again_the_same
     assert test["dice"] == pytest.approx(summary["test"]["dice"], abs=1e-9)
     assert test["postprocess"] == summary["postprocess"]
     assert (out / "log.txt").read_text().count("test") >= 1
+
+
+def test_the_cpu_preset_samples_tumour_and_older_runs_resume_without(tmp_path):
+    from common import cli, rundir
+
+    parser = cli.make_parser(Path("unet/train.py"), "U-Net")
+    args = cli.parse(parser, ["--data-dir", str(tmp_path), "--preset", "cpu"])
+    assert (args.tumour_share, args.epochs) == (0.5, 12)
+    old = tmp_path / "old"  # a run from before the flag: its args.json does not name it
+    (old / "last").mkdir(parents=True)
+    saved = {k: v for k, v in vars(args).items() if k not in ("tumour_share", "given", "resume")}
+    (old / "args.json").write_text(json.dumps({**saved, "epochs": 20}, default=str))
+    resumed = rundir.starting_point(cli.parse(parser, ["--resume", str(old), "--preset", "cpu"]))
+    assert (resumed.tumour_share, resumed.epochs) == (0, 20)

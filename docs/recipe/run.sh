@@ -8,7 +8,7 @@ set -euo pipefail
 data=${1:-data/kaggle_3m}
 out=${2:-runs/recipe}
 # 5 epochs, not the preset's 20: six trainings must fit 90 minutes of a 2-core CPU
-common=(--data-dir "$data" --preset cpu --epochs 5 --val-frac 0.1 --test-frac 0.2 --no-test)
+common=(--data-dir "$data" --preset cpu --epochs 5 --tumour-share 0 --val-frac 0.1 --test-frac 0.2 --no-test)
 
 train() {  # train NAME FLAGS...
     local dir=$out/$1
