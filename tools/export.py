@@ -93,8 +93,6 @@ def run(args):
     name, size = config["model"], args.image_size or config["image_size"]
     if size <= 0 or size % 32:
         raise UserError(f"--image-size {size}: must be a positive multiple of 32")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be 1 or more")
     folder = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     out = args.output or folder / FORMATS[args.format]
     writable_folder(out)
