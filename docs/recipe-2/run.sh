@@ -58,7 +58,6 @@ others)
         tumour-share) train unet tumour-share --tumour-share 0.5 ;;
         volume) train unet volume --normalize volume ;;
         crop) train unet crop --crop brain ;;
-        share-volume) train unet share-volume --tumour-share 0.5 --normalize volume ;;
         # the gap to the dataset authors': what twice the epochs (an hour on both cores) adds
         tumour-share-24) train unet tumour-share-24 --tumour-share 0.5 --epochs 24 ;;
         *) echo "unknown variant $v" >&2; exit 2 ;;
