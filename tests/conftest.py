@@ -112,6 +112,21 @@ def cross_validated(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def two_processes(tmp_path_factory, phantoms):
+    """U-Net trained by 2 gloo processes on one machine (accelerate_configs/cpu2.yaml), built once:
+    test_train's check of DDP and test_multinode's reference. One thread a process, as the
+    multi-node runs get: float sums over another number of threads differ in their last bits."""
+
+    def build(root):
+        env = {**compare_env(root), "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU, even beside a GPU
+        launch = ["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml"]
+        flags = ["--data-dir", str(phantoms), *TINY, "--threads", "1", "--output-dir", str(root / "run")]
+        train("unet", *flags, env=env, launcher=launch)
+
+    return built_once(tmp_path_factory, "two-processes", build) / "run"
+
+
+@pytest.fixture(scope="session")
 def phantoms(tmp_path_factory):
     """4 phantom patients x 6 slices of 64 px in the kaggle_3m layout."""
     return write_phantoms(
@@ -149,6 +164,32 @@ def train(model, *args, env, launcher=()):
         p = in_process([f"{model}/train.py", *map(str, args)], env)
     assert p.returncode == 0, p.stdout + p.stderr
     return p
+
+
+@pytest.fixture(scope="session", autouse=True)
+def children_in_process():
+    """The commands the tools start through common.errors.child (`python <model>/train.py ...`,
+    `python -m tools.<name> ...`) run in this process too when the tool does; a launcher
+    (`--launch`, accelerate) still starts its processes. The child's output is passed on, its exit
+    code and its error line (LGG_ERROR_FILE, in the environment it is given) come back as from a
+    process."""
+    from common import errors
+
+    real = errors.subprocess
+
+    class Children:
+        def call(self, cmd, env):
+            ours = str(cmd[1]).endswith(".py") or (cmd[1] == "-m" and cmd[2].startswith("tools."))
+            if cmd[0] != sys.executable or not ours:
+                return real.call(cmd, env=env)
+            p = in_process([str(c) for c in cmd[1:]], env)
+            sys.stdout.write(p.stdout)
+            sys.stderr.write(p.stderr)
+            return p.returncode
+
+    errors.subprocess = Children()
+    yield
+    errors.subprocess = real
 
 
 def in_process(argv, env):

@@ -157,6 +157,8 @@ def test_cv_summary_and_paired_are_recomputed_from_per_patient_csv(cross_validat
 
 @pytest.mark.slow
 def test_the_cross_validated_comparison_through_accelerate_launch_is_the_same(cross_validated, tmp_path):
+    """Fold 1 trained through the launcher, fold 0 the reference's own folder (kept, as finished)."""
+    shutil.copytree(cross_validated[0] / "fcn" / "fold-0", tmp_path / "cmp" / "fcn" / "fold-0")
     launch = f"{sys.executable} -m accelerate.commands.launch --config_file accelerate_configs/cpu.yaml"
     out, _ = compare_in(tmp_path, "--folds", "2", "--models", "fcn", "--launch", launch, train=LEARNS)
     reference = [r for r in compare.read_csv(cross_validated[0] / "per-patient.csv") if r["model"] == "fcn"]

@@ -1,6 +1,7 @@
 """Two nodes on one machine, over gloo: two `accelerate launch` (machine ranks 0 and 1) meeting at a
 rendezvous on the loopback address, and `sbatch --nodes=2 run.sh` on a two-node Slurm cluster. Each
-must train with world size 2 and write the metrics of two processes on one machine (the same seed).
+must train with world size 2 and write the metrics of two processes on one machine (the same seed:
+conftest.two_processes).
 What only a real cluster can show: docs/slurm.md."""
 
 import json
@@ -39,20 +40,9 @@ def scripts_env(tmp_path_factory):
     return env
 
 
-@pytest.fixture(scope="module")
-def reference(phantoms, scripts_env, tmp_path_factory):
-    """Two gloo processes on one machine (accelerate_configs/cpu2.yaml)."""
-    out = tmp_path_factory.mktemp("one-machine") / "run"
-    launch = ["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml"]
-    cmd = [*launch, "unet/train.py", "--data-dir", str(phantoms), *SAME, "--output-dir", str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, env=scripts_env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return out
-
-
 @pytest.mark.slow
 def test_two_machines_at_a_loopback_rendezvous_train_as_two_processes_on_one(
-    phantoms, scripts_env, reference, tmp_path
+    phantoms, scripts_env, two_processes, tmp_path
 ):
     out = tmp_path / "run"
     launch = [
@@ -83,7 +73,7 @@ def test_two_machines_at_a_loopback_rendezvous_train_as_two_processes_on_one(
         and summary["device"].startswith("cpu (")
         and summary["global_batch_size"] == 8
     )
-    assert metrics(out) == metrics(reference)
+    assert metrics(out) == metrics(two_processes)
 
 
 def two_node_conf(conf, state, new):
@@ -151,7 +141,7 @@ def sbatch_on_two_nodes(env, tmp_path, *args):
 
 @pytest.mark.slow
 def test_run_sh_on_two_slurm_nodes_trains_as_two_processes_on_one_machine(
-    two_nodes, phantoms, reference, tmp_path
+    two_nodes, phantoms, two_processes, tmp_path
 ):
     env, state = two_nodes
     out = tmp_path / "run"
@@ -163,7 +153,7 @@ def test_run_sh_on_two_slurm_nodes_trains_as_two_processes_on_one_machine(
         assert f"launch task StepId={job}.0" in (state / "log" / f"slurmd.log-{node}").read_text(), node
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["device"].startswith("cpu ("), log
-    assert metrics(out) == metrics(reference)
+    assert metrics(out) == metrics(two_processes)
 
 
 @pytest.mark.slow

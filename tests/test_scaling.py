@@ -2,11 +2,10 @@
 was fitted on, and the command writes a row per cell."""
 
 import csv
-import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import run
 
 from tools import scaling
 from tools.scaling import Link, Setup
@@ -96,9 +95,7 @@ def test_the_command_writes_a_row_per_cell_and_the_plot(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag", [["--no-such-flag"], ["--contention", "-1"], ["--node-cores", "x"]])
-def test_a_bad_flag_is_one_error_line(flag):
-    p = subprocess.run(
-        [sys.executable, "-m", "tools.scaling", *flag], cwd=ROOT, capture_output=True, text=True
-    )
+def test_a_bad_flag_is_one_error_line(flag, env):
+    p = run([sys.executable, "-m", "tools.scaling", *flag], env)
     assert p.returncode == 2 and p.stderr.startswith("error:"), p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr

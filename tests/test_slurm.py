@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import CV, LEARNS, ROOT, TINY
+from conftest import CV, LEARNS, ROOT, TINY, run
 
 # the defaults of run.sh ask for 4 GPUs and 16 CPUs: a small CPU node overrides them, as users do
 SMALL = ["--gres=none", "--cpus-per-task=1", "--mem=2G", "--time=00:10:00"]
@@ -101,13 +101,7 @@ def test_a_job_array_over_models_and_folds_gives_the_cross_validated_comparisons
         said = (tmp_path / f"lgg-seg-{job}_{i}.out").read_text()
         assert f"run.sh: {model} fold {fold} of 2 on 1 node(s)" in said, said
         assert (out / model / f"fold-{fold}" / "summary.json").exists(), said
-    p = subprocess.run(
-        [sys.executable, "-m", "tools.compare", "--table", *CV, "--output-dir", str(out)],
-        cwd=ROOT,
-        env=slurm,
-        capture_output=True,
-        text=True,
-    )
+    p = run([sys.executable, "-m", "tools.compare", "--table", *CV, "--output-dir", str(out)], slurm)
     assert p.returncode == 0, p.stderr
     assert (out / "per-patient.csv").read_text() == (reference / "per-patient.csv").read_text()
 
@@ -218,7 +212,7 @@ def test_a_job_array_over_folds_then_their_table(slurm, phantoms, tmp_path):
         "--output-dir",
         str(tmp_path / "cv"),
     ]
-    p = subprocess.run([*summary, "--summary"], cwd=ROOT, env=slurm, capture_output=True, text=True)
+    p = run([*summary, "--summary"], slurm)
     assert p.returncode == 1 and "(mean +- std over 1 of 2 folds)" in p.stdout, p.stdout + p.stderr
     assert (
         last_line(p.stderr).startswith("error: 1 of 2 folds not finished in") and "fold 1 (failed" in p.stderr
@@ -230,5 +224,5 @@ def test_a_job_array_over_folds_then_their_table(slurm, phantoms, tmp_path):
     wait(slurm, again)
     log = (tmp_path / f"lgg-seg-{again}_1.out").read_text()
     assert "2-fold cross-validation (mean +- std over folds)" in log, log
-    p = subprocess.run([*summary, "--summary"], cwd=ROOT, env=slurm, capture_output=True, text=True)
+    p = run([*summary, "--summary"], slurm)
     assert p.returncode == 0 and json.loads((tmp_path / "cv" / "cv.json").read_text())["finished"] == [0, 1]

@@ -28,7 +28,7 @@ import torch
 from common import data, pipelines, registry, report, synthetic
 from common.cache import open_dataset
 from common.cli import Parser, default_cache_dir
-from common.errors import contract
+from common.errors import child, contract
 from common.folders import make
 from common.loss import loss_from_terms, loss_terms
 from common.ranges import amount, count, image_size, pathname, positive
@@ -480,20 +480,10 @@ def train_in_time_left(args, started):
         str(out),
     ]
     report.console.print(f"training, {left:.0f} s left: {' '.join(cmd)}")
-    code = subprocess.call(cmd)
+    code = child(cmd, "bench gpu: the training run")
     if code == 0:
-        code = subprocess.call(
-            [
-                sys.executable,
-                "-m",
-                "tools.results",
-                str(out),
-                "--suite",
-                str(args.output_dir / "suite.csv"),
-                "--output-dir",
-                str(args.output_dir),
-            ]
-        )
+        tables = ["-m", "tools.results", str(out), "--suite", str(args.output_dir / "suite.csv")]
+        code = child([sys.executable, *tables, "--output-dir", str(args.output_dir)], "bench gpu: tables")
     report.console.print(f"bench gpu: {time.perf_counter() - started:.0f} s in all")
     return code
 
