@@ -30,6 +30,13 @@ def pytest_configure(config):
         sys.modules["torch"].set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first (the order is kept otherwise): under pytest-xdist, handed out one at a
+    time (.ci/run: --maxschedchunk 1), the long ones then start early and the short ones fill the
+    workers at the end, where otherwise one long test ran on with the other workers done."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def built_once(tmp_path_factory, name, build):
     """The folder `name`, made by `build(folder)` once in a test session: under pytest-xdist by the
     first worker that asks, the others waiting on a lock and then reading it (a session fixture
