@@ -178,7 +178,7 @@ def test_run_sh_from_another_folder_takes_relative_paths_from_there(phantoms, tm
     (tmp_path / "kaggle_3m").symlink_to(phantoms)
     flags = ["--data-dir", "kaggle_3m", "--cache-dir", "cache", *TINY, "--epochs", "1", "--output-dir", "run"]
     p = run_sh("fcn", *flags, env=env, cwd=tmp_path)
-    assert p.returncode == 0, p.stdout
+    assert p.returncode == 0 and "run.sh: fcn on 1 node(s) x 1 process(es)" in p.stdout, p.stdout
     assert (tmp_path / "run" / "summary.json").exists() and any((tmp_path / "cache").iterdir())
 
 

@@ -191,27 +191,15 @@ def test_output_dir_holding_a_run_is_not_overwritten(phantoms, tmp_path, env):
 
 
 @pytest.mark.slow
-def test_synthetic_run_through_run_sh_without_slurm(tmp_path, env):
+def test_a_synthetic_run_needs_no_data(tmp_path, env):
+    """The README's first command (run.sh without Slurm: tests/test_slurm.py)."""
     out = tmp_path / "run"
-    p = run(
-        [
-            "bash",
-            "run.sh",
-            "fcn",
-            "--synthetic",
-            "--image-size",
-            "64",
-            "--width",
-            "0.125",
-            "--epochs",
-            "1",
-            "--output-dir",
-            str(out),
-        ],
-        env,
+    small = ["--image-size", "64", "--width", "0.125", "--epochs", "1"]
+    p = train("fcn", "--synthetic", *small, "--output-dir", str(out), env=env)
+    assert (
+        "1 process" in p.stdout
+        and json.loads((out / "summary.json").read_text())["data"]["source"] == "phantoms"
     )
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "1 process" in p.stdout and (out / "summary.json").exists()
 
 
 def test_run_sh_wants_a_model(env):
