@@ -186,7 +186,8 @@ def children_in_process():
 
     class Children:
         def call(self, cmd, env):
-            ours = str(cmd[1]).endswith(".py") or (cmd[1] == "-m" and cmd[2].startswith("tools."))
+            first, second = [*map(str, cmd[1:3]), "", ""][:2]
+            ours = first.endswith(".py") or (first == "-m" and second.startswith("tools."))
             if cmd[0] != sys.executable or not ours:
                 return real.call(cmd, env=env)
             p = in_process([str(c) for c in cmd[1:]], env)
