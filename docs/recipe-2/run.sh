@@ -54,7 +54,7 @@ others)
     for v in ${4:-plain all tumour-share volume crop}; do
         case $v in
         plain) train unet plain ;;
-        all) train unet all "${chosen[@]}" ;;
+        all) train unet all --tumour-share 0.5 --normalize volume --crop brain ;;  # as its args.json
         tumour-share) train unet tumour-share --tumour-share 0.5 ;;
         volume) train unet volume --normalize volume ;;
         crop) train unet crop --crop brain ;;
