@@ -118,16 +118,25 @@ def cross_validated(tmp_path_factory):
     return root / "cmp", compare_env(root)
 
 
+# one optimiser step, its arithmetic easy to follow across processes: BCE only (soft Dice pooled per
+# process is not the global one), no augmentation, and SGD (Adam's first step is about lr * sign
+# of the gradient, which float noise flips where a gradient is ~0)
+ONE_STEP = ["--image-size", "64", "--width", "0.125", "--epochs", "1", "--max-steps", "1", "--loss", "bce",
+            "--flip", "0", "--rotate", "0", "--scale", "0", "--optimizer", "sgd", "--lr", "0.01"]  # fmt: skip
+# 2 processes x 4 slices, one thread a process as the multi-node runs get (float sums over another
+# number of threads differ in their last bits)
+TWO = [*ONE_STEP, "--batch-size", "4", "--threads", "1"]
+
+
 @pytest.fixture(scope="session")
 def two_processes(tmp_path_factory, phantoms):
-    """U-Net trained by 2 gloo processes on one machine (accelerate_configs/cpu2.yaml), built once:
-    test_train's check of DDP and test_multinode's reference. One thread a process, as the
-    multi-node runs get: float sums over another number of threads differ in their last bits."""
+    """U-Net, one step by 2 gloo processes on one machine (accelerate_configs/cpu2.yaml; flags TWO),
+    built once: test_train's checks of DDP and test_multinode's reference."""
 
     def build(root):
         env = {**compare_env(root), "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU, even beside a GPU
         launch = ["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml"]
-        flags = ["--data-dir", str(phantoms), *TINY, "--threads", "1", "--output-dir", str(root / "run")]
+        flags = ["--data-dir", str(phantoms), *TWO, "--output-dir", str(root / "run")]
         train("unet", *flags, env=env, launcher=launch)
 
     return built_once(tmp_path_factory, "two-processes", build) / "run"

@@ -12,12 +12,9 @@ import subprocess
 import time
 
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT, TWO
 from test_slurm import stop, wait
 
-# one thread per process, as the reference's two processes on one machine get: float sums over
-# another number of threads differ in their last bits
-SAME = [*TINY, "--threads", "1"]
 CLOCKS = ("_s", "_share", "_mb")  # times, their shares and memory: all else in metrics.jsonl is computed
 
 
@@ -49,7 +46,7 @@ def test_two_machines_at_a_loopback_rendezvous_train_as_two_processes_on_one(
         *("accelerate", "launch", "--config_file", "accelerate_configs/multinode.yaml"),
         *("--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())),
     ]
-    train = ["unet/train.py", "--data-dir", str(phantoms), *SAME, "--output-dir", str(out)]
+    train = ["unet/train.py", "--data-dir", str(phantoms), *TWO, "--output-dir", str(out)]
     machines = [
         subprocess.Popen(
             [*launch, "--machine_rank", str(rank), *train],
@@ -146,7 +143,7 @@ def test_run_sh_on_two_slurm_nodes_trains_as_two_processes_on_one_machine(
     env, state = two_nodes
     out = tmp_path / "run"
     job, log = sbatch_on_two_nodes(
-        env, tmp_path, "unet", "--data-dir", str(phantoms), *SAME, "--output-dir", str(out)
+        env, tmp_path, "unet", "--data-dir", str(phantoms), *TWO, "--output-dir", str(out)
     )
     assert "run.sh: unet on 2 node(s) x 1 process(es)" in log, log
     for node in ("node-0", "node-1"):  # one launcher on each node: srun's step ran on both

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run, train
+from conftest import ONE_STEP, TINY, run, train
 from PIL import Image
 
 FILES = ["args.json", "split.json", "metrics.jsonl", "summary.json", "best.pt", "last"]
@@ -334,52 +334,22 @@ def test_tensorboard_missing_is_a_clear_error(phantoms, env):
 
 
 @pytest.mark.slow
-def test_sync_bn_over_two_processes_equals_one_process_on_the_whole_batch(phantoms, tmp_path, env):
-    """One optimiser step: 2 gloo processes x 4 slices with --sync-bn, against 1 process x 8 slices.
-    BCE only (soft Dice pooled per process is not the global one), no augmentation, and SGD: Adam's
-    first step is about lr * sign(gradient), which float noise flips where a gradient is ~0. The
-    float32 gradients themselves differ by ~5e-4 between reduction orders (1 or 2 threads already),
-    so lr 0.01 keeps that noise under 1e-5 while a missing sync (~2e-2 in gradients) stays far above."""
-    same = [
-        "--data-dir",
-        str(phantoms),
-        "--image-size",
-        "64",
-        "--width",
-        "0.125",
-        "--epochs",
-        "1",
-        "--max-steps",
-        "1",
-        "--loss",
-        "bce",
-        "--flip",
-        "0",
-        "--rotate",
-        "0",
-        "--scale",
-        "0",
-        "--optimizer",
-        "sgd",
-        "--lr",
-        "0.01",
-    ]
+def test_sync_bn_over_two_processes_equals_one_process_on_the_whole_batch(
+    phantoms, two_processes, tmp_path, env
+):
+    """One optimiser step (conftest.ONE_STEP): 2 gloo processes x 4 slices with --sync-bn, against 1
+    process x 8 slices. The float32 gradients differ by ~5e-4 between reduction orders (1 or 2
+    threads already), so lr 0.01 keeps that noise under 1e-5 while a missing sync (~2e-2 in
+    gradients) stays far above: the control, the same two processes without --sync-bn
+    (conftest.two_processes)."""
+    same = ["--data-dir", str(phantoms), *ONE_STEP]
     two = ["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml"]
     train("unet", *same, "--batch-size", "8", "--output-dir", str(tmp_path / "one"), env=env)
-    train(
-        "unet",
-        *same,
-        "--batch-size",
-        "4",
-        "--sync-bn",
-        "--output-dir",
-        str(tmp_path / "sync"),
-        env=env,
-        launcher=two,
-    )
-    train("unet", *same, "--batch-size", "4", "--output-dir", str(tmp_path / "local"), env=env, launcher=two)
+    sync = ["--batch-size", "4", "--threads", "1", "--sync-bn", "--output-dir", str(tmp_path / "sync")]
+    train("unet", *same, *sync, env=env, launcher=two)
     one, sync, local = (
-        torch.load(tmp_path / r / "best.pt", weights_only=True)["model"] for r in ("one", "sync", "local")
+        torch.load(r / "best.pt", weights_only=True)["model"]
+        for r in (tmp_path / "one", tmp_path / "sync", two_processes)
     )
     assert one.keys() == sync.keys()
     for k in one:
