@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, built_once, run, train
+from conftest import ROOT, TINY, built_once, compare_env, run, train
 
 from common import data
 from common.cache import load_cache
@@ -110,9 +110,8 @@ def whole(tmp_path_factory, phantoms):
     """The same run uninterrupted, once in a test session: what a stopped and resumed one must match."""
 
     def build(root):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-        env["LGG_CACHE_DIR"] = str(root / "cache")
-        train("unet", "--data-dir", str(phantoms), *STOPPED, "--output-dir", str(root / "run"), env=env)
+        flags = ["--data-dir", str(phantoms), *STOPPED, "--output-dir", str(root / "run")]
+        train("unet", *flags, env=compare_env(root))
 
     return built_once(tmp_path_factory, "whole", build) / "run"
 
