@@ -78,8 +78,7 @@ def finished(tmp_path_factory):
 
     def build(root):
         data = write_phantoms(root / "kaggle_3m", patients=4, slices=4, size=64, seed=3)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-        env["LGG_CACHE_DIR"] = str(root / "cache")
+        env = compare_env(root)
         train(
             "unet",
             "--data-dir",
