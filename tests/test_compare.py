@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import LEARNS, compare_in, run
+from conftest import LEARNS, ROOT, compare_in, run
 
 from common import stats
 from tools import compare, cv
@@ -100,6 +100,21 @@ def test_summary_csv_is_recomputed_from_per_patient_csv(comparison):
         assert loop["dice"] == pytest.approx(s["dice_pooled"]) and loop["miou_bg"] == pytest.approx(
             s["miou_bg"]
         )
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in (ROOT / "docs").glob("*/per-patient.csv")))
+def test_the_committed_comparisons_are_their_per_patient_rows(folder):
+    """The committed tables the README quotes are recomputed from their own per-patient rows."""
+    out = ROOT / "docs" / folder
+    rows, summary = compare.read_csv(out / "per-patient.csv"), compare.read_csv(out / "summary.csv")
+    for s in summary:
+        mine = [r for r in rows if r["model"] == s["model"]]
+        assert {k: pytest.approx(v) for k, v in compare.scores(mine).items()} == {
+            k: s[k] for k in compare.scores(mine)
+        }
+    paired = json.loads((out / "paired.json").read_text())
+    paired = paired["pairs"] if isinstance(paired, dict) else paired  # the one-split comparisons: a list
+    assert paired == json.loads(json.dumps(compare.pairs(rows, [s["model"] for s in summary])))
 
 
 @pytest.mark.slow
