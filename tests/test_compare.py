@@ -112,9 +112,12 @@ def test_the_committed_comparisons_are_their_per_patient_rows(folder):
         assert {k: pytest.approx(v) for k, v in compare.scores(mine).items()} == {
             k: s[k] for k in compare.scores(mine)
         }
-    paired = json.loads((out / "paired.json").read_text())
-    paired = paired["pairs"] if isinstance(paired, dict) else paired  # the one-split comparisons: a list
-    assert paired == json.loads(json.dumps(compare.pairs(rows, [s["model"] for s in summary])))
+    names, paired = [s["model"] for s in summary], json.loads((out / "paired.json").read_text())
+    if isinstance(paired, list):  # a one-split comparison: the pairs alone
+        paired = {"pairs": paired}
+    else:  # cross-validated: the pairs within each tertile of tumour volume too
+        assert paired["by_tumour_size"] == json.loads(json.dumps(cv.by_size(rows, names)))
+    assert paired["pairs"] == json.loads(json.dumps(compare.pairs(rows, names)))
 
 
 @pytest.mark.slow
