@@ -12,6 +12,12 @@ from common import stats
 from tools import compare, cv
 
 
+def assert_scores_of(rows, s):
+    """summary.csv's row s holds the scores recomputed from the model's per-patient rows alone."""
+    scores = compare.scores(rows)  # bootstraps: computed once
+    assert {k: s[k] for k in scores} == {k: pytest.approx(v) for k, v in scores.items()}
+
+
 def test_bootstrap_interval_by_hand():
     # two patients scoring 0 and 1: resampled means are 0, 0.5, 1 with chances 1/4, 1/2, 1/4, so the
     # 2.5th and 97.5th percentiles are 0 and 1
@@ -91,9 +97,7 @@ def test_summary_csv_is_recomputed_from_per_patient_csv(comparison):
         assert s["dice_pooled"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
         assert s["iou_tumor"] == pytest.approx(tp / (tp + fp + fn))
         assert s["dice_patient_mean_ci_low"] <= s["dice_patient_mean"] <= s["dice_patient_mean_ci_high"]
-        assert {k: pytest.approx(v) for k, v in compare.scores(mine).items()} == {
-            k: s[k] for k in compare.scores(mine)
-        }
+        assert_scores_of(mine, s)
         # and the training loop's own test metrics, computed apart, agree
         loop = json.loads((out / s["model"] / "summary.json").read_text())["test"]
         assert loop["dice_patient_mean"] == pytest.approx(s["dice_patient_mean"])
@@ -109,9 +113,7 @@ def test_the_committed_comparisons_are_their_per_patient_rows(folder):
     rows, summary = compare.read_csv(out / "per-patient.csv"), compare.read_csv(out / "summary.csv")
     for s in summary:
         mine = [r for r in rows if r["model"] == s["model"]]
-        assert {k: pytest.approx(v) for k, v in compare.scores(mine).items()} == {
-            k: s[k] for k in compare.scores(mine)
-        }
+        assert_scores_of(mine, s)
     names, paired = [s["model"] for s in summary], json.loads((out / "paired.json").read_text())
     if isinstance(paired, list):  # a one-split comparison: the pairs alone
         paired = {"pairs": paired}
@@ -158,9 +160,7 @@ def test_cv_summary_and_paired_are_recomputed_from_per_patient_csv(cross_validat
     rows, summary = compare.read_csv(out / "per-patient.csv"), compare.read_csv(out / "summary.csv")
     for s in summary:
         mine = [r for r in rows if r["model"] == s["model"]]
-        assert {k: pytest.approx(v) for k, v in compare.scores(mine).items()} == {
-            k: s[k] for k in compare.scores(mine)
-        }
+        assert_scores_of(mine, s)
         folds = [np.mean([r["dice"] for r in mine if r["fold"] == f]) for f in (0, 1)]
         assert s["dice_patient_mean_fold_mean"] == pytest.approx(np.mean(folds))
         assert s["dice_patient_mean_fold_sd"] == pytest.approx(np.std(folds, ddof=1))

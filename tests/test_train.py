@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_STEP, TINY, run, train
+from conftest import ONE_STEP, TINY, TWO, run, train
 from PIL import Image
 
 FILES = ["args.json", "split.json", "metrics.jsonl", "summary.json", "best.pt", "last"]
@@ -342,11 +342,11 @@ def test_sync_bn_over_two_processes_equals_one_process_on_the_whole_batch(
     threads already), so lr 0.01 keeps that noise under 1e-5 while a missing sync (~2e-2 in
     gradients) stays far above: the control, the same two processes without --sync-bn
     (conftest.two_processes)."""
-    same = ["--data-dir", str(phantoms), *ONE_STEP]
     two = ["accelerate", "launch", "--config_file", "accelerate_configs/cpu2.yaml"]
-    train("unet", *same, "--batch-size", "8", "--output-dir", str(tmp_path / "one"), env=env)
-    sync = ["--batch-size", "4", "--threads", "1", "--sync-bn", "--output-dir", str(tmp_path / "sync")]
-    train("unet", *same, *sync, env=env, launcher=two)
+    one_process = ["--data-dir", str(phantoms), *ONE_STEP, "--batch-size", "8"]
+    train("unet", *one_process, "--output-dir", str(tmp_path / "one"), env=env)
+    sync = ["--data-dir", str(phantoms), *TWO, "--sync-bn", "--output-dir", str(tmp_path / "sync")]
+    train("unet", *sync, env=env, launcher=two)  # the control's flags (conftest.TWO), synchronised
     one, sync, local = (
         torch.load(r / "best.pt", weights_only=True)["model"]
         for r in (tmp_path / "one", tmp_path / "sync", two_processes)
