@@ -214,6 +214,31 @@ def test_a_cross_validated_table_names_the_runs_missing_and_refuses_other_splits
 
 
 @pytest.mark.slow
+def test_a_cross_validated_table_of_the_runs_records_alone_is_the_same(cross_validated, tmp_path):
+    """The runs kept as docs/comparison-cv/ keeps them (no checkpoint) give the same table, without
+    predictions.png; with checkpoints, it shows the first fold whose models all have theirs."""
+    out, env = cross_validated
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)
+    (copy / "unet" / "fold-0" / "best.pt").unlink()
+    (copy / "predictions.png").unlink()
+    table = [sys.executable, "-m", "tools.compare", "--table", "--folds", "2", "--output-dir", str(copy)]
+    p = run([*table, "--models", "unet,fcn"], env)
+    assert p.returncode == 0 and "predictions.png (fold 1's models)" in p.stdout, p.stdout
+    assert (copy / "predictions.png").is_file()
+    (copy / "predictions.png").unlink()
+    for run_dir in copy.glob("*/fold-*"):
+        for f in run_dir.iterdir():
+            if f.name not in ("args.json", "split.json", "summary.json", "metrics.jsonl"):
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+    p = run([*table, "--models", "unet,fcn"], env)
+    assert p.returncode == 0 and "no predictions.png (no fold has every best.pt)" in p.stdout, p.stdout
+    assert not (copy / "predictions.png").exists()
+    for f in ("per-patient.csv", "summary.csv", "paired.json", "comparison.md"):
+        assert (copy / f).read_text() == (out / f).read_text(), f
+
+
+@pytest.mark.slow
 def test_versus_pairs_each_model_with_itself_in_another_folder(comparison, tmp_path):
     out, env = comparison
     mine, other = tmp_path / "mine", tmp_path / "other"

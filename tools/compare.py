@@ -444,7 +444,7 @@ def original_section(original, runs):
 
 def figures(out, names, per_patient, runs, folders):
     """paired-dice.png, dice-vs-volume.png and predictions.png; `runs`: a run per model (args,
-    summary, split), whose model is in `folders`."""
+    summary, split), whose model is in `folders` (None: no predictions.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -480,7 +480,8 @@ def figures(out, names, per_patient, runs, folders):
     fig.tight_layout()
     report.save_figure(fig, out / "dice-vs-volume.png", dpi=110)
     plt.close(fig)
-    prediction_figure(out, names, runs, folders)
+    if folders:
+        prediction_figure(out, names, runs, folders)
 
 
 def prediction_figure(out, names, runs, folders):

@@ -3,7 +3,9 @@ folds and tested once, by the models trained on the other folds; per-patient row
 intervals over all patients, and the pairs of models on the same patients, also by tumour size.
 
 Writes into the comparison folder: per-patient.csv (a row per model and patient, with its fold),
-summary.csv, paired.json, comparison.md and the figures of tools.compare (predictions.png: fold 0).
+summary.csv, paired.json, comparison.md and the figures of tools.compare (predictions.png: the first
+fold whose models' checkpoints are all there; left out where none is, as in a folder of the runs'
+records alone, such as docs/comparison-cv/).
 """
 
 import statistics
@@ -144,6 +146,12 @@ def markdown(summary, paired, strata, folds, val_frac):
     return "\n".join(lines) + "\n"
 
 
+def shown_fold(out, names, folds):
+    """The first fold whose every model has its best.pt (predictions.png shows it), or None."""
+    have = lambda i: all((out / n / f"fold-{i}" / "best.pt").is_file() for n in names)  # noqa: E731
+    return next((i for i in range(folds) if have(i)), None)
+
+
 def table(out, names, folds):
     runs = load(out, names, folds)
     every = {f"{n} fold {i}": run[0] for n in names for i, run in enumerate(runs[n])}
@@ -158,10 +166,16 @@ def table(out, names, folds):
     report.write_json(out / "paired.json", {"pairs": paired, "by_tumour_size": strata})
     val_frac = runs[names[0]][0][0]["val_frac"]
     report.write_text(out / "comparison.md", markdown(summary, paired, strata, folds, val_frac))
-    first = {n: runs[n][0] for n in names}
-    compare.figures(out, names, per_patient, first, {n: out / n / "fold-0" for n in names})
+    shown = shown_fold(out, names, folds)
+    folders = None if shown is None else {n: out / n / f"fold-{shown}" for n in names}
+    compare.figures(out, names, per_patient, {n: runs[n][shown or 0] for n in names}, folders)
     report.console.print((out / "comparison.md").read_text())
-    report.console.print(
-        f"wrote {out}/: per-patient.csv summary.csv paired.json comparison.md paired-dice.png "
-        "dice-vs-volume.png predictions.png"
+    made = (
+        f"predictions.png (fold {shown}'s models)"
+        if folders
+        else "no predictions.png (no fold has every best.pt)"
     )
+    report.console.print(
+        f"wrote {out}/: per-patient.csv summary.csv paired.json comparison.md paired-dice.png"
+    )
+    report.console.print(f"  dice-vs-volume.png, {made}")
