@@ -167,7 +167,7 @@ def test_cv_summary_and_paired_are_recomputed_from_per_patient_csv(cross_validat
     paired = json.loads((out / "paired.json").read_text())
     assert paired["pairs"] == compare.pairs(rows, ["unet", "fcn"])  # the CSV's numbers round-trip
     # the margin is a tiny model's: it moves with the CPU (0.43 on a Xeon, above 0.5 on an EPYC)
-    assert paired["pairs"][0]["mean_diff"] > 0.2  # its p too (0.06 there, under 0.01 here): not asserted
+    assert paired["pairs"][0]["mean_diff"] > 0.2  # its p too (0.06 on the Xeon): not asserted
     strata = cv.by_size(rows, ["unet", "fcn"])
     assert [s["patients"] for s in paired["by_tumour_size"]] == [s["patients"] for s in strata]
     assert sum(s["patients"] for s in strata) == 10
