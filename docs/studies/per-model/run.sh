@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Each model's own recipe (issue: a fair contest), chosen on validation patients only: fold 0's 88
+# training patients of the cross-validated comparison (docs/comparison-cv.md, same deal of the 110)
+# split 66 train / 22 validation; fold 0's own 22 patients are never scored (--no-test). Every run
+# validates every epoch, so metrics.jsonl gives validation Dice against training seconds.
+# Finished runs are kept, a stopped one resumes: run it again to go on after a stop.
+#   bash docs/studies/per-model/run.sh DATA_DIR OUT_DIR VARIANT...      (from the repository root)
+# One runner per core (each run takes the cores it is given), e.g. on a 2-core machine:
+#   taskset -c 0 bash docs/studies/per-model/run.sh data/kaggle_3m runs/per-model unet-lr1e-3 ... &
+# Variants: <model>-lr<rate> (the CPU preset at that learning rate), and segnet-fold2-seed<S>: the
+# comparison's SegNet fold 2 (its collapse) trained again with that seed, as the comparison ran it.
+set -euo pipefail
+data=$1 out=$2
+shift 2
+inner=(--data-dir "$data" --preset cpu --folds 5 --test-fold 0 --val-frac 0.2 --no-test)
+
+train() {  # train MODEL NAME FLAGS...
+    local model=$1 dir=$out/$2
+    shift 2
+    if [ -f "$dir/summary.json" ]; then return; fi
+    if [ -d "$dir/last" ]; then
+        python "$model/train.py" --resume "$dir"
+    else
+        python "$model/train.py" "$@" --output-dir "$dir"
+    fi
+}
+
+for v in "$@"; do
+    case $v in
+    unet-lr* | fcn-lr* | segnet-lr*) train "${v%%-lr*}" "$v" "${inner[@]}" --lr "${v#*-lr}" ;;
+    segnet-fold2-seed*)
+        train segnet "$v" --data-dir "$data" --preset cpu --folds 5 --test-fold 2 --val-frac 0 \
+            --train-seed "${v#segnet-fold2-seed}"
+        ;;
+    *) echo "unknown variant $v" >&2; exit 2 ;;
+    esac
+done
