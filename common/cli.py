@@ -352,12 +352,6 @@ def check(args):
         if not ok:
             raise UserError(f"argument {flag}: {msg}")
 
-    if (
-        not args.synthetic
-        and (args.resume is None or "data_dir" in args.given)
-        and not args.data_dir.exists()
-    ):
-        raise no_data(args.data_dir)  # before torch is imported (a --resume reads its own, saved)
     need(
         args.data_pipeline in pipelines.WORKERS or args.num_workers == 0,
         "--num-workers",
@@ -408,3 +402,8 @@ def check(args):
             "--output-dir",
             f"exists and is not a folder: {args.output_dir}",
         )
+    # last: a flag error is the same with or without the data (a fresh clone has none), and before
+    # torch is imported; --resume reads its own (saved), --eval-only its checkpoint's first
+    if not (args.synthetic or args.eval_only) and (args.resume is None or "data_dir" in args.given):
+        if not args.data_dir.exists():
+            raise no_data(args.data_dir)

@@ -35,6 +35,9 @@ def pytest_collection_modifyitems(items):
     time (.ci/run: --maxschedchunk 1), the long ones then start early and the short ones fill the
     workers at the end, where otherwise one long test ran on with the other workers done."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    for item in items:  # .ci/run runs the rest without the data, as a fresh clone would
+        if "real_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real)
 
 
 def built_once(tmp_path_factory, name, build):
@@ -155,6 +158,12 @@ def env(tmp_path):
     e = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     e["LGG_CACHE_DIR"] = str(tmp_path / "cache")
     return e
+
+
+@pytest.fixture
+def no_data_env(env, tmp_path):
+    """The environment of a fresh clone: the default data folder ($LGG_DATA_DIR) is not there."""
+    return {**env, "LGG_DATA_DIR": str(tmp_path / "no-kaggle_3m")}
 
 
 def run(cmd, env, timeout=300, process=False):

@@ -181,7 +181,8 @@ def test_an_ensemble_of_folds_is_evaluated_on_the_test_patients_only(phantoms, t
     assert "validated on different patients" in p.stdout
 
 
-def test_context_flags_that_cannot_work_are_refused(env, tmp_path):
+def test_context_flags_that_cannot_work_are_refused(no_data_env, tmp_path):
+    env = no_data_env  # as on a fresh clone: the flag's error, not the missing data's
     for flags, named in (
         (["--context", "-1"], "--context"),
         (["--context", "1", "--data-pipeline", "decode"], "--context"),
