@@ -225,6 +225,33 @@ def test_the_recipe_table_pairs_each_variant_with_the_plain_one(tmp_path):
     assert recipe.main([str(tmp_path), "--variants", "plain,cosine"]) == 2  # not run yet: one line
 
 
+def test_time_to_quality_is_the_first_epoch_at_the_target_at_the_runs_median_pace(tmp_path):
+    """MLPerf's measure: training seconds until validation Dice per patient first reaches the target;
+    an epoch slowed by other work counts at the run's median pace, a run that never reaches it has none."""
+    from tools import recipe
+
+    def study_run(name, dices, seconds):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"best_val": fake_result([0.5, 0.9])}))
+        epochs = [
+            {"epoch": k, "train_time_s": t, "val_dice_patient_mean": d}
+            for k, (d, t) in enumerate(zip(dices, seconds), 1)
+        ]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+
+    study_run("slow", [0.5, 0.7, 0.8, 0.76], [100, 100, 900, 100])  # reaches 0.75 at its 3rd epoch
+    study_run("never", [0.5, 0.6, 0.74], [10, 10, 10])
+    out = tmp_path / "out"
+    assert recipe.main([str(tmp_path), "--variants", "slow,never", "--output-dir", str(out)]) == 0
+    with open(out / "recipe-val.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert float(rows["slow"]["time_to_0.75_s"]) == 300 and rows["never"]["time_to_0.75_s"] == ""
+    assert (out / "dice-vs-time.png").stat().st_size > 0
+    recipe.main([str(tmp_path), "--variants", "slow,never", "--target", "0.6", "--output-dir", str(out)])
+    with open(out / "recipe-val.csv") as f:
+        assert [float(r["time_to_0.6_s"]) for r in csv.DictReader(f)] == [200, 20]
+
+
 @pytest.mark.slow
 def test_a_run_from_before_the_cosine_default_resumes_with_its_constant_rate(phantoms, tmp_path, env):
     out = tmp_path / "old"

@@ -19,7 +19,7 @@ from common import report, stats
 from common.cli import Parser
 from common.errors import UserError, contract
 from common.folders import make
-from common.ranges import pathname
+from common.ranges import pathname, share
 from tools.compare import scores, write_csv
 
 # name: (folder under the study's folder, the runs trained for it, what it is)
@@ -98,7 +98,40 @@ def train_time(study, runs):
     return total
 
 
-def rows(study, names, part):
+def curve(study, run):
+    """(training seconds, validation Dice per patient) after each epoch of a run: seconds counted as
+    the run's median epoch times the epochs done, as train_time does."""
+    epochs = report.read_jsonl(study / run / "metrics.jsonl")
+    pace = statistics.median(row["train_time_s"] for row in epochs)
+    return [(pace * row["epoch"], row.get("val_dice_patient_mean")) for row in epochs]
+
+
+def time_to(points, target):
+    """Training seconds until validation Dice per patient first reaches `target`; None if never."""
+    return next((t for t, dice in points if dice is not None and dice >= target), None)
+
+
+def curves_figure(study, names, target, path):
+    """Validation Dice per patient against training seconds, a line per variant (one network each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for n in names:
+        t, dice = zip(*curve(study, n))
+        ax.plot([x / 60 for x in t], dice, marker="o", markersize=3, label=n)
+    ax.axhline(target, color="0.6", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("training minutes (median epoch x epochs, one core)")
+    ax.set_ylabel("validation Dice per patient (mean)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    report.save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def rows(study, names, part, target=0.75):
     """A row per variant: its scores on the `part` patients, paired with the first variant's."""
     known = {n: variant(study, n, names[0]) for n in names}
     where = {n: study / (known[n][0] if part == "val" else f"test/{n}") for n in names}
@@ -136,26 +169,32 @@ def rows(study, names, part):
                 "dice_patient_post_mean": results[n].get("dice_patient_post_mean"),
                 "networks": len(known[n][1]),
                 "train_time_s": train_time(study, known[n][1]),
+                # time to quality (MLPerf Training's measure), for a variant of one trained network
+                f"time_to_{target:g}_s": time_to(curve(study, n), target)
+                if part == "val" and known[n][1] == [n] and (study / n / "metrics.jsonl").is_file()
+                else None,
                 "eval_time_s": results[n]["eval_time_s"],
             }
         )
     return out
 
 
-def markdown(table, part):
+def markdown(table, part, target):
     ref = table[0]["variant"]
     lines = [
         f"| variant | Dice per patient, mean [95 % CI] | median | pooled Dice | vs {ref}: mean diff "
         f"[95 % CI], Wilcoxon p, wins/losses | post-processed (chosen on val) | networks | training s "
-        f"| {part} evaluation s |",
-        "|" + "---|" * 9,
+        f"| {part} evaluation s | validation Dice {target:g} after s |",
+        "|" + "---|" * 10,
     ]
     for r in table:
+        reached = r[f"time_to_{target:g}_s"]
         lines.append(
             f"| {r['variant']} ({r['what']}) | {r['dice_patient_mean']:.3f} "
             f"[{r['dice_patient_mean_ci_low']:.3f}, {r['dice_patient_mean_ci_high']:.3f}] | "
             f"{r['dice_patient_median']:.3f} | {r['dice_pooled']:.3f} | {paired_cell(r, ref)} | "
-            f"{post_cell(r)} | {r['networks']} | {r['train_time_s']:.0f} | {r['eval_time_s']:.1f} |"
+            f"{post_cell(r)} | {r['networks']} | {r['train_time_s']:.0f} | {r['eval_time_s']:.1f} | "
+            f"{'-' if reached is None else f'{reached:.0f}'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -191,7 +230,18 @@ def parser():
         default=",".join(VARIANTS),
         help=f"comma-separated, the first the reference: {', '.join(VARIANTS)}, or run folders of the study",
     )
-    p.add_argument("--output-dir", type=pathname, default=None, help="write recipe-<set>.csv and .md there")
+    p.add_argument(
+        "--target",
+        type=share(),
+        default=0.75,
+        help="time to quality: training seconds until validation Dice per patient first reaches this",
+    )
+    p.add_argument(
+        "--output-dir",
+        type=pathname,
+        default=None,
+        help="write recipe-<set>.csv and .md there (with --set val also dice-vs-time.png)",
+    )
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -208,12 +258,15 @@ def tabulate(args):
             f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)}, or a run folder "
             f"of {args.study})"
         )
-    table = rows(args.study, names, args.set)
-    text = markdown(table, args.set)
+    table = rows(args.study, names, args.set, args.target)
+    text = markdown(table, args.set, args.target)
     if args.output_dir is not None:
         make(args.output_dir)
         write_csv(args.output_dir / f"recipe-{args.set}.csv", table)
         report.replace(args.output_dir / f"recipe-{args.set}.md", lambda tmp: tmp.write_text(text))
+        runs = [n for n in names if (args.study / n / "metrics.jsonl").is_file()]
+        if args.set == "val" and runs:
+            curves_figure(args.study, runs, args.target, args.output_dir / "dice-vs-time.png")
     print(text)
     return 0
 
