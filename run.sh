@@ -73,6 +73,15 @@ all_folds_finished() {
 }
 
 repo=$(repository)
+# a batch job does not inherit an activated environment's PATH when submitted without it: the
+# checkout's own .venv (the README's set-up) if there is one
+if ! command -v accelerate >/dev/null 2>&1; then
+  if [ -f "$repo/.venv/bin/activate" ]; then
+    . "$repo/.venv/bin/activate"
+  else
+    fail "accelerate not found: activate the environment before sbatch, or set it up in $repo/.venv (README: Set up)"
+  fi
+fi
 spec=${1:-}
 if [ "$spec" = sweep ]; then  # it launches each run itself
   shift

@@ -226,3 +226,19 @@ def test_a_job_array_over_folds_then_their_table(slurm, phantoms, tmp_path):
     assert "2-fold cross-validation (mean +- std over folds)" in log, log
     p = run([*summary, "--summary"], slurm)
     assert p.returncode == 0 and json.loads((tmp_path / "cv" / "cv.json").read_text())["finished"] == [0, 1]
+
+
+def test_run_sh_without_the_environment_says_how_or_takes_the_checkouts_own(env, tmp_path):
+    """sbatch from a shell where the environment is not activated: one line saying what to do, or,
+    where the checkout has its .venv (the README's set-up), that one."""
+    shutil.copy(ROOT / "run.sh", tmp_path / "run.sh")  # a checkout without .venv
+    bare = {**env, "PATH": "/usr/bin:/bin"}
+    p = subprocess.run(["bash", str(tmp_path / "run.sh"), "unet"], env=bare, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: accelerate not found"), p.stderr
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    venv_bin = os.path.dirname(sys.executable)  # this interpreter's environment stands in for it
+    (tmp_path / ".venv" / "bin" / "activate").write_text(
+        f'touch "{tmp_path}/activated"; PATH="{venv_bin}:$PATH"\n'
+    )
+    p = subprocess.run(["bash", str(tmp_path / "run.sh"), "unet"], env=bare, capture_output=True, text=True)
+    assert (tmp_path / "activated").exists() and "accelerate not found" not in p.stderr, p.stderr
