@@ -7,8 +7,9 @@
 #   bash docs/studies/per-model/run.sh DATA_DIR OUT_DIR VARIANT...      (from the repository root)
 # One runner per core (each run takes the cores it is given), e.g. on a 2-core machine:
 #   taskset -c 0 bash docs/studies/per-model/run.sh data/kaggle_3m runs/per-model unet-lr1e-3 ... &
-# Variants: <model>-lr<rate> (the CPU preset at that learning rate), and segnet-fold2-seed<S>: the
-# comparison's SegNet fold 2 (its collapse) trained again with that seed, as the comparison ran it.
+# Variants: <model>-lr<rate> (the CPU preset at that learning rate), <model>-lr<rate>-dice (and
+# the soft-Dice loss alone), and segnet-fold2-seed<S>[-dice]: the comparison's SegNet fold 2 (its
+# collapse) trained again with that seed as the comparison ran it [with the soft-Dice loss alone].
 set -euo pipefail
 data=$1 out=$2
 shift 2
@@ -26,11 +27,14 @@ train() {  # train MODEL NAME FLAGS...
 }
 
 for v in "$@"; do
-    case $v in
-    unet-lr* | fcn-lr* | segnet-lr*) train "${v%%-lr*}" "$v" "${inner[@]}" --lr "${v#*-lr}" ;;
+    loss=()
+    if [[ $v == *-dice ]]; then loss=(--loss dice); fi
+    base=${v%-dice}
+    case $base in
+    unet-lr* | fcn-lr* | segnet-lr*) train "${base%%-lr*}" "$v" "${inner[@]}" --lr "${base#*-lr}" "${loss[@]}" ;;
     segnet-fold2-seed*)
         train segnet "$v" --data-dir "$data" --preset cpu --folds 5 --test-fold 2 --val-frac 0 \
-            --train-seed "${v#segnet-fold2-seed}"
+            --train-seed "${base#segnet-fold2-seed}" "${loss[@]}"
         ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
     esac
