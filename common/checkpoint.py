@@ -57,6 +57,7 @@ def save_epoch(run, epoch, val):
         weights = run.accelerator.get_state_dict(run.model)
         if run.main:
             ckpt = {"model": weights, "config": model_config(run.args), "epoch": epoch, "val": val}
+            ckpt["split"] = run.split  # who it trained on travels with it, wherever it is copied
             report.save_torch(ckpt, run.out / "best.pt")
     save_last(run.accelerator, run.out)
 
@@ -93,6 +94,18 @@ def load_checkpoint(path, model_name=None):
     if model_name is not None and config["model"] != model_name:
         raise UserError(f"--checkpoint {path} holds a {config['model']} model, not {model_name}")
     return ckpt
+
+
+def split_of(path, ckpt=None):
+    """The patients a checkpoint trained, validated and was tested on: the record it carries, else
+    the split.json of its run folder (checkpoints from before they carried it). None: not known."""
+    path = Path(path)
+    best = path / "best.pt" if path.is_dir() else path
+    ckpt = load_checkpoint(best) if ckpt is None else ckpt
+    if ckpt.get("split") is not None:
+        return ckpt["split"]
+    beside = best.parent / "split.json"
+    return report.read_json(beside) if beside.is_file() else None
 
 
 def members(path):

@@ -7,11 +7,11 @@ import torch
 
 from common import data, metrics, report
 from common.blocks import Averaged
-from common.checkpoint import load_checkpoint, members, model_config, take_config
+from common.checkpoint import load_checkpoint, members, model_config, split_of, take_config
 from common.errors import UserError
 from common.loss import loss_from_terms, loss_terms
 from common.prepare import load_data, make_accelerator
-from common.rundir import make_run_dir, recorded, split_record
+from common.rundir import make_run_dir, split_record
 
 
 def inputs(args, d, images, masks, idx, train=False):
@@ -74,15 +74,20 @@ def postprocess_all(args, results):
     return {name: metrics.with_postprocess(r, chosen) for name, r in results.items()}
 
 
-def members_split(args, paths, accelerator):
-    """The split the members were trained on (split.json), and whether their validation patients are
-    one set: folds each validate on other patients, so that together they trained on all of them."""
-    records = [recorded(p if p.is_dir() else p.parent) for p in paths]
-    if records[0] is None:
-        if accelerator.is_main_process:
-            report.console.print(f"note: no split.json beside {paths[0]}: the split comes from the flags")
-        return None, True
-    if any(r is None or r["test"] != records[0]["test"] for r in records):
+def members_split(args, paths, ckpts, accelerator):
+    """The split the members were trained on (the one each carries, or its split.json), and whether
+    their validation patients are one set: folds each validate on other patients, so that together
+    they trained on all of them. A member whose patients are not known is refused: the flags' split
+    could test it on patients it trained on."""
+    records = [split_of(p, c) for p, c in zip(paths, ckpts)]
+    for path, record in zip(paths, records):
+        if record is None:
+            raise UserError(
+                f"--checkpoint {path}: which patients it trained on is not known (no split.json beside "
+                "it; made before checkpoints carried it): scores from the flags' split could be on "
+                "its training patients; evaluate it in its run folder"
+            )
+    if any(r["test"] != records[0]["test"] for r in records):
         raise UserError(f"--checkpoint {args.checkpoint}: its runs were tested on different patients")
     same_val = all(r["val"] == records[0]["val"] for r in records)
     if not same_val and accelerator.is_main_process:
@@ -110,7 +115,7 @@ def evaluate_checkpoint(args, build_model):
         except RuntimeError as e:
             raise UserError(f"--checkpoint {path}: weights do not fit the model ({e})") from e
     model = Averaged(nets, mirror=args.tta) if len(nets) > 1 or args.tta else nets[0]
-    record, same_val = members_split(args, paths, accelerator)
+    record, same_val = members_split(args, paths, ckpts, accelerator)
     d = load_data(args, accelerator, record)
     d.loaders["val"] = d.loaders["val"] if same_val else None
     d.loaders["test"] = None if args.no_test else d.loaders["test"]

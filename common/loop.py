@@ -72,6 +72,7 @@ class Run:
     n_params: int
     lock: object  # the run folder's lock (main process)
     schedule: object = None  # the learning-rate scheduler of --schedule cosine
+    split: dict = None  # the patients of each part (split.json), carried by every best.pt
 
     @property
     def main(self):
@@ -112,12 +113,13 @@ def setup(args, build_model):
     held = lock(out) if accelerator.is_main_process else None
     if held:
         report.console.keep(out / "log.txt")
+    split = split_record(args, d)
     if accelerator.is_main_process and args.resume is None:
         for stale in ("metrics.jsonl", "best.pt", "summary.json"):  # of a run that stopped in its first epoch
             (out / stale).unlink(missing_ok=True)
         flags = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         report.write_json(out / "args.json", flags)
-        report.write_json(out / "split.json", split_record(args, d))
+        report.write_json(out / "split.json", split)
     if args.sync_bn and accelerator.num_processes > 1:
         model = sync_batchnorm(model, accelerator.device)
     if args.channels_last:
@@ -133,7 +135,7 @@ def setup(args, build_model):
         accelerator.register_for_checkpointing(schedule)
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     run = Run(args, accelerator, model, optimizer, tuple(loaders), d, state, out, None, n_params, held)
-    run.schedule = schedule
+    run.schedule, run.split = schedule, split
     if args.resume is not None:
         load_last(run)
     run.tracker = open_tracker(args, out, accelerator)

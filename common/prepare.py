@@ -12,7 +12,7 @@ from common import data, report, synthetic
 from common.cache import Cache, open_dataset
 from common.distributed import on_main_first
 from common.errors import UserError
-from common.split import SPLIT_FLAGS, split, split_from_record
+from common.split import SPLIT_FLAGS, refuse_copies, split, split_from_record
 from common.timing import default_threads
 
 
@@ -59,6 +59,7 @@ def load_data(args, accelerator, record=None):
         )
 
     slices, cache = on_main_first(accelerator, prepare)
+    refuse_copies(slices, cache.images)
     if record is None:
         parts, notes = (
             split(
@@ -109,7 +110,7 @@ def recorded_split(args, accelerator, slices, record):
         if key in args.given and getattr(args, key) != record[key]:
             raise UserError(
                 f"--{key.replace('_', '-')} {getattr(args, key)}: the run was split with "
-                f"--{key.replace('_', '-')} {record[key]} (its split.json); another split would test on "
+                f"--{key.replace('_', '-')} {record[key]} (its recorded split); another split would test on "
                 "patients it trained on"
             )
         setattr(args, key, record[key])

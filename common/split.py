@@ -2,6 +2,8 @@
 rank and machine), and read back from a run's split.json, which is the truth for everything that
 uses the run."""
 
+import hashlib
+import itertools
 import random
 
 from common.errors import UserError
@@ -55,6 +57,24 @@ def deal(keys, slices, key_of, tumour_pixels, folds, fold, unit, where):
     ranked = sorted(keys, key=lambda k: -tumour[k])  # stable: ties keep the seeded order
     turn = [j % folds if (j // folds) % 2 == 0 else folds - 1 - j % folds for j in range(len(ranked))]
     return [k for k, t in zip(ranked, turn) if t == fold]
+
+
+def refuse_copies(slices, images):
+    """A patient is who its images are, whatever its folder is called: two folders holding the same
+    slices (a copy, `X - Copy`) would be split as two patients, one tested, the other trained on.
+    Compared by the slice count and the first, middle and last slices' pixels."""
+    seen = {}
+    for patient, group in itertools.groupby(range(len(slices)), key=lambda i: slices[i].patient):
+        idx = list(group)
+        digest = hashlib.blake2b(str(len(idx)).encode())
+        for i in {idx[0], idx[len(idx) // 2], idx[-1]}:
+            digest.update(images[i].tobytes())
+        first = seen.setdefault(digest.hexdigest(), patient)
+        if first != patient:
+            raise UserError(
+                f"patients {first} and {patient} hold the same slices (a copy under another name?): "
+                "remove one, or the split could test one and train on the other"
+            )
 
 
 SPLIT_FLAGS = ("split", "seed", "val_frac", "test_frac", "folds", "fold", "test_fold")

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -422,3 +423,35 @@ def test_odd_but_valid_layouts_are_used(phantoms, tmp_path):
     c = load_cache(slices, root, tmp_path / "cache", 64)
     images, masks = c.images, c.masks
     assert images.shape == (27, 64, 64, 3) and masks.max() == 1
+
+
+@pytest.mark.parametrize("renamed", [False, True])
+@pytest.mark.parametrize("suffix", [" - Copy", "_copy", " (2)"])
+def test_a_patient_copied_under_another_name_is_refused_not_split(tmp_path, suffix, renamed):
+    """A patient is who its images are: its copy would be split as a second patient, one side tested
+    on what the other trained on. Caught as copied (files named after the original) or renamed."""
+    from common.split import refuse_copies
+
+    root = write_phantoms(tmp_path / "kaggle_3m", patients=3, slices=4, size=32, seed=1)
+    original = sorted(p for p in root.iterdir() if p.is_dir())[1]
+    copy = shutil.copytree(original, root / f"{original.name}{suffix}")
+    if renamed:
+        for f in copy.iterdir():
+            f.rename(copy / f.name.replace(original.name, copy.name.replace(" ", "_")))
+    slices, cache = open_dataset(root, tmp_path / "cache", 32)
+    with pytest.raises(UserError, match=re.escape(f"patients {original.name} and {copy.name} hold the same")):
+        refuse_copies(slices, cache.images)
+    shutil.rmtree(copy)
+    slices, cache = open_dataset(root, tmp_path / "cache", 32)
+    refuse_copies(slices, cache.images)  # distinct patients pass
+
+
+def test_training_on_data_with_a_copied_patient_ends_in_one_line(tmp_path, env):
+    root = write_phantoms(tmp_path / "kaggle_3m", patients=4, slices=4, size=32, seed=2)
+    original = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    shutil.copytree(original, root / f"{original.name} - Copy")
+    p = run([sys.executable, "unet/train.py", "--data-dir", str(root), *TINY, "--epochs", "1",
+             "--output-dir", str(tmp_path / "run")], env)  # fmt: skip
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]  # after the note on names
+    assert p.returncode == 2 and len(errors) == 1 and "hold the same slices" in errors[0], p.stderr
+    assert not (tmp_path / "run" / "best.pt").exists()

@@ -52,9 +52,10 @@ def test_resume_keeps_the_split_when_the_data_grow(six, tmp_path, env):
     out = tmp_path / "run"
     train("unet", "--data-dir", str(six), *TINY, "--epochs", "1", "--output-dir", str(out), env=env)
     before = split_of(out)
-    shutil.copytree(six / before["train"][0], six / "TCGA_ZZ_0000_20000101", dirs_exist_ok=True)
-    for f in (six / "TCGA_ZZ_0000_20000101").iterdir():
-        f.rename(f.with_name(f.name.replace(before["train"][0], "TCGA_ZZ_0000_20000101")))
+    other = write_phantoms(tmp_path / "more", patients=1, slices=4, size=64, seed=9)  # a new patient
+    new = shutil.copytree(next(p for p in other.iterdir() if p.is_dir()), six / "TCGA_ZZ_0000_20000101")
+    for f in new.iterdir():
+        f.rename(f.with_name("TCGA_ZZ_0000_20000101_" + f.name.split("_", 4)[-1]))
     p = train("unet", "--resume", str(out), "--epochs", "2", env=env)
     assert "1 patients in the data are not in split.json: left out" in p.stdout
     assert split_of(out) == before and json.loads((out / "summary.json").read_text())["split"]["train"] == \
@@ -137,13 +138,52 @@ def test_predict_on_the_runs_own_test_patients(six, tmp_path, env):
           env=env)  # fmt: skip
     cmd = [sys.executable, "-m", "tools.predict", "--checkpoint", str(out), "--data-dir", str(six),
            "--patients", "test", "--no-figures", "--output-dir", str(pred)]  # fmt: skip
+    test = split_of(out)["test"]
+    (out / "split.json").unlink()  # the checkpoint carries its split: the same patients without it
     p = run(cmd, env)
     assert p.returncode == 0, p.stdout + p.stderr
     written = {f.name.rsplit("_", 2)[0] for f in (pred / "unet" / "masks").glob("*_pred.tif")}
-    assert written == set(split_of(out)["test"])  # seed 5's test patient, not the flags' defaults
-    shutil.rmtree(six / split_of(out)["test"][0])
+    assert written == set(test)  # seed 5's test patient, not the flags' defaults
+    shutil.rmtree(six / test[0])
     p = run(cmd, env)
     assert p.returncode == 2 and p.stderr.startswith("error: --patients test: no slice"), p.stderr
-    (out / "split.json").unlink()
-    p = run(cmd, env)
-    assert p.returncode == 2 and "no split.json beside" in p.stderr, p.stderr
+
+
+def test_a_checkpoint_is_tested_on_its_own_test_patients_wherever_it_is(six, tmp_path, env):
+    """A best.pt copied out of its run folder, evaluated with other split flags: the patients it was
+    tested on are the ones it carries, never the flags' (which would test it on its training ones);
+    one whose patients are not known at all is refused."""
+    import torch
+
+    out = tmp_path / "run"
+    train(
+        "unet",
+        "--data-dir",
+        str(six),
+        *TINY,
+        "--epochs",
+        "1",
+        "--seed",
+        "5",
+        "--output-dir",
+        str(out),
+        env=env,
+    )
+    (tmp_path / "loose").mkdir()
+    shutil.copy(out / "best.pt", tmp_path / "loose" / "best.pt")
+    ev = tmp_path / "eval"
+    p = run([sys.executable, "unet/train.py", "--eval-only", "--checkpoint", str(tmp_path / "loose"),
+             "--data-dir", str(six), "--output-dir", str(ev)], env)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    tested = {r["patient"] for r in json.loads((ev / "eval.json").read_text())["test"]["per_patient"]}
+    assert tested == set(split_of(out)["test"])  # seed 5's, not the default seed's
+    p = run([sys.executable, "unet/train.py", "--eval-only", "--checkpoint", str(tmp_path / "loose"),
+             "--data-dir", str(six), "--seed", "3", "--output-dir", str(tmp_path / "e3")], env)  # fmt: skip
+    assert p.returncode == 2 and "would test on patients it trained on" in p.stderr, p.stderr
+    ckpt = torch.load(tmp_path / "loose" / "best.pt", weights_only=True)
+    del ckpt["split"]  # as checkpoints were before they carried it
+    torch.save(ckpt, tmp_path / "loose" / "best.pt")
+    p = run([sys.executable, "unet/train.py", "--eval-only", "--checkpoint", str(tmp_path / "loose"),
+             "--data-dir", str(six), "--output-dir", str(tmp_path / "eval-old")], env)  # fmt: skip
+    assert p.returncode == 2 and "which patients it trained on is not known" in p.stderr, p.stderr
+    assert not (tmp_path / "eval-old" / "eval.json").exists()

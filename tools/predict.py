@@ -36,12 +36,11 @@ from PIL import Image
 from common import data, metrics, registry, report
 from common.blocks import Averaged
 from common.cache import prepared, volume_stats
-from common.checkpoint import load_checkpoint, members
+from common.checkpoint import load_checkpoint, members, split_of
 from common.cli import Parser
 from common.errors import UserError, contract
 from common.folders import make
 from common.ranges import pathname
-from common.rundir import recorded
 from common.split import split_key
 
 TRUTH, PRED = "#2ca02c", "#d62728"
@@ -67,10 +66,12 @@ def find_slices(folder):
 def of_part(found, data_dir, checkpoints, part):
     """The slices of `found` in the `part` of the checkpoints' split.json (each checkpoint's the same)."""
     paths = [p for c in checkpoints for p in members(c)]
-    records = [recorded(p if p.is_dir() else p.parent) for p in paths]
+    records = [split_of(p) for p in paths]
     for path, record in zip(paths, records):
         if record is None:
-            raise UserError(f"--patients {part}: no split.json beside {path}")
+            raise UserError(
+                f"--patients {part}: which patients {path} trained on is not known (no split.json beside it)"
+            )
     if len({tuple(r[part]) for r in records}) > 1 or len({r["split"] for r in records}) > 1:
         raise UserError(f"--patients {part}: the checkpoints' runs have different {part} sets (split.json)")
     unit = split_key(records[0]["split"])
