@@ -69,3 +69,47 @@ def test_segnet_unpools_each_stage_at_its_own_encoder_indices():
         assert torch.equal(out.flatten(2).gather(2, idx.flatten(2)), x.flatten(2))
         placed = torch.zeros_like(before).flatten(2).scatter_(2, idx.flatten(2), 1).view_as(before).bool()
         assert not out[~placed].any()
+
+
+def phantom_batches(seed, n=3, size=64):
+    """n batches of 16 phantom slices with tumour, z-scored per slice and channel as in training."""
+    import numpy as np
+
+    from common.synthetic import phantom_volume
+
+    rng, images, masks = np.random.default_rng(seed), [], []
+    while len(images) < 16 * n:
+        volume, mask = phantom_volume(rng, 10, size)
+        keep = mask.any((1, 2))
+        images += list(volume[keep])
+        masks += list(mask[keep])
+    x = torch.from_numpy(np.stack(images[: 16 * n])).permute(0, 3, 1, 2).float()
+    x = (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + 1e-6)
+    y = torch.from_numpy(np.stack(masks[: 16 * n]) > 0).float()[:, None]
+    return list(zip(x.split(16), y.split(16)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss, leaves", [("dice", True), ("bce+dice", False)])
+def test_segnet_leaves_the_dice_0_plateau_in_its_first_steps_under_soft_dice_alone(loss, leaves):
+    """SegNet's collapse (docs/studies/per-model): under bce+dice its tumour logits stay level with
+    the background's and below 0 (BCE's fixed point on ~1 % foreground, for a decoder without skip
+    connections); the soft-Dice loss alone lifts them clear within 12 steps, as it lifted the
+    comparison's fold 2 out of its collapse."""
+    from common.loss import loss_from_terms, loss_terms
+
+    torch.manual_seed(0)
+    batches = phantom_batches(0)
+    model = SegNet(width=0.25)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(12):
+        x, y = batches[step % len(batches)]
+        optimizer.zero_grad()
+        loss_from_terms(loss_terms(model(x), y), loss).backward()
+        optimizer.step()
+    with torch.no_grad():
+        x, y = batches[0]
+        out = model(x)  # training mode: each batch's own statistics, as the loss saw them
+    gap = float(out[y > 0].mean() - out[y == 0].mean())
+    found = float(((out > 0) & (y > 0)).sum() / (y > 0).sum())
+    assert (gap > 3 and found > 0.9) if leaves else (gap < 1.5 and found < 0.6), (gap, found)
