@@ -30,10 +30,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults in --help, and the description's usage examples kept as written."""
 
 
-def make_parser(script, description, **defaults):
-    """The flags every <model>/train.py shares; `script` is its __file__, whose folder names the model."""
+def make_parser(script, description, presets=None, **defaults):
+    """The flags every <model>/train.py shares; `script` is its __file__, whose folder names the model.
+    `presets`: the model's own values within a preset (its recipe, chosen on validation patients),
+    over the shared ones of PRESETS."""
     model = Path(script).resolve().parent.name
     p = Parser(prog=f"{model}/train.py", description=description, formatter_class=HelpFormatter)
+    p.presets = {k: {**v, **(presets or {}).get(k, {})} for k, v in PRESETS.items()}
     p.set_defaults(model=model)
     for add in (data_flags, split_flags, augmentation_flags, training_flags, recipe_flags):
         add(p)
@@ -157,7 +160,7 @@ def training_flags(p):
         default=None,
         help="; ".join(
             f"{k}: {' '.join(f'--{f} {v}'.replace('_', '-') for f, v in d.items())}"
-            for k, d in PRESETS.items()
+            for k, d in p.presets.items()
         )
         + " (flags given explicitly win)",
     )
@@ -339,7 +342,7 @@ def parse(parser, argv=None):
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
     preset = args.preset or ("quick" if args.synthetic else None)
-    for k, v in PRESETS.get(preset, {}).items():
+    for k, v in getattr(parser, "presets", PRESETS).get(preset, {}).items():
         if k not in given:
             setattr(args, k, v)
     args.given = sorted(given)

@@ -116,3 +116,16 @@ def test_any_flag_given_garbage_is_taken_or_refused_in_one_line(name, flag, acti
             parse([f"{flag}={text}"])
         except UserError as e:
             assert "\n" not in str(e), (name, flag, text, str(e))
+
+
+def test_a_models_own_preset_values_win_over_the_shared_ones_and_flags_over_both(tmp_path):
+    """Each model's recipe lives in its train.py (make_parser's presets), within --preset cpu."""
+    from common.cli import PRESETS, make_parser, parse
+
+    script = tmp_path / "mymodel" / "train.py"
+    p = make_parser(str(script), "a model", presets={"cpu": {"lr": 3e-4, "loss": "dice"}})
+    args = parse(p, ["--synthetic", "--preset", "cpu"])
+    assert (args.model, args.lr, args.loss, args.width) == ("mymodel", 3e-4, "dice", PRESETS["cpu"]["width"])
+    assert parse(p, ["--synthetic", "--preset", "cpu", "--lr", "1e-2"]).lr == 1e-2
+    assert PRESETS["cpu"]["lr"] == 1e-3 and "loss" not in PRESETS["cpu"]  # the shared ones untouched
+    assert "--lr 0.0003 --test-frac 0.2 --tumour-share 0.5 --loss dice" in " ".join(p.format_help().split())
