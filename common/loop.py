@@ -150,6 +150,9 @@ def announce(run):
         f"global batch {args.batch_size * a.num_processes} | precision {a.mixed_precision}\n"
         f"{', '.join(f'{k} {len(v)}' for k, v in run.d.parts.items())} slices | run folder {run.out}"
     )
+    if args.resume is not None:
+        at = f", step {run.state.step} of epoch {run.state.epoch + 1}" if run.state.step else ""
+        report.console.print(f"resumed: {run.state.epoch} epochs done{at}")
     report.epoch_header()
 
 
@@ -247,7 +250,8 @@ def train_epoch(run, epoch, preemption):
     batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
     with report.bar(run.main) as bar:  # the loss stays on the device: no host sync per step
         task = bar.add_task(f"epoch {epoch}/{args.epochs}", total=steps, completed=done)
-        ticker = report.Ticker(run.main, f"epoch {epoch}/{args.epochs}", steps)
+        last = run.state.planned_epochs or args.epochs
+        ticker = report.Ticker(run.main, f"epoch {epoch}/{args.epochs}", steps, epochs_after=last - epoch)
         for step, (images, masks, idx) in enumerate(batches, done + 1):
             times.waited()
             x, y = inputs(args, run.d, images, masks, idx, train=True)

@@ -61,10 +61,11 @@ class Ticker:
     """Progress in a log (Slurm's .out, a file, CI), where no bar is drawn: a line every `every`
     seconds with the step, images/s, loss and the time left. `loss` is read only then (a sync)."""
 
-    def __init__(self, enabled, title, total, every=30.0):
+    def __init__(self, enabled, title, total, every=30.0, epochs_after=0):
         import time
 
         self.clock, self.title, self.total, self.every = time.perf_counter, title, total, every
+        self.epochs_after = epochs_after  # the run's epochs after this one, for its estimate
         self.enabled = enabled and not console.is_terminal
         self.start = self.last = self.clock()
         self.images, self.first = 0, None
@@ -78,9 +79,15 @@ class Ticker:
         if now - self.last < self.every:
             return
         self.last, rate = now, self.images / (now - self.start)
-        left = (now - self.start) / (step - self.first) * (self.total - step)
+        per_step = (now - self.start) / (step - self.first)
+        left = per_step * (self.total - step)
+        run_left = left + self.epochs_after * per_step * self.total  # training only, at this pace
+        from datetime import datetime
+
         console.print(
-            f"{self.title}: step {step}/{self.total}, {rate:.1f} img/s, loss {loss():.4f}, {left:.0f} s left"
+            f"{datetime.now():%H:%M:%S} {self.title}: step {step}/{self.total}, {rate:.1f} img/s, "
+            f"loss {loss():.4f}, {left:.0f} s left"
+            + (f", the run ~{run_left / 60:.0f} min" if self.epochs_after else "")
         )
 
 

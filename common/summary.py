@@ -100,6 +100,38 @@ def run_summary(run, build_model, stopped_by, results):
         "test": results.get("test"),
         "split": {k: len(v) for k, v in run.d.parts.items()},
         "data": data_record(args, run.d),
+        "made": provenance(),
+    }
+
+
+def provenance():
+    """When and by what code a result was made: the date, the checkout's commit (with "+changes"
+    when files differ from it; None outside git) and the versions the numbers depend on."""
+    import platform
+    import subprocess
+    from datetime import datetime, timezone
+
+    import accelerate
+    import torchvision
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD").strip() or None
+    if commit and git("status", "--porcelain", "--untracked-files=no").strip():
+        commit += "+changes"
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "accelerate": accelerate.__version__,
     }
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -41,7 +42,8 @@ def test_resume_continues_as_if_never_stopped(phantoms, tmp_path, env):
     args = ["--data-dir", str(phantoms), *TINY, "--schedule", "constant", "--epochs", "3"]
     train("unet", *args, "--output-dir", str(tmp_path / "whole"), env=env)
     train("unet", *args[:-2], "--epochs", "1", "--output-dir", str(tmp_path / "cut"), env=env)
-    train("unet", "--resume", str(tmp_path / "cut"), "--epochs", "3", env=env)
+    p = train("unet", "--resume", str(tmp_path / "cut"), "--epochs", "3", env=env)
+    assert "resumed: 1 epochs done" in p.stdout  # said where it goes on from
     whole, cut = rows(tmp_path / "whole"), rows(tmp_path / "cut")
     assert [r["epoch"] for r in cut] == [1, 2, 3]
     for a, b in zip(whole, cut):
@@ -407,3 +409,24 @@ def test_bad_data_leaves_no_run_folder_and_no_cache(phantoms, tmp_path, env):
     assert not (tmp_path / "run").exists()
     cache = Path(env["LGG_CACHE_DIR"])
     assert not list(cache.glob("*/meta.json")) and not list(cache.glob("*.tmp*"))
+
+
+def test_a_result_says_when_and_by_what_code_it_was_made(finished):
+    made = json.loads((finished / "run" / "summary.json").read_text())["made"]
+    assert made["date"].startswith("20") and made["torch"] == torch.__version__
+    assert made["commit"] is None or len(made["commit"].removesuffix("+changes")) == 40
+    assert set(made) == {"date", "commit", "python", "torch", "torchvision", "accelerate"}
+
+
+def test_a_log_line_has_the_clock_time_and_the_runs_time_left(capsys):
+    from common import report
+
+    ticker = report.Ticker(True, "epoch 1/3", total=10, every=30.0, epochs_after=2)
+    clock = iter([10.0, 20.0, 25.0, 40.0])
+    ticker.enabled, ticker.clock, ticker.start, ticker.last = True, lambda: next(clock), 0.0, 0.0
+    for step in range(1, 5):  # 4 steps in 40 s: 60 s left in the epoch, 260 s in the run
+        ticker.tick(step, 16, lambda: 0.5)
+    line = capsys.readouterr().out.strip()
+    assert re.match(
+        r"\d\d:\d\d:\d\d epoch 1/3: step 4/10, 1.6 img/s, loss 0.5000, 60 s left, the run ~4 min$", line
+    )
