@@ -20,7 +20,7 @@ from PIL import Image
 from common.errors import UserError, no_data
 from common.pipelines import WORKERS
 
-NAME = re.compile(r"^(?P<stem>(?P<patient>.+)_(?P<n>\d+))(?P<mask>_mask)?\.tif$", re.IGNORECASE)
+NAME = re.compile(r"^(?P<stem>(?P<patient>.+)_(?P<n>\d+))(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,9 @@ class Slice:
     mask: Path
 
 
-def discover(data_dir):
-    """All image/mask pairs of a kaggle_3m folder, sorted by patient then slice number."""
+def discover(data_dir, masks=True):
+    """All image/mask pairs of a kaggle_3m folder, sorted by patient then slice number. masks=False
+    (predicting new scans): an image without its mask is a slice whose mask is None."""
     data_dir = Path(data_dir)
     hint = "--data-dir (default $LGG_DATA_DIR)"
     if not data_dir.exists():
@@ -42,27 +43,57 @@ def discover(data_dir):
     patients = sorted(p for p in data_dir.iterdir() if p.is_dir())
     if not patients:
         raise UserError(f"no patient folders in {data_dir}: expected <patient>/<patient>_<n>.tif ({hint})")
-    slices = []
+    slices, hidden, empty, gaps = [], [], [], []
     for folder in patients:
-        images, masks = {}, {}
+        images, found_masks = {}, {}
         for f in folder.iterdir():
-            if m := NAME.match(f.name):
-                (masks if m["mask"] else images)[m["stem"]] = (int(m["n"]), f)
-        check_names(folder, [f for _, f in (*images.values(), *masks.values())])
-        for stem in sorted(set(images) | set(masks)):
-            if stem not in masks:
+            if f.name.startswith("."):  # macOS's ._ files, editors' and sync tools' own
+                hidden.append(f)
+            elif m := NAME.match(f.name):
+                if not f.exists():
+                    raise UserError(f"slice is a broken link: {f} -> {os.readlink(f)}")
+                (found_masks if m["mask"] else images)[m["stem"]] = (int(m["n"]), f)
+        check_names(folder, [f for _, f in (*images.values(), *found_masks.values())])
+        numbers = sorted(n for n, _ in images.values())
+        if not numbers:
+            empty.append(folder.name)
+        elif numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+            gaps.append(folder.name)
+        for stem in sorted(set(images) | set(found_masks)):
+            if stem not in found_masks and masks:
                 raise UserError(f"image without mask: {images[stem][1]} (expected {stem}_mask.tif beside it)")
             if stem not in images:
-                raise UserError(f"mask without image: {masks[stem][1]} (expected {stem}.tif beside it)")
+                raise UserError(f"mask without image: {found_masks[stem][1]} (expected {stem}.tif beside it)")
             n, image = images[stem]
-            slices.append(Slice(folder.name, n, image, masks[stem][1]))
+            slices.append(Slice(folder.name, n, image, found_masks.get(stem, (None, None))[1]))
         if len(images) == 1:  # volumes have tens of slices: a lone one is what a half-extracted copy leaves
             raise UserError(f"patient folder {folder} holds a single slice: is the copy complete?")
     if not slices:
         inner = [p / "kaggle_3m" for p in (data_dir, *patients) if (p / "kaggle_3m").is_dir()]
         hint = f" (did you mean --data-dir {inner[0]}?)" if inner else ""
         raise UserError(f"no slices in {data_dir}: patient folders hold no <patient>_<n>.tif files{hint}")
+    said(hidden, empty, gaps, len(patients))
     return sorted(slices, key=lambda s: (s.patient, s.n))
+
+
+def said(hidden, empty, gaps, folders):
+    """What discover left out or joined, in a line each: nothing of the data goes in silence."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    notes = []
+    if hidden:
+        notes.append(f"{len(hidden)} hidden files (such as {hidden[0].name}) are not slices: ignored")
+    if empty:
+        notes.append(
+            f"{len(empty)} of {folders} patient folders hold no slices ({', '.join(empty[:3])}): left out"
+        )
+    if gaps:
+        notes.append(
+            f"slice numbers skip in {len(gaps)} patients ({', '.join(gaps[:3])}): their neighbours "
+            "(--context) and volumes (3-D metrics, NIfTI) join across the gaps"
+        )
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def check_names(folder, files):

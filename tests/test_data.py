@@ -455,3 +455,57 @@ def test_training_on_data_with_a_copied_patient_ends_in_one_line(tmp_path, env):
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]  # after the note on names
     assert p.returncode == 2 and len(errors) == 1 and "hold the same slices" in errors[0], p.stderr
     assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def as_users_have_it(root, change):
+    """A phantom kaggle_3m folder (3 patients of 4 slices) changed as users' copies are."""
+    first = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    if change == "appledouble":  # macOS on a foreign disk: ._ beside each file
+        for f in list(first.iterdir()):
+            (first / f"._{f.name}").write_bytes(b"\0\5\26\7")
+    elif change in ("tiff", "TIF"):
+        for f in list(first.iterdir()):
+            f.rename(f.with_suffix("." + change))
+    elif change == "empty":
+        (root / "TCGA_ZZ_0000_20000101").mkdir()
+    elif change == "gap":
+        next(first.glob("*_2.tif")).unlink(), next(first.glob("*_2_mask.tif")).unlink()
+    elif change == "dangling":
+        (first / f"{first.name}_9.tif").symlink_to(root / "gone.tif")
+    return first
+
+
+@pytest.mark.parametrize(
+    "change, outcome",
+    [
+        ("appledouble", "note: 8 hidden files"),
+        ("tiff", 12),
+        ("TIF", 12),
+        ("empty", "note: 1 of 4 patient folders hold no slices (TCGA_ZZ_0000_20000101): left out"),
+        ("gap", "note: slice numbers skip in 1 patients"),
+        ("dangling", "error: slice is a broken link"),
+    ],
+)
+def test_data_as_users_have_it_is_read_or_named_never_dropped_in_silence(tmp_path, capsys, change, outcome):
+    root = write_phantoms(tmp_path / "kaggle_3m", patients=3, slices=4, size=32, seed=1)
+    as_users_have_it(root, change)
+    if isinstance(outcome, str) and outcome.startswith("error:"):
+        with pytest.raises(UserError, match=outcome.removeprefix("error: ")):
+            data.discover(root)
+        return
+    slices = data.discover(root)
+    if isinstance(outcome, int):  # read as any slice
+        assert len(slices) == outcome and capsys.readouterr().err == ""
+    else:
+        assert outcome in capsys.readouterr().err
+
+
+def test_training_reads_a_folder_with_macos_files_and_tiff_names(tmp_path, env):
+    root = write_phantoms(tmp_path / "kaggle_3m", patients=4, slices=4, size=32, seed=4)
+    as_users_have_it(root, "appledouble")
+    for f in sorted(p for p in root.iterdir() if p.is_dir())[1].iterdir():
+        f.rename(f.with_suffix(".TIFF"))
+    p = run([sys.executable, "unet/train.py", "--data-dir", str(root), *TINY, "--epochs", "1",
+             "--output-dir", str(tmp_path / "run")], env)  # fmt: skip
+    assert p.returncode == 0 and "hidden files" in p.stderr, p.stderr
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["train_slices"] > 0

@@ -187,3 +187,20 @@ def test_a_checkpoint_is_tested_on_its_own_test_patients_wherever_it_is(six, tmp
              "--data-dir", str(six), "--output-dir", str(tmp_path / "eval-old")], env)  # fmt: skip
     assert p.returncode == 2 and "which patients it trained on is not known" in p.stderr, p.stderr
     assert not (tmp_path / "eval-old" / "eval.json").exists()
+
+
+@pytest.mark.parametrize("layout", ["kaggle_3m", "one patient, output inside"])
+def test_predict_new_scans_without_masks(finished, tmp_path, env, layout):
+    """The main path of predict: a user's scans, no masks; a patient folder, or a kaggle_3m one."""
+    root = write_phantoms(tmp_path / "scans", patients=2, slices=3, size=64, seed=8)
+    for mask in root.glob("*/*_mask.tif"):
+        mask.unlink()
+    data_dir = root if layout == "kaggle_3m" else sorted(p for p in root.iterdir() if p.is_dir())[0]
+    out = tmp_path / "pred" if layout == "kaggle_3m" else data_dir / "predictions"
+    p = run([sys.executable, "-m", "tools.predict", "--checkpoint", str(finished / "run"), "--data-dir",
+             str(data_dir), "--no-figures", "--output-dir", str(out)], env)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(list(out.glob("*/masks/*_pred.tif"))) == (6 if layout == "kaggle_3m" else 3)
+    p = run([sys.executable, "-m", "tools.predict", "--checkpoint", str(finished / "run"), "--data-dir",
+             str(data_dir), "--no-figures", "--output-dir", str(tmp_path / "again")], env)  # fmt: skip
+    assert p.returncode == 0, p.stderr  # the output folder left inside is no patient

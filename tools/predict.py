@@ -51,16 +51,18 @@ def find_slices(folder):
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--data-dir: not a folder: {folder}")
-    if any(p.is_dir() for p in folder.iterdir()):
-        return [(s.image.stem, s.image, s.mask) for s in data.discover(folder)]
-    images = [f for f in folder.glob("*.tif") if not f.name.endswith("_mask.tif")]
-    if not images:
+    # slices in the folder itself: one patient's (other folders in it, such as an output, are not
+    # patients); none: a kaggle_3m folder of patient folders. Masks where they exist.
+    files = [f for f in folder.iterdir() if not f.name.startswith(".") and data.NAME.match(f.name)]
+    if not files:
+        if any(p.is_dir() for p in folder.iterdir()):
+            return [(s.image.stem, s.image, s.mask) for s in data.discover(folder, masks=False)]
         raise UserError(f"--data-dir: no .tif slices in {folder}")
-    images.sort(key=lambda f: patient_and_number(f.name))
-    return [
-        (f.stem, f, f.with_name(f"{f.stem}_mask.tif") if f.with_name(f"{f.stem}_mask.tif").exists() else None)
-        for f in images
-    ]
+    masks = {m["stem"]: f for f in files if (m := data.NAME.match(f.name))["mask"]}
+    images = sorted(
+        (f for f in files if not data.NAME.match(f.name)["mask"]), key=lambda f: patient_and_number(f.name)
+    )
+    return [(f.stem, f, masks.get(f.stem)) for f in images]
 
 
 def of_part(found, data_dir, checkpoints, part):
