@@ -2,6 +2,7 @@
 file that gives the model's logits to 1e-4, for any batch size; what cannot be exported, or exports
 wrong, is one `error:` line and leaves no file."""
 
+import json
 import shutil
 import sys
 from argparse import Namespace
@@ -176,3 +177,44 @@ def test_a_disk_without_room_for_the_model_is_refused_before_writing(tmp_path, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "MiB needed, 0 MiB free there" in err[0], err
     assert [p.name for p in folder.iterdir()] == ["best.pt"]
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        ({}, "each slice's channels z-scored on their own"),
+        ({"normalize": "volume"}, "clipped to its patient volume's 10th-99th percentile"),
+        ({"crop": "brain"}, "cut to one square around the FLAIR signal"),
+    ],
+)
+def test_the_exported_files_inputs_are_the_models_own_preprocessing(tmp_path, capsys, flags, says):
+    """A --normalize volume or --crop brain model fed per-slice z-scored whole slices is far off: the
+    file says what its model was trained on, beside it and in the command's output."""
+    folder = checkpoint(tmp_path / "unet", "unet")
+    ckpt = torch.load(folder / "best.pt", weights_only=True)
+    ckpt["config"].update(flags)
+    torch.save(ckpt, folder / "best.pt")
+    assert export.main(["--checkpoint", str(folder), "--format", "torchscript"]) == 0
+    assert says in " ".join(capsys.readouterr().out.split())
+    sidecar = json.loads((folder / (export.FORMATS["torchscript"] + ".json")).read_text())
+    assert says in sidecar["inputs"] and sidecar["image_size"] == 64
+    assert sidecar["normalize"] == flags.get("normalize", "slice") and sidecar["crop"] == flags.get(
+        "crop", "none"
+    )
+
+
+@pytest.mark.parametrize("key, other", [("normalize", "volume"), ("crop", "brain"), ("image_size", 96)])
+def test_an_ensemble_of_models_that_take_other_inputs_is_refused(tmp_path, key, other):
+    """Members fed one member's preprocessing (18 % of pixels flipped for a volume- and a
+    slice-normalised pair): predict refuses to average them."""
+    from common.errors import UserError
+    from tools.predict import load_models
+
+    a, b = checkpoint(tmp_path / "a", "unet"), checkpoint(tmp_path / "b", "unet")
+    ckpt = torch.load(b / "best.pt", weights_only=True)
+    ckpt["config"][key] = other
+    torch.save(ckpt, b / "best.pt")
+    args = Namespace(checkpoint=[a, b], ensemble=True, tta=False)
+    with pytest.raises(UserError, match=f"must take the same inputs.*{other}"):
+        load_models(args, "cpu")
+    assert len(load_models(Namespace(checkpoint=[a, a], ensemble=True, tta=False), "cpu")) == 1

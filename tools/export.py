@@ -4,8 +4,9 @@
     python -m tools.export --checkpoint runs/segnet-y/best.pt --format torchscript --data-dir data/kaggle_3m
 
 The network is exported in eval mode, in fp32, on the CPU. Its input is a (B, C, S, S) float batch
-normalised as in training (common.data.to_inputs: per-slice, per-channel z-score), S the run's
---image-size, B free; its output (B, 1, S, S) tumour logits (tumour where > 0).
+prepared as in training, S the run's --image-size, B free; its output (B, 1, S, S) tumour logits
+(tumour where > 0). How to prepare it is the model's own (--normalize, --crop, --context): printed,
+and written beside the file as <file>.json (preprocessing()), so that it travels with the model.
 
 Before the file takes its name it is run (onnxruntime for ONNX, torch.jit.load for TorchScript) on
 a batch, and its logits are compared with PyTorch's: exit 1, and no file, if they differ by more
@@ -110,8 +111,11 @@ def run(args):
         lambda tmp: compare(args.format, tmp, x, expected, args.atol, model, name),
     )
     mib = out.stat().st_size / 2**20
+    prep = preprocessing(config, size)
+    report.write_json(out.with_name(out.name + ".json"), prep)
     report.console.print(
-        f"wrote {out} ({mib:.1f} MiB): {name} for ({channels}, {size}, {size}) inputs, any batch"
+        f"wrote {out} ({mib:.1f} MiB): {name} for ({channels}, {size}, {size}) inputs, any batch; "
+        f"inputs: {prep['inputs']} (also in {out.name}.json)"
     )
     if diff is None:
         report.console.print(f"logits not compared: onnxruntime is not installed ({ONNX_PIP})")
@@ -120,6 +124,36 @@ def run(args):
             f"checked on {source}: max |logit difference| {diff:.2e} (--atol {args.atol:g}) "
             f"on logits of std {expected.std():.3g}"
         )
+
+
+def preprocessing(config, size):
+    """What the exported network's input must be, from the flags it was trained with."""
+    steps = []
+    if config.get("crop", "none") == "brain":
+        steps.append(
+            "each patient's slices cut to one square around the FLAIR signal (above a tenth of its "
+            "maximum over the volume; common.data.brain_box), the logits pasted back there"
+        )
+    steps.append(f"resized to {size} x {size} (bilinear)")
+    if config.get("normalize", "slice") == "volume":
+        steps.append(
+            "each channel clipped to its patient volume's 10th-99th percentile, then z-scored with "
+            "the volume's mean and std (common.cache.volume_stats)"
+        )
+    else:
+        steps.append("each slice's channels z-scored on their own (mean 0, std 1)")
+    k = config.get("context", 0)
+    if k:
+        steps.append(f"the slice's {k} neighbours on each side stacked as channels, edges repeated")
+    return {
+        "model": config["model"],
+        "image_size": size,
+        "normalize": config.get("normalize", "slice"),
+        "crop": config.get("crop", "none"),
+        "context": k,
+        "inputs": "; ".join(steps),
+        "outputs": "tumour logits, tumour where > 0",
+    }
 
 
 def load(path):

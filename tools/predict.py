@@ -119,10 +119,12 @@ def load_models(args, device):
     out = []
     for group in groups:
         nets, configs = zip(*(load_model(p) for p in group))
-        inputs = {(c["image_size"], c.get("context", 0)) for c in configs}
+        keys = ("image_size", "context", "normalize", "crop")  # what the members' inputs are
+        inputs = {tuple(c.get(k) for k in keys) for c in configs}
         if len(inputs) > 1:
             raise UserError(
-                f"--checkpoint: an ensemble's members must take one input size and --context, not {inputs}"
+                f"--checkpoint: an ensemble's members must take the same inputs ({', '.join(keys)}), "
+                f"not {sorted(inputs, key=str)}"
             )
         model = Averaged(nets, mirror=args.tta) if len(nets) > 1 or args.tta else nets[0]
         label = configs[0]["model"] if len({c["model"] for c in configs}) == 1 else "ensemble"
