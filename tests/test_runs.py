@@ -204,3 +204,17 @@ def test_predict_new_scans_without_masks(finished, tmp_path, env, layout):
     p = run([sys.executable, "-m", "tools.predict", "--checkpoint", str(finished / "run"), "--data-dir",
              str(data_dir), "--no-figures", "--output-dir", str(tmp_path / "again")], env)  # fmt: skip
     assert p.returncode == 0, p.stderr  # the output folder left inside is no patient
+
+
+def test_predict_names_its_members_scores_where_masks_exist_and_says_whose_patients(finished, tmp_path, env):
+    data = finished / "kaggle_3m"
+    runs = tmp_path / "runs"
+    for k in (1, 2):
+        shutil.copytree(finished / "run", runs / f"r{k}")
+    p = run([sys.executable, "-m", "tools.predict", "--checkpoint", str(runs), "--data-dir", str(data),
+             "--no-figures", "--output-dir", str(tmp_path / "pred")], env)  # fmt: skip
+    out = " ".join(p.stdout.split())
+    assert p.returncode == 0, p.stderr
+    assert f"unet-ensemble: the mean of 2 networks: {runs / 'r1'}, {runs / 'r2'}" in out
+    assert "Dice per patient" in out and "(mean of 4)" in out
+    assert "trained or validated on: --patients test keeps its test patients" in out

@@ -128,8 +128,41 @@ def load_models(args, device):
             )
         model = Averaged(nets, mirror=args.tta) if len(nets) > 1 or args.tta else nets[0]
         label = configs[0]["model"] if len({c["model"] for c in configs}) == 1 else "ensemble"
-        out.append((model.to(device).eval(), configs[0], label if len(nets) == 1 else f"{label}-ensemble"))
+        label = label if len(nets) == 1 else f"{label}-ensemble"
+        if len(nets) > 1:  # a folder of runs is averaged whole: say whose average it is
+            report.console.print(f"{label}: the mean of {len(nets)} networks: {', '.join(map(str, group))}")
+        out.append((model.to(device).eval(), configs[0], label))
     return out
+
+
+def own_patients(checkpoints, patients):
+    """A note where the patients predicted include some a checkpoint trained or validated on: their
+    masks are no measure of how it does on new scans."""
+    for path in [p for c in checkpoints for p in members(c)]:
+        record = split_of(path) or {}
+        seen = sorted(set(patients) & set(record.get("train", []) + record.get("val", [])))
+        if seen:
+            some = ", ".join(seen[:3]) + (", ..." if len(seen) > 3 else "")
+            report.console.print(
+                f"note: {len(seen)} of these patients ({some}) are among those {path} trained or "
+                "validated on: --patients test keeps its test patients"
+            )
+
+
+def dice_table(label, patients, preds, truths):
+    """Per-patient Dice (the patient's slices pooled) where every slice of it has its mask."""
+    rows = {}
+    for patient, pred, truth in zip(patients, preds, truths):
+        if truth is None:
+            rows[patient] = None
+        elif rows.setdefault(patient, [0, 0]) is not None:
+            rows[patient][0] += 2 * int((pred & truth).sum())
+            rows[patient][1] += int(pred.sum() + truth.sum())
+    scored = {p: (1.0 if d == 0 else n / d) for p, v in rows.items() if v is not None for n, d in [v]}
+    if scored:
+        mean = sum(scored.values()) / len(scored)
+        each = ", ".join(f"{p} {v:.3f}" for p, v in sorted(scored.items()))
+        report.console.print(f"{label}: Dice per patient {mean:.3f} (mean of {len(scored)}): {each}")
 
 
 @torch.inference_mode()
@@ -309,11 +342,13 @@ def run(args):
     labels = [lab if labels.count(lab) == 1 else f"{lab}-{i + 1}" for i, lab in enumerate(labels)]
     names = [name for name, _, _ in found]
     patients = [patient_and_number(name)[0] for name in names]
+    own_patients(args.checkpoint, set(patients))
     images, truths = zip(*(read(i, m) for _, i, m in report.track(found, f"reading {len(found)} slices")))
     flairs = [im[..., 1] for im in images]
     preds, written = {}, []
     for (model, cfg, _), label in zip(models, labels):
         preds[label] = predict_native(model, cfg, list(images), patients, device)
+        dice_table(label, patients, preds[label], truths)
         folder = args.output_dir / label
         (folder / "masks").mkdir(parents=True, exist_ok=True)
         for name, m in zip(names, preds[label]):
