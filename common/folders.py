@@ -82,6 +82,8 @@ def claim(folder, kind, identity=None, flag="--output-dir", record=True):
     if kind == "run":
         return folder
     mine = read(folder) or {"kind": kind, "identity": {}}
+    if not started(folder):  # a claim binds from its first run on: a failed attempt leaves none
+        mine["identity"] = {}
     for key, value in (identity or {}).items():
         had = mine["identity"].get(key)
         if key in mine["identity"] and had != as_json(value):
@@ -94,6 +96,11 @@ def claim(folder, kind, identity=None, flag="--output-dir", record=True):
     mine["identity"] = {**mine["identity"], **as_json(identity or {})}
     report.write_json(make(folder, flag) / RECORD, mine)
     return folder
+
+
+def started(folder):
+    """Whether a run under `folder` has begun (its args.json written)."""
+    return Path(folder).is_dir() and next(Path(folder).rglob("args.json"), None) is not None
 
 
 def finished(run):

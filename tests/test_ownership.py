@@ -5,6 +5,7 @@ import json
 import shutil
 import sys
 
+import pytest
 from conftest import TINY, run
 
 from common.folders import claim, finished, kind_of
@@ -178,3 +179,27 @@ def test_kinds_are_told_from_their_files_for_folders_made_before_folder_json(tmp
         assert kind_of(tmp_path / kind) == kind
     (tmp_path / "empty").mkdir()
     assert kind_of(tmp_path / "empty") is None
+
+
+@pytest.mark.parametrize(
+    "command, wrong, right",
+    [
+        ("compare", ["--epochs", "0"], ["--epochs", "1"]),  # a typo after --: the child refuses it
+        ("folds", ["--folds", "9"], ["--folds", "2"]),  # more folds than the 4 patients
+    ],
+)
+def test_a_failed_attempt_leaves_no_claim_on_its_folder(phantoms, tmp_path, env, command, wrong, right):
+    """A folder is bound to its flags from its first run on: the corrected command is taken."""
+    out = tmp_path / command
+    data = ["--data-dir", str(phantoms), *TINY]
+
+    def attempt(flags):
+        if command == "compare":
+            return compare(env, out, "--models", "unet", train=[*data, *flags])
+        return run([sys.executable, "-m", "tools.folds", "unet", *flags, "--output-dir", str(out), "--",
+                    *data, "--epochs", "1"], env)  # fmt: skip
+
+    first = attempt(wrong)
+    assert first.returncode != 0 and not any(out.rglob("args.json")), first.stderr
+    second = attempt(right)
+    assert second.returncode == 0, second.stdout + second.stderr
