@@ -2,6 +2,7 @@
 or flag (a traceback only with --debug)."""
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,16 +51,43 @@ def contract(body, argv=None):
 def child(cmd, what):
     """Run a command of this repository (a train.py, or a launcher of one), its output shown; 0, or
     its exit code when it failed otherwise than by a user error. A user error of the child comes
-    back as that error, `what: <its line>` (it writes the line to LGG_ERROR_FILE: common.entry.say)."""
+    back as that error, `what: <its line>` (it writes the line to LGG_ERROR_FILE: common.entry.say).
+    SIGTERM and Ctrl-C are the child's to act on: passed to it (in its own session, so that a
+    terminal's Ctrl-C reaches it once, through us), it saves and ends, and so does the command."""
     with tempfile.NamedTemporaryFile("r", prefix="lgg-error-") as said:
         try:
-            code = subprocess.call(cmd, env={**os.environ, "LGG_ERROR_FILE": said.name})
+            proc = subprocess.Popen(
+                cmd, env={**os.environ, "LGG_ERROR_FILE": said.name}, start_new_session=True
+            )
         except OSError as e:  # a launcher that is not there
             raise UserError(f"{what}: cannot run {cmd[0]} ({e.strerror or e})") from e
+        code, stopped = wait_passing_signals(proc)
         lines = said.read().splitlines()
+    if stopped:
+        error = UserError(
+            f"{what}: stopped by {stopped[0]} (it saves where it is): the same command again resumes it"
+        )
+        error.exit_code = 128 + (signal.SIGINT if stopped[0] == "Ctrl-C" else signal.SIGTERM)
+        raise error
     if code == 0 or not lines:
         return code
     status, _, line = lines[-1].partition(" ")
     error = UserError(f"{what}: {line.removeprefix('error: ')}")
     error.exit_code = int(status) if status.isdigit() else 2
     raise error
+
+
+def wait_passing_signals(proc):
+    """(exit code, the signals passed on) of `proc`, SIGTERM and SIGINT passed to it while it runs."""
+    got = []
+
+    def forward(signum, _):
+        got.append("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
+        proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait(), got
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)

@@ -377,3 +377,27 @@ def test_temporary_caches_of_dead_processes_are_removed(phantoms, tmp_path):
         d.mkdir()
     load_cache(data.discover(phantoms), phantoms, tmp_path, 48)
     assert not dead.exists() and alive.exists() and other.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
+def test_a_signal_to_a_command_that_runs_commands_reaches_its_run_which_saves(phantoms, tmp_path, env, sig):
+    """SIGTERM (or Ctrl-C) to tools.compare: its training run gets it, saves and ends, the comparison
+    ends in one line, and the same command again resumes the run (no run left going alone)."""
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "tools.compare", "--models", "unet", "--output-dir", str(out), "--",
+           "--data-dir", str(phantoms), *STOPPED]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not rows(out / "unet") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # after the run's own notes
+    assert proc.returncode == 128 + sig and len(errors) == 1 and "same command again resumes" in errors[0], (
+        err
+    )
+    assert (out / "unet" / "last").is_dir() and not (out / "unet" / "summary.json").exists()
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr  # the run's lock is free: it ended with its command
+    assert [r["epoch"] for r in rows(out / "unet")] == [1, 2, 3, 4]
