@@ -56,12 +56,9 @@ def child(cmd, what):
     terminal's Ctrl-C reaches it once, through us), it saves and ends, and so does the command."""
     with tempfile.NamedTemporaryFile("r", prefix="lgg-error-") as said:
         try:
-            proc = subprocess.Popen(
-                cmd, env={**os.environ, "LGG_ERROR_FILE": said.name}, start_new_session=True
-            )
+            code, stopped = run_child(cmd, {**os.environ, "LGG_ERROR_FILE": said.name})
         except OSError as e:  # a launcher that is not there
             raise UserError(f"{what}: cannot run {cmd[0]} ({e.strerror or e})") from e
-        code, stopped = wait_passing_signals(proc)
         lines = said.read().splitlines()
     if stopped:
         error = UserError(
@@ -77,8 +74,10 @@ def child(cmd, what):
     raise error
 
 
-def wait_passing_signals(proc):
-    """(exit code, the signals passed on) of `proc`, SIGTERM and SIGINT passed to it while it runs."""
+def run_child(cmd, env):
+    """(exit code, the signals passed on) of `cmd`, run in its own session with SIGTERM and SIGINT
+    passed to it while it runs."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     got = []
 
     def forward(signum, _):

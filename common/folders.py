@@ -21,12 +21,13 @@ KINDS = {
     "sweep": "a timing sweep (tools.sweep)",
 }
 
-# args.json keys that do not change what a run learns: where things are, how fast, how it is run
+# args.json keys that change no result: where things are, how fast, how it is run. Everything else
+# (steps, precision, TTA, post-processing, phantoms, seed, split...) is part of what made a result
 NOT_RECIPE = {
     *("model", "network_flags", "given", "output_dir", "resume", "checkpoint", "eval_only", "debug"),
-    *("data_dir", "cache_dir", "allow_missing", "time_limit", "log_with", "no_test", "tta", "postprocess"),
+    *("data_dir", "cache_dir", "allow_missing", "time_limit", "log_with", "no_test"),
     *("data_pipeline", "num_workers", "pin_memory", "channels_last", "compile", "sync_bn", "threads"),
-    *("max_steps", "step_timing", "mixed_precision", "synthetic", "preset"),
+    *("step_timing", "preset"),
 }
 
 

@@ -199,22 +199,21 @@ def children_in_process():
     process."""
     from common import errors
 
-    real = errors.subprocess
+    real = errors.run_child
 
-    class Children:
-        def call(self, cmd, env):
-            first, second = [*map(str, cmd[1:3]), "", ""][:2]
-            ours = first.endswith(".py") or (first == "-m" and second.startswith("tools."))
-            if cmd[0] != sys.executable or not ours:
-                return real.call(cmd, env=env)
-            p = in_process([str(c) for c in cmd[1:]], env)
-            sys.stdout.write(p.stdout)
-            sys.stderr.write(p.stderr)
-            return p.returncode
+    def run_child(cmd, env):
+        first, second = [*map(str, cmd[1:3]), "", ""][:2]
+        ours = first.endswith(".py") or (first == "-m" and second.startswith("tools."))
+        if cmd[0] != sys.executable or not ours:
+            return real(cmd, env)
+        p = in_process([str(c) for c in cmd[1:]], env)
+        sys.stdout.write(p.stdout)
+        sys.stderr.write(p.stderr)
+        return p.returncode, []
 
-    errors.subprocess = Children()
+    errors.run_child = run_child
     yield
-    errors.subprocess = real
+    errors.run_child = real
 
 
 def in_process(argv, env):

@@ -64,12 +64,25 @@ def test_a_comparison_again_with_other_training_flags_is_refused(phantoms, tmp_p
     assert compare(env, out, "--models", "unet", train=flags).returncode == 0  # the same again: kept
 
 
-def test_a_table_of_runs_trained_differently_is_refused(finished, tmp_path, env):
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        ({"image_size": 96}, "--image-size (fcn: 96, unet: 64)"),
+        ({"max_steps": 1}, "--max-steps (fcn: 1, unet: 0)"),  # a smoke run left in the folder
+        ({"tta": True}, "--tta (fcn: True, unet: False)"),
+        ({"mixed_precision": "bf16"}, "--mixed-precision (fcn: bf16, unet: None)"),
+        ({"postprocess": "lcc"}, "--postprocess (fcn: lcc, unet: auto)"),
+        ({"synthetic": True}, "--synthetic (fcn: True, unet: False)"),
+        ({"seed": 3}, "--seed (fcn: 3, unet: 0)"),
+    ],
+)
+def test_a_table_of_runs_trained_differently_is_refused(finished, tmp_path, env, change, said):
+    """Every flag that changes a result is part of a run's identity: no table joins runs that differ."""
     out = tmp_path / "cmp"
     copy_run(finished, out / "unet")
-    copy_run(finished, out / "fcn", model="fcn", image_size=96)
+    copy_run(finished, out / "fcn", model="fcn", **change)
     p = compare(env, out, "--table", "--models", "unet,fcn")
-    one_line(p, "different --image-size (fcn: 96, unet: 64)")
+    one_line(p, f"different {said}")
     assert not (out / "per-patient.csv").exists()
 
 
@@ -203,3 +216,15 @@ def test_a_failed_attempt_leaves_no_claim_on_its_folder(phantoms, tmp_path, env,
     assert first.returncode != 0 and not any(out.rglob("args.json")), first.stderr
     second = attempt(right)
     assert second.returncode == 0, second.stdout + second.stderr
+
+
+def test_a_folds_summary_of_folds_trained_differently_is_refused(finished, tmp_path, env):
+    """Fold 0 of one seed and fold 1 of another: one fold's test patient is the other's training one."""
+    out = tmp_path / "cv"
+    copy_run(finished, out / "fold-0", folds=2, fold=0)
+    copy_run(finished, out / "fold-1", folds=2, fold=1, seed=3)
+    p = run(
+        [sys.executable, "-m", "tools.folds", "unet", "--folds", "2", "--output-dir", str(out), "--summary"],
+        env,
+    )
+    one_line(p, "different --seed (fold 0: 0, fold 1: 3)")

@@ -21,7 +21,7 @@ from pathlib import Path
 from common import registry, report
 from common.cli import Parser, parse_with_train_flags
 from common.errors import UserError, child, contract
-from common.folders import claim, finished, not_finished, recipe_flags
+from common.folders import claim, finished, not_finished, recipe_flags, same_recipe
 from common.metrics import METRICS
 from common.ranges import count, pathname
 
@@ -69,7 +69,7 @@ def markdown(model, folds, result, missing=()):
 
 def collect(out, folds, model):
     """The finished folds' summaries, and {fold: why} for the others."""
-    summaries, missing = [], {}
+    summaries, missing, recipes = [], {}, {}
     for fold in range(folds):
         run_dir = out / f"fold-{fold}"
         if finished(run_dir):
@@ -80,8 +80,10 @@ def collect(out, folds, model):
                     f"{own.get('fold')}, not {model} fold {fold} of {folds}"
                 )
             summaries.append(report.read_json(run_dir / "summary.json"))
+            recipes[f"fold {fold}"] = own
         else:
             missing[fold] = f"{not_finished(run_dir)}; the same task or command again resumes it"
+    same_recipe(recipes, f"--output-dir {out}", ignore=("fold",))  # one seed, split and recipe
     return summaries, missing
 
 
