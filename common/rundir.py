@@ -10,7 +10,7 @@ from pathlib import Path
 from common import report
 from common.distributed import main_value
 from common.errors import UserError
-from common.folders import claim
+from common.folders import as_json, claim
 from common.split import split_key
 
 # flags that may differ when the same run is started again
@@ -136,8 +136,3 @@ def refuse_other(folder, args, saved, keys, flag):
                         "stays the run's): start a new run for another")  # fmt: skip
     raise UserError(f"--output-dir {folder} holds a run made with {said}: continue it with --resume {folder} "
                     "(flags given again win), or pick another folder")  # fmt: skip
-
-
-def as_json(value):
-    """A flag's value as args.json holds it."""
-    return json.loads(json.dumps(value, default=str))
