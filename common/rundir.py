@@ -2,7 +2,6 @@
 records of what the run is (args.json, split.json)."""
 
 import fcntl
-import json
 import os
 from datetime import datetime
 from pathlib import Path
