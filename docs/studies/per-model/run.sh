@@ -15,15 +15,10 @@ data=$1 out=$2
 shift 2
 inner=(--data-dir "$data" --preset cpu --folds 5 --test-fold 0 --val-frac 0.2 --no-test)
 
-train() {  # train MODEL NAME FLAGS...
+train() {  # train MODEL NAME FLAGS...: a finished run is kept; the same command resumes a stopped one
     local model=$1 dir=$out/$2
     shift 2
-    if [ -f "$dir/summary.json" ]; then return; fi
-    if [ -d "$dir/last" ]; then
-        python "$model/train.py" --resume "$dir"
-    else
-        python "$model/train.py" "$@" --output-dir "$dir"
-    fi
+    [ -f "$dir/summary.json" ] || python "$model/train.py" "$@" --output-dir "$dir"
 }
 
 for v in "$@"; do
