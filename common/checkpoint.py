@@ -88,6 +88,8 @@ def load_checkpoint(path, model_name=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         config = ckpt["config"]
+        if not isinstance(ckpt.get("model"), dict) or not isinstance(config.get("model"), str):
+            raise ValueError("no weights or no model named in it")
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UserError(f"--checkpoint {path}: not a checkpoint of this repository ({reason})") from e

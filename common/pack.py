@@ -72,7 +72,24 @@ def pack_manifest(path):
             f"--data-dir {path}: a file, but not a pack manifest of this repository "
             "(give the kaggle_3m folder, or the manifest that `python -m tools.pack pack` wrote)"
         )
+    if missing := damaged_fields(manifest):
+        raise UserError(
+            f"--data-dir {path}: a damaged pack manifest ({missing} missing or wrong): copy it again"
+        )
     return manifest
+
+
+def damaged_fields(manifest):
+    """The first field of a manifest that is not as `write` writes it, or None."""
+    fields = {"image_size": int, "slices": int, "patients": int, "sha256": str, "parts": list}
+    for key, kind in fields.items():
+        if not isinstance(manifest.get(key), kind):
+            return key
+    part = {"name": str, "bytes": int, "sha256": str}
+    for k, p in enumerate(manifest["parts"], 1):
+        if not isinstance(p, dict) or any(not isinstance(p.get(key), kind) for key, kind in part.items()):
+            return f"part {k}"
+    return None if manifest["parts"] else "parts"
 
 
 def read_pack(path, manifest):

@@ -509,3 +509,48 @@ def test_training_reads_a_folder_with_macos_files_and_tiff_names(tmp_path, env):
              "--output-dir", str(tmp_path / "run")], env)  # fmt: skip
     assert p.returncode == 0 and "hidden files" in p.stderr, p.stderr
     assert json.loads((tmp_path / "run" / "split.json").read_text())["train_slices"] > 0
+
+
+@pytest.mark.parametrize(
+    "field", ["image_size", "slices", "patients", "sha256", "parts", "part.name", "part.bytes", "part.sha256"]
+)
+def test_a_pack_manifest_missing_a_field_is_a_one_line_error(phantoms, tmp_path, env, field):
+    """Every field `write` writes, removed in turn: named, never a KeyError."""
+    written = write_pack(phantoms, tmp_path / "p.pack", tmp_path / "c1", size=64, progress=False)
+    manifest = json.loads(written[0].read_text())
+    key, _, inner = field.partition(".")
+    del (manifest["parts"][0] if inner else manifest)[inner or key]
+    written[0].write_text(json.dumps(manifest))
+    p = run([sys.executable, "unet/train.py", "--data-dir", str(written[0]), *TINY], env)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "a damaged pack manifest" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("key", ["model", "config", "config.model"])
+def test_a_checkpoint_without_its_weights_or_config_is_one_line_everywhere(phantoms, tmp_path, env, key):
+    from common import registry
+
+    config = {"model": "unet", "width": 0.125, "image_size": 64}
+    ckpt = {"model": registry.build(config).state_dict(), "config": config}
+    outer, _, inner = key.partition(".")
+    del (ckpt[outer] if inner else ckpt)[inner or outer]
+    (tmp_path / "run").mkdir()
+    torch.save(ckpt, tmp_path / "run" / "best.pt")
+    at = ["--checkpoint", str(tmp_path / "run")]
+    for cmd in (
+        ["-m", "tools.export", *at, "--format", "torchscript"],
+        [
+            "-m",
+            "tools.predict",
+            *at,
+            "--data-dir",
+            str(phantoms),
+            "--no-figures",
+            "--output-dir",
+            str(tmp_path / "p"),
+        ],
+        ["unet/train.py", "--eval-only", *at, "--data-dir", str(phantoms)],
+    ):
+        p = run([sys.executable, *cmd], env)
+        assert p.returncode == 2 and "not a checkpoint of this repository" in p.stderr, (cmd, p.stderr)
+        assert "Traceback" not in p.stderr
