@@ -317,6 +317,15 @@ def run_flags(p):
     r.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def named(args, key):
+    """A flag as an error names it: with its value and its source where a preset set it, since the
+    user never typed it."""
+    flag = "--" + key.replace("_", "-")
+    if key in getattr(args, "given", ()) or not getattr(args, "preset", None):
+        return flag
+    return f"{flag} {getattr(args, key)} (of --preset {args.preset})"
+
+
 def in_channels(args):
     """Input channels of the network: RGB of the slice and of its --context neighbours."""
     return 3 * (2 * getattr(args, "context", 0) + 1)

@@ -269,10 +269,10 @@ class TumourShare(torch.utils.data.Sampler):
     share `share` of them from the slices with tumour, the rest from those without; seeded by the
     seed and the epoch, so that every process draws the same and a resumed epoch draws it again."""
 
-    def __init__(self, tumour_pixels, share, seed):
+    def __init__(self, tumour_pixels, share, seed, flag="--tumour-share"):
         has = np.asarray(tumour_pixels) > 0
         if has.all() or not has.any():
-            raise UserError("--tumour-share: the training slices must include slices with and without tumour")
+            raise UserError(f"{flag}: the training slices must include slices with and without tumour")
         self.weights = torch.as_tensor(np.where(has, share / has.sum(), (1 - share) / (~has).sum()))
         self.seed, self.epoch = seed, 0
 

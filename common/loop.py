@@ -162,6 +162,12 @@ def train(args, build_model):
     if args.log_with == "tensorboard" and not is_tensorboard_available():
         raise UserError("--log-with tensorboard: tensorboard is not installed (pip install tensorboard)")
     run = setup(args, build_model)
+    planned = run.state.planned_epochs
+    if planned and "epochs" in args.given and args.epochs > planned and run.state.epoch >= planned:
+        raise UserError(
+            f"--epochs {args.epochs}: this --budget run's cosine ended at epoch {planned}, the epochs its "
+            f"budget fitted; start a new run (--budget or --epochs) to train longer"
+        )
     if run.main:
         announce(run)
     stopped_by, first, preemption, epoch_s = None, run.state.epoch + 1, Preemption(), 0.0

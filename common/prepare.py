@@ -10,6 +10,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 
 from common import data, report, synthetic
 from common.cache import Cache, open_dataset
+from common.cli import named
 from common.distributed import on_main_first
 from common.errors import UserError
 from common.split import SPLIT_FLAGS, refuse_copies, split, split_from_record
@@ -80,7 +81,8 @@ def load_data(args, accelerator, record=None):
     pin = accelerator.device.type == "cuda" if args.pin_memory is None else args.pin_memory
     sampler = None
     if args.tumour_share and parts["train"]:
-        sampler = data.TumourShare(cache.tumour[parts["train"]], args.tumour_share, train_seed(args))
+        flag = named(args, "tumour_share")
+        sampler = data.TumourShare(cache.tumour[parts["train"]], args.tumour_share, train_seed(args), flag)
     loaders = data.loaders(
         parts,
         args.data_pipeline,

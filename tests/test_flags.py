@@ -129,3 +129,18 @@ def test_a_models_own_preset_values_win_over_the_shared_ones_and_flags_over_both
     assert parse(p, ["--synthetic", "--preset", "cpu", "--lr", "1e-2"]).lr == 1e-2
     assert PRESETS["cpu"]["lr"] == 1e-3 and "loss" not in PRESETS["cpu"]  # the shared ones untouched
     assert "--lr 0.0003 --test-frac 0.2 --tumour-share 0.5 --loss dice" in " ".join(p.format_help().split())
+
+
+def test_an_error_about_a_value_the_preset_set_says_so():
+    """`--preset cpu` then an error about --tumour-share, a flag the user never typed: named with its
+    value and source; a flag the user gave is named plainly."""
+    from common.cli import named, parse
+    from common.data import TumourShare
+    from common.errors import UserError
+    from unet.train import parser
+
+    args = parse(parser(), ["--synthetic", "--preset", "cpu"])
+    with pytest.raises(UserError, match=r"^--tumour-share 0.5 \(of --preset cpu\): the training slices"):
+        TumourShare([5, 3], args.tumour_share, 0, named(args, "tumour_share"))
+    given = parse(parser(), ["--synthetic", "--preset", "cpu", "--tumour-share", "0.4"])
+    assert named(given, "tumour_share") == "--tumour-share"

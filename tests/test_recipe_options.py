@@ -2,13 +2,14 @@
 brain crop, post-processing chosen on validation patients, and a time budget for the schedule."""
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, train
+from conftest import TINY, run, train
 
 from common import data, metrics
 from common.cache import volume_stats
@@ -111,3 +112,15 @@ def test_the_cpu_preset_samples_tumour_and_older_runs_resume_without(tmp_path):
     (old / "args.json").write_text(json.dumps({**saved, "epochs": 20}, default=str))
     resumed = rundir.starting_point(cli.parse(parser, ["--resume", str(old), "--preset", "cpu"]))
     assert (resumed.tumour_share, resumed.epochs) == (0, 20)
+
+
+def test_resuming_an_ended_budget_run_for_more_epochs_is_refused_not_silent(phantoms, tmp_path, env):
+    """Its cosine ended where the budget did: --epochs more would train nothing, and say nothing."""
+    out = tmp_path / "run"
+    flags = ["--data-dir", str(phantoms), *TINY, "--epochs", "3", "--budget", "0.5"]
+    train("unet", *flags, "--output-dir", str(out), env=env)
+    planned = len((out / "metrics.jsonl").read_text().splitlines())
+    p = run([sys.executable, "unet/train.py", "--resume", str(out), "--epochs", "5"], env)
+    assert p.returncode == 2 and p.stderr.startswith(
+        f"error: --epochs 5: this --budget run's cosine ended at epoch {planned}"
+    )
