@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +76,26 @@ def load_cache(slices, data_dir, cache_dir, size, progress=False, crop="none"):
             return open_cache(folder, len(slices), size)
         except (OSError, ValueError):  # arrays damaged after the cache was complete: build it again
             shutil.rmtree(folder, ignore_errors=True)
-    build_cache(slices, folder, size, progress, crop)
+    source = json.dumps({"data_dir": str(Path(data_dir).resolve())})
+    build_cache(slices, folder, size, progress, crop, {"source.json": source})
+    if progress:  # the main process, once the new cache is in place
+        remove_superseded(folder, source)
     return open_cache(folder, len(slices), size)
+
+
+def remove_superseded(folder, source):
+    """The caches of the same data folder, size and crop that this one replaces (its files changed
+    or were copied anew: an old cache would never be read again), removed and said."""
+    prefix = folder.name.rsplit("-", 1)[0] + "-"
+    for old in folder.parent.glob(f"{prefix}*"):
+        same = (
+            old != folder and (old / "source.json").is_file() and (old / "source.json").read_text() == source
+        )
+        if same and len(old.name) == len(folder.name):  # a cache folder, not a temporary one
+            mib = sum(f.stat().st_size for f in old.iterdir()) / 2**20
+            shutil.rmtree(old, ignore_errors=True)
+            said = "the cache of this data folder before its files changed"
+            print(f"note: removed {old} ({mib:.0f} MiB): {said}", file=sys.stderr)
 
 
 CACHE_FILES = ("images", "masks", "tumour_pixels", "native_masks", "shapes", "boxes", "volume_stats")
@@ -112,11 +131,11 @@ def remove_orphans(cache_dir):
             pass  # not ours to judge, or alive
 
 
-def build_cache(slices, folder, size, progress, crop="none"):
+def build_cache(slices, folder, size, progress, crop="none", extra=None):
     from rich.progress import track
 
     natives = (read_native(s) for s in track(slices, f"decoding {len(slices)} slices", disable=not progress))
-    write_cache(folder, slices, size, natives, crop)
+    write_cache(folder, slices, size, natives, crop, extra)
 
 
 def prepared(slices, natives, size, crop):

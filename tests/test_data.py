@@ -554,3 +554,19 @@ def test_a_checkpoint_without_its_weights_or_config_is_one_line_everywhere(phant
         p = run([sys.executable, *cmd], env)
         assert p.returncode == 2 and "not a checkpoint of this repository" in p.stderr, (cmd, p.stderr)
         assert "Traceback" not in p.stderr
+
+
+def test_the_cache_of_a_data_folder_whose_files_changed_is_replaced_not_kept(tmp_path, capsys):
+    """Copied or extracted again (new modification times), a folder gets a new cache; the old one
+    would never be read again, so it goes (~1 GB for the full set), said in a line."""
+    root = write_phantoms(tmp_path / "kaggle_3m", patients=3, slices=4, size=32, seed=1)
+    open_dataset(root, tmp_path / "cache", 32, progress=True)
+    other = write_phantoms(tmp_path / "other" / "kaggle_3m", patients=3, slices=4, size=32, seed=2)
+    open_dataset(other, tmp_path / "cache", 32, progress=True)  # another folder's cache stays
+    assert len(list((tmp_path / "cache").glob("lgg-32px-*"))) == 2
+    first = next(root.glob("*/*_1.tif"))
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    open_dataset(root, tmp_path / "cache", 32, progress=True)
+    assert len(list((tmp_path / "cache").glob("lgg-32px-*"))) == 2
+    assert "note: removed" in capsys.readouterr().err
