@@ -570,3 +570,20 @@ def test_the_cache_of_a_data_folder_whose_files_changed_is_replaced_not_kept(tmp
     open_dataset(root, tmp_path / "cache", 32, progress=True)
     assert len(list((tmp_path / "cache").glob("lgg-32px-*"))) == 2
     assert "note: removed" in capsys.readouterr().err
+
+
+def test_a_pack_of_slices_of_other_sizes_is_refused_not_resampled(tmp_path):
+    """A pack holds slices at --image-size: 240 px slices in it would be resampled, and the scores
+    made on them called native."""
+    root = write_phantoms(tmp_path / "kaggle_3m", patients=3, slices=4, size=64, seed=1)
+    odd = write_phantoms(tmp_path / "odd" / "kaggle_3m", patients=1, slices=4, size=96, seed=2)
+    patient = next(p for p in odd.iterdir() if p.is_dir())
+    shutil.copytree(patient, root / "TCGA_ZZ_0001_20000101")
+    for f in (root / "TCGA_ZZ_0001_20000101").iterdir():
+        f.rename(f.with_name("TCGA_ZZ_0001_20000101_" + f.name.split("_", 4)[-1]))
+    with pytest.raises(
+        UserError,
+        match=r"--image-size 64: 4 slices of .* are not 64x64 \(TCGA_ZZ_0001_20000101_\d+\.tif is 96x96\)",
+    ):
+        write_pack(root, tmp_path / "p.pack", tmp_path / "cache", size=64, progress=False)
+    assert not list(tmp_path.glob("p.pack*"))

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from common.cli import Parser, default_cache_dir
-from common.errors import contract
+from common.errors import UserError, contract
 from common.ranges import amount, image_size, pathname
 
 
@@ -47,6 +47,14 @@ def write_pack(data_dir, out, cache_dir, size=256, part_size=0, progress=True):
     from common.cache import open_dataset
 
     slices, cache = open_dataset(data_dir, cache_dir, size, progress)
+    other = [i for i, shape in enumerate(cache.shapes) if tuple(shape) != (size, size)]
+    if other:  # a pack holds the slices at one size: theirs would be lost, and "native" scores wrong
+        h, w = cache.shapes[other[0]]
+        raise UserError(
+            f"--image-size {size}: {len(other)} slices of {data_dir} are not {size}x{size} "
+            f"({slices[other[0]].image.name} is {w}x{h}): a pack keeps slices at their own size only; "
+            "train from the folder instead"
+        )
     return pack.write(out, slices, cache.images, cache.masks, size, part_size)
 
 
