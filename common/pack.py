@@ -27,12 +27,19 @@ def write(out, slices, images, masks, size, part_size=0):
     chunks = [blob[k : k + step] for k in range(0, len(blob), step)]
     out = Path(out)
     parts = [out.with_name(f"{out.name}.part{k + 1}") for k in range(len(chunks))]
+    if out.is_dir():
+        raise UserError(f"--out {out}: a folder; name the pack's manifest file (e.g. {out / 'lgg.pack'})")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: cannot make its folder ({e.strerror or e})") from e
-    for path, chunk in zip(parts, chunks):
-        put(path, lambda tmp, chunk=chunk: tmp.write_bytes(chunk))
+    try:
+        for path, chunk in zip(parts, chunks):
+            put(path, lambda tmp, chunk=chunk: tmp.write_bytes(chunk))
+    except UserError:  # a full disk part-way: no parts without their manifest left behind
+        for path in parts:
+            path.unlink(missing_ok=True)
+        raise
     manifest = {
         "format": PACK_FORMAT,
         "image_size": size,

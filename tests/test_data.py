@@ -587,3 +587,25 @@ def test_a_pack_of_slices_of_other_sizes_is_refused_not_resampled(tmp_path):
     ):
         write_pack(root, tmp_path / "p.pack", tmp_path / "cache", size=64, progress=False)
     assert not list(tmp_path.glob("p.pack*"))
+
+
+def test_a_pack_that_cannot_be_written_leaves_no_part(phantoms, tmp_path, monkeypatch):
+    """--out a folder, or a disk that fills part-way: one line, and no part without its manifest."""
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UserError, match="--out .*folder: a folder; name the pack's manifest file"):
+        write_pack(phantoms, tmp_path / "folder", tmp_path / "c", size=64, progress=False)
+    from common import pack
+
+    real, calls = pack.put, []
+
+    def full_disk(path, write):  # the second part finds the disk full
+        calls.append(path)
+        if len(calls) == 2:
+            raise UserError(f"cannot write {path}: No space left on device")
+        real(path, write)
+
+    monkeypatch.setattr(pack, "put", full_disk)
+    with pytest.raises(UserError, match="No space left"):
+        write_pack(phantoms, tmp_path / "p.pack", tmp_path / "c", size=64, part_size=20_000, progress=False)
+    assert list(tmp_path.glob("p.pack*")) == [] and list((tmp_path / "folder").iterdir()) == []
+    assert not list(tmp_path.glob("folder.part*"))
