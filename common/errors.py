@@ -39,6 +39,8 @@ def contract(body, argv=None):
     included (common.cli.Parser raises them), is one line `error: ...` on stderr and its exit code,
     its traceback only with --debug."""
     argv = sys.argv[1:] if argv is None else argv
+    # SIGTERM as an exception: what is being written is cleaned up on the way out (report.replace)
+    old = signal.signal(signal.SIGTERM, terminated)
     try:
         return body(argv) or 0
     except UserError as e:
@@ -46,6 +48,22 @@ def contract(body, argv=None):
             raise
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return e.exit_code
+    except (Terminated, KeyboardInterrupt) as e:
+        if "--debug" in argv:
+            raise
+        what = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        print(f"error: stopped by {what}; nothing half-written is left", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that its writes clean up as for any other error."""
+
+
+def terminated(*_):
+    raise Terminated()
 
 
 def child(cmd, what):

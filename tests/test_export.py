@@ -218,3 +218,19 @@ def test_an_ensemble_of_models_that_take_other_inputs_is_refused(tmp_path, key, 
     with pytest.raises(UserError, match=f"must take the same inputs.*{other}"):
         load_models(args, "cpu")
     assert len(load_models(Namespace(checkpoint=[a, a], ensemble=True, tta=False), "cpu")) == 1
+
+
+def test_sigterm_during_an_export_leaves_no_hidden_temporary(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    folder = checkpoint(tmp_path / "unet", "unet")
+
+    def slow_export(model, name, example, path):  # half a file written, then a scheduler's SIGTERM
+        path.write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(export, "export_torchscript", slow_export)
+    assert export.main(["--checkpoint", str(folder), "--format", "torchscript"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "error: stopped by SIGTERM; nothing half-written is left\n"
+    assert sorted(f.name for f in folder.iterdir()) == ["best.pt"]
