@@ -13,12 +13,12 @@ import json
 import os
 import shutil
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from common import report
 from common.data import Slice, brain_box, discover, read_native, shrink
 from common.errors import UserError
 from common.pack import pack_manifest, read_pack
@@ -95,7 +95,7 @@ def remove_superseded(folder, source):
             mib = sum(f.stat().st_size for f in old.iterdir()) / 2**20
             shutil.rmtree(old, ignore_errors=True)
             said = "the cache of this data folder before its files changed"
-            print(f"note: removed {old} ({mib:.0f} MiB): {said}", file=sys.stderr)
+            report.console.print(f"note: removed {old} ({mib:.0f} MiB): {said}")
 
 
 CACHE_FILES = ("images", "masks", "tumour_pixels", "native_masks", "shapes", "boxes", "volume_stats")

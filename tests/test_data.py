@@ -569,7 +569,7 @@ def test_the_cache_of_a_data_folder_whose_files_changed_is_replaced_not_kept(tmp
     capsys.readouterr()
     open_dataset(root, tmp_path / "cache", 32, progress=True)
     assert len(list((tmp_path / "cache").glob("lgg-32px-*"))) == 2
-    assert "note: removed" in capsys.readouterr().err
+    assert "note: removed" in capsys.readouterr().out
 
 
 def test_a_pack_of_slices_of_other_sizes_is_refused_not_resampled(tmp_path):
