@@ -151,14 +151,14 @@ def own_patients(checkpoints, patients):
 
 def dice_table(label, patients, preds, truths):
     """Per-patient Dice (the patient's slices pooled) where every slice of it has its mask."""
-    rows = {}
+    slices = {}
     for patient, pred, truth in zip(patients, preds, truths):
-        if truth is None:
-            rows[patient] = None
-        elif rows.setdefault(patient, [0, 0]) is not None:
-            rows[patient][0] += 2 * int((pred & truth).sum())
-            rows[patient][1] += int(pred.sum() + truth.sum())
-    scored = {p: (1.0 if d == 0 else n / d) for p, v in rows.items() if v is not None for n, d in [v]}
+        slices.setdefault(patient, []).append((pred.ravel(), None if truth is None else truth.ravel()))
+    scored = {
+        p: float(dice(np.concatenate([a for a, _ in v]), np.concatenate([t for _, t in v])))
+        for p, v in slices.items()
+        if all(t is not None for _, t in v)
+    }
     if scored:
         mean = sum(scored.values()) / len(scored)
         each = ", ".join(f"{p} {v:.3f}" for p, v in sorted(scored.items()))
