@@ -44,6 +44,8 @@ VARIANTS = {
 
 
 RECIPE_FLAGS = (
+    "lr",
+    "loss",
     "schedule",
     "tumour_share",
     "normalize",
