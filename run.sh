@@ -185,7 +185,9 @@ trap 'rm -f "$LGG_ERROR_FILE"' EXIT
 
 if [ "$nodes" -gt 1 ]; then
   # one launcher per node; all meet at the first node of the job (c10d rendezvous), at its address
-  # as Slurm knows it (NodeAddr: the node's name unless the cluster sets another)
+  # as Slurm knows it (NodeAddr: the node's name unless the cluster sets another). No --same_network:
+  # with it accelerate passes only master_addr, which c10d ignores, and every node meets at its own
+  # localhost:29400 (and two jobs on one node meet each other).
   head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   head_addr=$(scontrol show node "$head" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)
   port=${MASTER_PORT:-29500}
@@ -193,7 +195,7 @@ if [ "$nodes" -gt 1 ]; then
   srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
     exec accelerate launch --multi_gpu --mixed_precision no --dynamo_backend no --num_machines "$nodes" \
       --num_processes $((nodes * procs)) --machine_rank "$SLURM_NODEID" \
-      --main_process_ip "$head_addr" --main_process_port "$port" --rdzv_backend c10d --same_network \
+      --main_process_ip "$head_addr" --main_process_port "$port" --rdzv_backend c10d \
       "$repo/$model/train.py" "$@"' bash "$@" &
 else
   # a free port unless MASTER_PORT says: two jobs sharing a node do not collide
