@@ -4,12 +4,13 @@ network ran at (a tumour that vanishes when the mask is resized is still a tumou
 import json
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY, train
 from PIL import Image
 
-from common import data, metrics
+from common import data, metrics, registry
 from common.cache import open_dataset
 from common.synthetic import write_phantoms
 from tools.predict import load_model
@@ -107,3 +108,47 @@ def test_the_scoring_benchmark_times_both_ways_of_counting(phantoms, tmp_path):
     assert bench.main(argv) == 0
     rows = (tmp_path / "scoring.csv").read_text().splitlines()
     assert [r.split(",")[2] for r in rows[1:]] == ["forward", "resized masks", "native"]
+
+
+@pytest.mark.parametrize(
+    "trained",
+    [
+        {},
+        {"context": 1},
+        {"normalize": "volume"},
+        {"crop": "brain"},
+        {"context": 1, "normalize": "volume", "crop": "brain"},
+    ],
+)
+def test_every_consumer_of_a_checkpoint_feeds_it_as_it_was_trained(tmp_path, trained):
+    """tools.predict (from the TIFFs) and the comparison's figure (from the cache the runs used) give
+    one model the same masks, whatever it was trained with (its neighbours, normalisation, crop)."""
+    from tools import compare, predict
+
+    root = write_phantoms(tmp_path / "kaggle_3m", patients=3, slices=5, size=64, seed=1)
+    torch.manual_seed(0)
+    config = {"model": "unet", "width": 0.125, "image_size": 64, **trained}
+    model = registry.build(config)
+    for m in model.modules():  # at PyTorch's default scale an untrained U-Net's logits are all alike
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+    model.eval()
+    slices = data.discover(root)
+    patients = [s.patient for s in slices]
+    images = [data.read_native(s)[0] for s in slices]
+    from_tiffs = predict.predict_native(model, config, images, patients, "cpu")
+    _, cache = open_dataset(root, tmp_path / "cache", 64, crop=config.get("crop", "none"))
+    from_cache = predict.native_masks(model, config, cache, range(len(slices)), patients)
+    assert 0 < sum(m.sum() for m in from_tiffs) < sum(m.size for m in from_tiffs)  # not all alike
+    assert all(np.array_equal(a, b) for a, b in zip(from_tiffs, from_cache))
+    folders = {}
+    for name in ("unet", "fcn"):  # beside a model fed plain slices
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        own = config if name == "unet" else {"model": "fcn", "width": 0.125, "image_size": 64}
+        net = model if name == "unet" else registry.build(own)
+        torch.save({"model": net.state_dict(), "config": own}, folders[name] / "best.pt")
+    args = {"data_dir": str(root), "cache_dir": str(tmp_path / "cache"), "image_size": 64}
+    runs = {n: (args, {}, {"test": sorted(set(patients))}) for n in folders}
+    compare.prediction_figure(tmp_path, list(folders), runs, folders)
+    assert (tmp_path / "predictions.png").is_file()

@@ -485,29 +485,36 @@ def figures(out, names, per_patient, runs, folders):
 
 
 def prediction_figure(out, names, runs, folders):
-    """The models on the same test slices (a large tumour, a small one, an empty slice), at the
-    runs' image size, from the data as the runs saw them (a kaggle_3m folder or a pack)."""
+    """The models on the same test slices (a large tumour, a small one, an empty slice), from the data
+    as the runs saw them (a kaggle_3m folder or a pack), each model fed as it was trained (its crop,
+    context and normalisation: predict.native_masks), shown at the slices' native size."""
     import torch
 
     from tools import predict
 
     args = runs[names[0]][0]
     test = set(runs[names[0]][2]["test"])
-    slices, cache = open_dataset(
-        Path(args["data_dir"]), Path(args["cache_dir"]), args["image_size"], crop=args.get("crop", "none")
-    )
-    images, masks = cache.images, cache.masks
+
+    def view(crop):  # the data as a model trained with this --crop saw them
+        return open_dataset(Path(args["data_dir"]), Path(args["cache_dir"]), args["image_size"], crop=crop)
+
+    slices, cache = view("none")
     index = [i for i, s in enumerate(slices) if s.patient in test]
-    flairs, truths = [images[i][..., 1] for i in index], [masks[i] > 0 for i in index]
+    shapes = cache.shapes[index]
+    truths = [m[:h, :w] for m, (h, w) in zip(cache.native_masks(index), shapes)]
+    flairs = [predict.at_size(cache.images[i][..., 1], t.shape) for i, t in zip(index, truths)]
     picks = predict.choose(truths, flairs)
-    batch = np.stack([images[index[k]] for k in picks])
-    stats = np.array(cache.stats)[[index[k] for k in picks]]
+    shown = [
+        k for k in range(len(index)) if slices[index[k]].patient in {slices[index[p]].patient for p in picks}
+    ]
     preds = {}
     for n in names:
         model, cfg = predict.load_model(folders[n] / "best.pt", torch.device("cpu"))
-        norm = stats if cfg.get("normalize", "slice") == "volume" else None
-        logits = predict.predict(model, batch, torch.device("cpu"), stats=norm)
-        preds[title(n)] = dict(zip(picks, (logits[:, 0] > 0).numpy()))
+        own = view(cfg.get("crop", "none"))[1] if cfg.get("crop", "none") != "none" else cache
+        masks = predict.native_masks(
+            model, cfg, own, [index[k] for k in shown], [slices[index[k]].patient for k in shown]
+        )
+        preds[title(n)] = dict(zip(shown, masks))
     names_shown = [f"{slices[i].patient}_{slices[i].n}" for i in index]
     predict.comparison_figure(out / "predictions.png", names_shown, flairs, truths, preds, list(preds), picks)
 

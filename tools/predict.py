@@ -193,14 +193,38 @@ def predict_native(model, config, images, patients, device):
     stack = np.stack(shrunk)
     stats = volume_stats(fake, stack) if config.get("normalize", "slice") == "volume" else None
     logits = predict(model, stack, device, patients, config.get("context", 0), stats=stats)
-    shapes = np.array([im.shape[:2] for im in images])
+    return at_native(logits, np.array([im.shape[:2] for im in images]), np.array(boxes))
+
+
+def native_masks(model, config, cache, index, patients):
+    """Boolean masks at each slice's own size for the cache's slices at `index` (numbered as
+    `patients`, in slice order), fed as the network was trained (--context, --normalize; a cache
+    made with its --crop)."""
+    at = np.asarray(index)
+    stats = np.asarray(cache.stats)[at] if config.get("normalize", "slice") == "volume" else None
+    logits = predict(
+        model, np.asarray(cache.images[at]), "cpu", patients, config.get("context", 0), stats=stats
+    )
+    return at_native(logits, cache.shapes[at], cache.boxes[at])
+
+
+def at_native(logits, shapes, boxes):
+    """Logits at the network's size, resized back (bilinear) into each slice's box at its own size
+    (`shapes`) and thresholded, as the metrics score them."""
     out = []
-    for i in range(len(images)):  # one at a time: slices may differ in size
+    for i in range(len(logits)):  # one at a time: slices may differ in size
         native = metrics.native_logits(
-            logits[i : i + 1], shapes[i : i + 1], np.array(boxes[i : i + 1]), shapes[i]
+            logits[i : i + 1], shapes[i : i + 1], boxes[i : i + 1], tuple(shapes[i])
         )
         out.append((native[0] > 0).numpy())
     return out
+
+
+def at_size(image, shape):
+    """A 2-D uint8 image resized (bilinear) to `shape` (H, W); as it is if it has that size."""
+    if image.shape == tuple(shape):
+        return np.asarray(image)
+    return np.asarray(Image.fromarray(np.asarray(image)).resize(tuple(shape)[::-1], Image.BILINEAR))
 
 
 def write_volumes(folder, names, masks):
