@@ -71,16 +71,26 @@ def load_cache(slices, data_dir, cache_dir, size, progress=False, crop="none"):
     """The Cache of `slices`; built first if absent or stale."""
     tag = "" if crop == "none" else f"-{crop}"
     folder = Path(cache_dir) / f"lgg-{size}px{tag}-{cache_key(slices, data_dir, size, crop)}"
-    if (folder / "meta.json").is_file():
-        try:
-            return open_cache(folder, len(slices), size)
-        except (OSError, ValueError):  # arrays damaged after the cache was complete: build it again
-            shutil.rmtree(folder, ignore_errors=True)
     source = json.dumps({"data_dir": str(Path(data_dir).resolve())})
-    build_cache(slices, folder, size, progress, crop, {"source.json": source})
-    if progress:  # the main process, once the new cache is in place
-        remove_superseded(folder, source)
-    return open_cache(folder, len(slices), size)
+
+    def build():
+        build_cache(slices, folder, size, progress, crop, {"source.json": source})
+        if progress:  # the main process, once the new cache is in place
+            remove_superseded(folder, source)
+
+    return opened(folder, build, lambda: open_cache(folder, size))
+
+
+def opened(folder, build, read):
+    """`read()` of the cache in `folder`, built first (`build()`) if absent, or again if it was
+    damaged after it was complete (a truncated array, a garbled meta.json or index)."""
+    try:
+        return read()
+    except (OSError, EOFError, ValueError, KeyError, TypeError):
+        if (folder / "meta.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+    build()
+    return read()
 
 
 def remove_superseded(folder, source):
@@ -101,8 +111,9 @@ def remove_superseded(folder, source):
 CACHE_FILES = ("images", "masks", "tumour_pixels", "native_masks", "shapes", "boxes", "volume_stats")
 
 
-def open_cache(folder, n, size):
+def open_cache(folder, size):
     """The cache's arrays, memory-mapped, checked to be whole (a truncated file maps short)."""
+    n = json.loads((folder / "meta.json").read_text())["slices"]
     arrays = [np.load(folder / f"{name}.npy", mmap_mode="r") for name in CACHE_FILES]
     expected = [(n, size, size, 3), (n, size, size), (n,), None, (n, 2), (n, 4), (n, 8)]
     if any(e is not None and a.shape != e for a, e in zip(arrays, expected)) or len(arrays[3]) != n:
@@ -239,10 +250,17 @@ def load_pack(path, cache_dir, size, progress=False, crop="none"):
         )
     tag = "" if crop == "none" else f"-{crop}"
     folder = Path(cache_dir) / f"lgg-{size}px{tag}-pack-{manifest['sha256'][:20]}"
-    if not (folder / "meta.json").is_file():
+
+    def build():
         with np.load(io.BytesIO(read_pack(path, manifest))) as z:
             images, masks, index = z["images"], z["masks"], str(z["index"])
         slices = [Slice(patient, n, None, None) for patient, n in json.loads(index)]
         write_cache(folder, slices, size, zip(images, masks), crop, {"index.json": index})
-    slices = [Slice(patient, n, None, None) for patient, n in json.loads((folder / "index.json").read_text())]
-    return slices, open_cache(folder, len(slices), size)
+
+    def read():
+        index, cache = json.loads((folder / "index.json").read_text()), open_cache(folder, size)
+        if len(index) != len(cache.images):
+            raise ValueError(f"{folder}: an index of another length")
+        return [Slice(patient, n, None, None) for patient, n in index], cache
+
+    return opened(folder, build, read)

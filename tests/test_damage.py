@@ -3,12 +3,15 @@ it: the command recovers (exit 0) or says so in one line (`error: ...`), never a
 Generated from two tables (the files and who reads them; the kinds of damage), not case by case:
 a reader or a file added to the tables is tested under every damage."""
 
+import dataclasses
 import shutil
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT, run
 
+from common import cache
 from tools.pack import write_pack
 
 DAMAGES = {
@@ -73,12 +76,29 @@ TOOLS = {
         ("p.pack", ["-m", "tools.pack", "unpack", "FOLDER/p.pack", "--image-size", "64"]),
         ("p.pack.part1", ["-m", "tools.pack", "unpack", "FOLDER/p.pack", "--image-size", "64"]),
     ],
+    "cross-validated": [
+        (
+            f"unet/fold-0/{f}",
+            [
+                "-m",
+                "tools.compare",
+                "--table",
+                "--folds",
+                "2",
+                "--models",
+                "unet,fcn",
+                "--output-dir",
+                "FOLDER",
+            ],
+        )
+        for f in ("summary.json", "args.json", "split.json")
+    ],  # fmt: skip
 }
 TOOL_CASES = [(k, f, d, cmd) for k, files in TOOLS.items() for f, cmd in files for d in DAMAGES]
 
 
 @pytest.fixture(scope="session")
-def folders(tmp_path_factory, comparison, finished):
+def folders(tmp_path_factory, comparison, cross_validated, finished):
     """An intact folder of each kind of TOOLS, and the environment to read it."""
     root = tmp_path_factory.mktemp("tool-folders")
     cmp, env = comparison
@@ -86,7 +106,8 @@ def folders(tmp_path_factory, comparison, finished):
     shutil.copy(ROOT / "docs" / "speed" / "sweep-unet.csv", root / "sweep")
     pack = root / "pack" / "p.pack"  # its folder made by write_pack
     write_pack(finished / "kaggle_3m", pack, finished / "cache", size=64, part_size=20_000, progress=False)
-    return {"comparison": cmp, "sweep": root / "sweep", "pack": root / "pack"}, env
+    kinds = {"comparison": cmp, "sweep": root / "sweep", "pack": root / "pack"}
+    return {**kinds, "cross-validated": cross_validated[0]}, env
 
 
 @pytest.mark.parametrize(
@@ -127,3 +148,24 @@ def test_a_damaged_file_is_recovered_or_said_in_one_line(finished, tmp_path, env
         assert p.returncode in (1, 2) and lines and lines[-1].startswith("error: "), (
             p.stdout[-2000:] + p.stderr
         )
+
+
+# the files of a cache folder (one of a kaggle_3m folder, one of a pack), each read by every run
+CACHED = [*(f"{name}.npy" for name in cache.CACHE_FILES), "meta.json"]
+CACHE_CASES = [(src, f, d) for src in ("folder", "pack") for f in CACHED + ["index.json"] * (src == "pack")
+               for d in DAMAGES]  # fmt: skip
+
+
+@pytest.mark.parametrize("source, name, damage", CACHE_CASES, ids=[" ".join(c) for c in CACHE_CASES])
+def test_a_cache_damaged_after_it_was_complete_is_built_again(phantoms, tmp_path, source, name, damage):
+    data = phantoms
+    if source == "pack":
+        data = tmp_path / "p.pack"
+        write_pack(phantoms, data, tmp_path / "cache", size=64, part_size=20_000, progress=False)
+    slices, intact = cache.open_dataset(data, tmp_path / "cache", 32)
+    expected = [np.array(a) for a in dataclasses.astuple(intact)]
+    (folder,) = [f for f in (tmp_path / "cache").glob("lgg-32px-*") if f.is_dir()]
+    DAMAGES[damage](folder / name)
+    again, reopened = cache.open_dataset(data, tmp_path / "cache", 32)
+    again_arrays = dataclasses.astuple(reopened)
+    assert again == slices and all(np.array_equal(a, b) for a, b in zip(expected, again_arrays))
