@@ -22,6 +22,15 @@ def no_data(path):
     )
 
 
+def discard(path):
+    """A temporary file removed if it is there; where even that fails (a read-only place) the error
+    being reported is the one that counts."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class Incomplete(UserError):
     """A table made of what has finished, with something requested missing (named): exit code 1."""
 

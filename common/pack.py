@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError
+from common.errors import UserError, discard
 
 # Packs: the decoded cache as a portable file, to stage data onto compute nodes. `F` is a small JSON
 # manifest (slices, image size, each part's size and sha256); the data are one compressed .npz
@@ -38,7 +38,7 @@ def write(out, slices, images, masks, size, part_size=0):
             put(path, lambda tmp, chunk=chunk: tmp.write_bytes(chunk))
     except UserError:  # a full disk part-way: no parts without their manifest left behind
         for path in parts:
-            path.unlink(missing_ok=True)
+            discard(path)
         raise
     manifest = {
         "format": PACK_FORMAT,
@@ -63,7 +63,7 @@ def put(path, write):
         write(tmp)
         tmp.replace(path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise UserError(f"cannot write {path}: {e.strerror or e}") from e
 
 

@@ -17,7 +17,7 @@ from rich.progress import (
 from rich.progress import track as progress_track
 from rich.table import Table
 
-from common.errors import UserError
+from common.errors import UserError, discard
 from common.metrics import METRICS
 
 
@@ -174,11 +174,11 @@ def replace(path, write):
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         kept = " (the previous one is intact)" if path.exists() else ""
         raise UserError(f"cannot write {path}{kept}: {getattr(e, 'strerror', None) or e}") from e
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise
 
 

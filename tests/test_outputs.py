@@ -1,7 +1,9 @@
 """Every path a command writes, given as what it cannot be: a file where a folder goes, a folder
-where a file goes, a folder under a file. Each is one line, exit 2, and nothing is left behind.
-Generated from the table of the commands' output flags."""
+where a file goes, a folder under a file, a place that is read-only. Each is one line, exit 2, and
+nothing is left behind. Generated from the table of the commands' output flags."""
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -72,13 +74,15 @@ OUTPUTS = {
         "file",
     ),
 }
-BAD = {"folder": ("a file", "under a file"), "file": ("a folder", "under a file")}
+BAD = {"folder": ("a file", "under a file", "read-only"), "file": ("a folder", "under a file", "read-only")}
 CASES = [(c, bad) for c, (_, kind) in OUTPUTS.items() for bad in BAD[kind]]
 
 
-def bad_path(tmp_path, bad):
+def bad_path(tmp_path, bad, request):
     (tmp_path / "a-file").write_text("kept\n")
     (tmp_path / "a-folder").mkdir()
+    if bad == "read-only":
+        return request.getfixturevalue("read_only") / "x"
     return {
         "a file": tmp_path / "a-file",
         "a folder": tmp_path / "a-folder",
@@ -86,9 +90,28 @@ def bad_path(tmp_path, bad):
     }[bad]
 
 
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder nothing can be written in, even by root (then a read-only mount); the test is skipped
+    where neither can be made."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if not os.access(folder, os.W_OK):
+        yield folder
+        return
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("no read-only place can be made here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
 @pytest.mark.parametrize("command, bad", CASES, ids=[f"{c} {b}" for c, b in CASES])
-def test_an_output_path_that_cannot_be_is_one_line(finished, tmp_path, env, command, bad):
-    out = bad_path(tmp_path, bad)
+def test_an_output_path_that_cannot_be_is_one_line(finished, tmp_path, env, command, bad, request):
+    out = bad_path(tmp_path, bad, request)
     argv, _ = OUTPUTS[command]
     where = {"OUT": str(out), "RUN": str(finished / "run"), "DATA": str(finished / "kaggle_3m")}
     p = run(

@@ -31,7 +31,7 @@ import torch
 from common import data, report
 from common.cache import open_dataset
 from common.cli import Parser, default_cache_dir
-from common.errors import UserError, contract
+from common.errors import UserError, contract, discard
 from common.ranges import count, image_size, pathname, positive
 from tools.predict import load_model
 
@@ -214,7 +214,7 @@ def write_checked(out, export, check):
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
     return result
 
 
