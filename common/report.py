@@ -144,6 +144,21 @@ def read_csv(path, columns=()):
     return rows
 
 
+def write_csv(path, rows, fields=None):
+    """Rows (dicts) as a CSV, whole or not at all; columns `fields`, or every key in first-seen order."""
+    import csv
+
+    fields = fields or list(dict.fromkeys(k for r in rows for k in r))
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    replace(Path(path), write)
+
+
 def write_json(path, obj):
     replace(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 

@@ -13,8 +13,8 @@ import torch.nn as nn
 from conftest import run
 
 from common import registry
+from common.inference import load_model
 from tools import export
-from tools.predict import load_model
 
 ATOL = 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")

@@ -10,6 +10,9 @@ LAYERS = {
     "tools": 7,
     "models": 7,
     "common.entry": 6,
+    "common.comparison_cv": 6,
+    "common.comparison": 5,
+    "common.inference": 4,
     "common.loop": 5,
     "common.summary": 4,
     "common.evaluate": 4,
@@ -45,6 +48,9 @@ def layer(module):
     return LAYERS[module]
 
 
+OURS = ("common", "tools")
+
+
 def project_imports():
     """{module: set of project modules it imports}, for common/, tools/ and the model folders."""
     graph = {}
@@ -53,14 +59,14 @@ def project_imports():
             continue
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "common":
-                if node.module == "common":
-                    found |= {f"common.{a.name}" for a in node.names}
+        for node in ast.walk(ast.parse(path.read_text())):  # imports inside functions too
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in OURS:
+                if node.module in OURS:
+                    found |= {f"{node.module}.{a.name}" for a in node.names}
                 else:
                     found.add(node.module)
             elif isinstance(node, ast.Import):
-                found |= {a.name for a in node.names if a.name.startswith("common.")}
+                found |= {a.name for a in node.names if a.name.split(".")[0] in OURS and "." in a.name}
         graph[name] = found
     return graph
 
@@ -71,6 +77,13 @@ def test_every_library_module_has_a_layer():
 
 def test_no_import_goes_up():
     wrong = [f"{m} -> {d}" for m, deps in project_imports().items() for d in deps if layer(d) > layer(m)]
+    assert not wrong, wrong
+
+
+def test_no_tool_imports_another_tool():
+    """tools/ holds commands only: what two of them share is a library module in common/."""
+    wrong = [f"{m} -> {d}" for m, deps in project_imports().items() for d in deps
+             if m.startswith("tools.") and d.startswith("tools.")]  # fmt: skip
     assert not wrong, wrong
 
 

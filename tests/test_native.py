@@ -12,8 +12,8 @@ from PIL import Image
 
 from common import data, metrics, registry
 from common.cache import open_dataset
+from common.inference import load_model
 from common.synthetic import write_phantoms
-from tools.predict import load_model
 
 
 def tiny_tumour_data(root):
@@ -123,7 +123,8 @@ def test_the_scoring_benchmark_times_both_ways_of_counting(phantoms, tmp_path):
 def test_every_consumer_of_a_checkpoint_feeds_it_as_it_was_trained(tmp_path, trained):
     """tools.predict (from the TIFFs) and the comparison's figure (from the cache the runs used) give
     one model the same masks, whatever it was trained with (its neighbours, normalisation, crop)."""
-    from tools import compare, predict
+    from common import comparison as compare
+    from common import inference as predict
 
     root = write_phantoms(tmp_path / "kaggle_3m", patients=3, slices=5, size=64, seed=1)
     torch.manual_seed(0)

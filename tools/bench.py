@@ -14,7 +14,6 @@ Data: --data-dir (default $LGG_DATA_DIR) or --synthetic.
 """
 
 import argparse
-import csv
 import os
 import statistics
 import subprocess
@@ -432,19 +431,12 @@ def bench(args):
     return train_in_time_left(args, started) if what == "gpu" else 0
 
 
-def write_rows(tmp, rows):
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def write_table(args, head, rows, extra):
     """<what>.md (the table, printed too) and <what>.csv in --output-dir."""
     lines = "".join(f"\n{k}: {v:.4g}" for k, v in extra.items() if v is not None)
     table = f"{args.what}: {head}\n\n" + markdown(rows, COLUMNS[args.what]) + lines + "\n"
     report.write_text(args.output_dir / f"{args.what}.md", table)
-    report.replace(args.output_dir / f"{args.what}.csv", lambda tmp: write_rows(tmp, rows))
+    report.write_csv(args.output_dir / f"{args.what}.csv", rows, sorted({k for r in rows for k in r}))
     report.console.print(table)
     report.console.print(
         f"wrote {args.output_dir / (args.what + '.md')} and {args.output_dir / (args.what + '.csv')}"

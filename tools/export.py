@@ -32,8 +32,8 @@ from common import data, report
 from common.cache import open_dataset
 from common.cli import Parser, default_cache_dir
 from common.errors import UserError, contract, discard
+from common.inference import load_model
 from common.ranges import count, image_size, pathname, positive
-from tools.predict import load_model
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts.pt"}  # format -> default file name
 ONNX_PIP = "pip install onnx onnxscript onnxruntime"

@@ -33,17 +33,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import data, metrics, registry, report
+from common import data, inference, report
 from common.blocks import Averaged
-from common.cache import prepared, volume_stats
-from common.checkpoint import load_checkpoint, members, split_of
+from common.checkpoint import members, split_of
 from common.cli import Parser
 from common.errors import UserError, contract
 from common.folders import make
 from common.ranges import pathname
 from common.split import split_key
-
-TRUTH, PRED = "#2ca02c", "#d62728"
 
 
 def find_slices(folder):
@@ -103,13 +100,6 @@ def read(image_path, mask_path):
     return image, None if mask_path is None else data.read_mask(mask_path, image.shape[:2]) > 0
 
 
-def load_model(path, device="cpu"):
-    ckpt = load_checkpoint(path)
-    model = registry.build(ckpt["config"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt["config"]
-
-
 def load_models(args, device):
     """[(network, config, label)]: one per --checkpoint (a folder of runs: their ensemble), or, with
     --ensemble, one for all; with --tta each also averages the mirror images."""
@@ -118,7 +108,7 @@ def load_models(args, device):
         groups = [[p for g in groups for p in g]]
     out = []
     for group in groups:
-        nets, configs = zip(*(load_model(p) for p in group))
+        nets, configs = zip(*(inference.load_model(p) for p in group))
         keys = ("image_size", "context", "normalize", "crop")  # what the members' inputs are
         inputs = {tuple(c.get(k) for k in keys) for c in configs}
         if len(inputs) > 1:
@@ -155,7 +145,7 @@ def dice_table(label, patients, preds, truths):
     for patient, pred, truth in zip(patients, preds, truths):
         slices.setdefault(patient, []).append((pred.ravel(), None if truth is None else truth.ravel()))
     scored = {
-        p: float(dice(np.concatenate([a for a, _ in v]), np.concatenate([t for _, t in v])))
+        p: float(inference.dice(np.concatenate([a for a, _ in v]), np.concatenate([t for _, t in v])))
         for p, v in slices.items()
         if all(t is not None for _, t in v)
     }
@@ -163,68 +153,6 @@ def dice_table(label, patients, preds, truths):
         mean = sum(scored.values()) / len(scored)
         each = ", ".join(f"{p} {v:.3f}" for p, v in sorted(scored.items()))
         report.console.print(f"{label}: Dice per patient {mean:.3f} (mean of {len(scored)}): {each}")
-
-
-@torch.inference_mode()
-def predict(model, images, device, patients=None, context=0, batch_size=16, stats=None):
-    """Logits (N, 1, S, S) for uint8 images (N, S, S, 3) of `patients` (in slice order), each with
-    its --context neighbours and normalised as the network was trained (`stats`: volume_stats)."""
-    patients = range(len(images)) if patients is None else patients  # unknown: each slice alone
-    near = data.neighbours([SimpleNamespace(patient=p) for p in patients], context) if context else None
-    slices = data.Slices(images, np.zeros(images.shape[:3], np.uint8), np.arange(len(images)), near)
-    out = []
-    for k in range(0, len(images), batch_size):
-        at = list(range(k, min(k + batch_size, len(images))))
-        x, y, _ = slices.__getitems__(at)
-        norm = None if stats is None else torch.from_numpy(stats[at])
-        x, _ = data.to_inputs(x.to(device), y.to(device), stats=norm)
-        out.append(model(x).float().cpu())
-    return torch.cat(out)
-
-
-def predict_native(model, config, images, patients, device):
-    """Boolean masks at each slice's own size for native uint8 images (a list of (H, W, 3)) of
-    `patients` (in slice order): preprocessed as the network was trained (--crop, --normalize), its
-    logits resized back (bilinear) and thresholded, as the metrics score them."""
-    size = config["image_size"]
-    fake = [SimpleNamespace(patient=p) for p in patients]
-    blank = [np.zeros(im.shape[:2], np.uint8) for im in images]
-    shrunk, _, _, boxes = zip(*prepared(fake, zip(images, blank), size, config.get("crop", "none")))
-    stack = np.stack(shrunk)
-    stats = volume_stats(fake, stack) if config.get("normalize", "slice") == "volume" else None
-    logits = predict(model, stack, device, patients, config.get("context", 0), stats=stats)
-    return at_native(logits, np.array([im.shape[:2] for im in images]), np.array(boxes))
-
-
-def native_masks(model, config, cache, index, patients):
-    """Boolean masks at each slice's own size for the cache's slices at `index` (numbered as
-    `patients`, in slice order), fed as the network was trained (--context, --normalize; a cache
-    made with its --crop)."""
-    at = np.asarray(index)
-    stats = np.asarray(cache.stats)[at] if config.get("normalize", "slice") == "volume" else None
-    logits = predict(
-        model, np.asarray(cache.images[at]), "cpu", patients, config.get("context", 0), stats=stats
-    )
-    return at_native(logits, cache.shapes[at], cache.boxes[at])
-
-
-def at_native(logits, shapes, boxes):
-    """Logits at the network's size, resized back (bilinear) into each slice's box at its own size
-    (`shapes`) and thresholded, as the metrics score them."""
-    out = []
-    for i in range(len(logits)):  # one at a time: slices may differ in size
-        native = metrics.native_logits(
-            logits[i : i + 1], shapes[i : i + 1], boxes[i : i + 1], tuple(shapes[i])
-        )
-        out.append((native[0] > 0).numpy())
-    return out
-
-
-def at_size(image, shape):
-    """A 2-D uint8 image resized (bilinear) to `shape` (H, W); as it is if it has that size."""
-    if image.shape == tuple(shape):
-        return np.asarray(image)
-    return np.asarray(Image.fromarray(np.asarray(image)).resize(tuple(shape)[::-1], Image.BILINEAR))
 
 
 def write_volumes(folder, names, masks):
@@ -243,77 +171,6 @@ def write_volumes(folder, names, masks):
         blob = gzip.compress(nibabel.Nifti1Image(volume, np.eye(4)).to_bytes())
         report.replace(folder / f"{patient}.nii.gz", lambda tmp: tmp.write_bytes(blob))
     return len(by_patient)
-
-
-def dice(pred, truth):
-    den = pred.sum() + truth.sum()
-    return 1.0 if den == 0 else 2 * (pred & truth).sum() / den
-
-
-def overlay(ax, flair, truth, pred):
-    ax.imshow(flair, cmap="gray")
-    if truth is not None and truth.any():
-        ax.contour(truth, levels=[0.5], colors=TRUTH, linewidths=1)
-    if pred.any():
-        ax.contour(pred, levels=[0.5], colors=PRED, linewidths=1)
-    ax.axis("off")
-
-
-def slice_figure(path, name, flair, truth, pred):
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
-    panels = [
-        (flair, "FLAIR"),
-        (truth if truth is not None else np.zeros_like(pred), "true mask"),
-        (pred, "prediction"),
-    ]
-    for ax, (img, title) in zip(axes, panels):
-        ax.imshow(img, cmap="gray")
-        ax.set_title(title)
-        ax.axis("off")
-    overlay(axes[3], flair, truth, pred)
-    axes[3].set_title("overlay" + (f" (Dice {dice(pred, truth):.2f})" if truth is not None else ""))
-    fig.suptitle(name, fontsize=9)
-    fig.tight_layout()
-    report.save_figure(fig, path, dpi=80)
-    plt.close(fig)
-
-
-def choose(truths, flairs):
-    """Indices of a large tumour, a small one and an empty slice (first, middle, last without masks)."""
-    n = len(flairs)
-    if any(t is None for t in truths):
-        return sorted({0, n // 2, n - 1})
-    area = np.array([t.sum() for t in truths])
-    tumour = np.flatnonzero(area > 0)
-    picks = []
-    if len(tumour):
-        picks.append(int(tumour[np.argmax(area[tumour])]))
-        by_size = tumour[np.argsort(area[tumour])]
-        picks.append(int(by_size[len(by_size) // 10]))  # small, but not the tiniest sliver
-    empty = np.flatnonzero(area == 0)
-    if len(empty):
-        picks.append(int(empty[np.argmax([flairs[i].mean() for i in empty])]))  # most brain in view
-    return list(dict.fromkeys(picks))
-
-
-def comparison_figure(path, names, flairs, truths, preds, labels, picks):
-    import matplotlib.pyplot as plt
-
-    rows = 1 + len(labels)
-    fig, axes = plt.subplots(rows, len(picks), figsize=(3.2 * len(picks), 3.2 * rows), squeeze=False)
-    for c, i in enumerate(picks):
-        overlay(axes[0, c], flairs[i], truths[i], np.zeros_like(flairs[i], dtype=bool))
-        axes[0, c].set_title(f"{names[i]}\ntruth", fontsize=8)
-        for r, label in enumerate(labels, start=1):
-            overlay(axes[r, c], flairs[i], truths[i], preds[label][i])
-            score = f" Dice {dice(preds[label][i], truths[i]):.2f}" if truths[i] is not None else ""
-            axes[r, c].set_title(f"{label}{score}", fontsize=9)
-    fig.suptitle("truth green, prediction red", fontsize=9)
-    fig.tight_layout()
-    report.save_figure(fig, path, dpi=90)
-    plt.close(fig)
 
 
 def parser():
@@ -371,7 +228,7 @@ def run(args):
     flairs = [im[..., 1] for im in images]
     preds, written = {}, []
     for (model, cfg, _), label in zip(models, labels):
-        preds[label] = predict_native(model, cfg, list(images), patients, device)
+        preds[label] = inference.predict_native(model, cfg, list(images), patients, device)
         dice_table(label, patients, preds[label], truths)
         folder = args.output_dir / label
         (folder / "masks").mkdir(parents=True, exist_ok=True)
@@ -384,13 +241,15 @@ def run(args):
         if not args.no_figures:
             (folder / "figures").mkdir(exist_ok=True)
             for i in report.track(range(len(names)), f"drawing {label}"):
-                slice_figure(
+                inference.slice_figure(
                     folder / "figures" / f"{names[i]}.png", names[i], flairs[i], truths[i], preds[label][i]
                 )
             written.append(f"{folder / 'figures'}/ ({len(names)} figures)")
     if len(models) > 1 and not args.no_figures:
         path = args.output_dir / "comparison.png"
-        comparison_figure(path, names, flairs, truths, preds, labels, choose(truths, flairs))
+        inference.comparison_figure(
+            path, names, flairs, truths, preds, labels, inference.choose(truths, flairs)
+        )
         written.append(str(path))
     for line in written:
         report.console.print(f"wrote {line}")

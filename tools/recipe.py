@@ -17,10 +17,10 @@ import sys
 
 from common import report, stats
 from common.cli import Parser
+from common.comparison import scores
 from common.errors import UserError, contract
 from common.folders import make
 from common.ranges import pathname, share
-from tools.compare import scores, write_csv
 
 # name: (folder under the study's folder, the runs trained for it, what it is)
 VARIANTS = {
@@ -264,7 +264,7 @@ def tabulate(args):
     text = markdown(table, args.set, args.target)
     if args.output_dir is not None:
         make(args.output_dir)
-        write_csv(args.output_dir / f"recipe-{args.set}.csv", table)
+        report.write_csv(args.output_dir / f"recipe-{args.set}.csv", table)
         report.replace(args.output_dir / f"recipe-{args.set}.md", lambda tmp: tmp.write_text(text))
         runs = [n for n in names if (args.study / n / "metrics.jsonl").is_file()]
         if args.set == "val" and runs:

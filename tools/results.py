@@ -13,7 +13,6 @@ efficiency against processes). --suite (from tools.bench suite): suite-speedup.p
 """
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -103,28 +102,22 @@ def section(members):
 def write_csv(path, runs, summaries):
     keys = [k for k, _, _ in SETUP]
     header = ["run", *keys] + [f"{side}_{m.key}" for side in ("test", "val") for m in METRICS] + ["data"]
-    report.replace(path, lambda tmp: write_rows(tmp, header, runs, summaries, keys))
-
-
-def write_rows(tmp, header, runs, summaries, keys):
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for run, s in zip(runs, summaries):
-            w.writerow(
-                [run.name, *(s.get(k) for k in keys)]
-                + [(s.get(key) or {}).get(m.key) for key in ("test", "best_val") for m in METRICS]
-                + [data_label(s)]
-            )
-        for model, v in ORIGINAL.items():
-            w.writerow(
-                [f"original-{model}", model]
-                + [None] * (len(keys) - 1)
-                + [None] * len(METRICS)
-                + [None, v]
-                + [None] * (len(METRICS) - 2)
-                + ["the original's leaky slice split"]
-            )
+    rows = [
+        [run.name, *(s.get(k) for k in keys)]
+        + [(s.get(key) or {}).get(m.key) for key in ("test", "best_val") for m in METRICS]
+        + [data_label(s)]
+        for run, s in zip(runs, summaries)
+    ]
+    for model, v in ORIGINAL.items():
+        rows.append(
+            [f"original-{model}", model]
+            + [None] * (len(keys) - 1)
+            + [None] * len(METRICS)
+            + [None, v]
+            + [None] * (len(METRICS) - 2)
+            + ["the original's leaky slice split"]
+        )
+    report.write_csv(path, [dict(zip(header, r)) for r in rows], header)
 
 
 def curves(path, model, runs):
@@ -253,7 +246,7 @@ def sweep_figures(path, out):
 
 
 def suite_figure(path, out):
-    rows = list(csv.DictReader(open(path)))
+    rows = report.read_csv(path, ("model", "setting", "speedup_vs_fp32_decode"))
     models = list(dict.fromkeys(r["model"] for r in rows))
     settings = [s for s in dict.fromkeys(r["setting"] for r in rows) if not s.startswith("bare")]
     plt, fig, ax = plt_figure(figsize=(8, 4))

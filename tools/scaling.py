@@ -16,7 +16,6 @@ the workers' busy share) over the cores, passes 1. docs/scaling.md explains the 
 """
 
 import argparse
-import csv
 import math
 import statistics
 import sys
@@ -365,15 +364,9 @@ def fit_table(theta, args):
 
 
 def write_csv(path, rows):
-    report.replace(path, lambda tmp: write_rows(tmp, rows))
-
-
-def write_rows(tmp, rows):
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    report.write_csv(
+        path, [{k: f"{v:.4g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+    )
 
 
 def named(workers):

@@ -10,7 +10,6 @@ images/s: the quantity the original study plotted. Plot with `python -m tools.re
 """
 
 import argparse
-import csv
 import itertools
 import shlex
 import subprocess
@@ -95,16 +94,9 @@ def sweep(args, flags):
             f"    {rows[-1]['images_per_s']:.1f} images/s, data wait {rows[-1]['data_wait_share']:.1%}"
         )
     path = args.output_dir / f"sweep-{args.model}.csv"
-    report.replace(path, lambda tmp: write_rows(tmp, rows))
+    report.write_csv(path, rows, list(rows[0]))
     report.console.print(f"wrote {path} ({len(rows)} runs)")
     return 0
-
-
-def write_rows(tmp, rows):
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def sweep_row(model, out, procs, pipeline, workers, precision, threads):

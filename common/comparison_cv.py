@@ -12,10 +12,9 @@ import statistics
 
 import numpy as np
 
-from common import report
+from common import comparison, report
 from common.errors import UserError
 from common.folders import finished, same_recipe
-from tools import compare
 
 STRATA = ("small", "medium", "large")  # tertiles of the patients' tumour volume
 
@@ -66,7 +65,7 @@ def rows_of(runs, names):
     out = []
     for n in names:
         for i, (_, summary, _) in enumerate(runs[n]):
-            for r in compare.patient_rows(n, summary):
+            for r in comparison.patient_rows(n, summary):
                 out.append({"model": n, "fold": i, **{k: v for k, v in r.items() if k != "model"}})
     return out
 
@@ -83,7 +82,7 @@ def summarise(runs, names, per_patient):
         args, summary, _ = runs[n][0]
         rows.append(
             {
-                **compare.run_row(n, args, summary),
+                **comparison.run_row(n, args, summary),
                 "train_time_s": statistics.fmean(times),  # per fold
                 "best_epoch": statistics.median_low(
                     s["best_epoch"] for _, s, _ in runs[n]
@@ -92,7 +91,7 @@ def summarise(runs, names, per_patient):
                 "train_time_s_total": sum(times),
                 "dice_patient_mean_fold_mean": statistics.fmean(fold_means),
                 "dice_patient_mean_fold_sd": statistics.stdev(fold_means),
-                **compare.scores(mine),
+                **comparison.scores(mine),
             }
         )
     return rows
@@ -108,7 +107,7 @@ def by_size(per_patient, names):
         inside = {p for p, v in volume.items() if low < v <= high}
         rows = [r for r in per_patient if r["patient"] in inside]
         bounds = [min(volume[p] for p in inside), max(volume[p] for p in inside)] if inside else None
-        pairs = compare.pairs(rows, names) if len(inside) > 1 else []
+        pairs = comparison.pairs(rows, names) if len(inside) > 1 else []
         strata.append({"stratum": name, "tumour_voxels": bounds, "patients": len(inside), "pairs": pairs})
     return strata
 
@@ -121,28 +120,28 @@ def markdown(summary, paired, strata, folds, val_frac):
         else f"Each fold's best epoch chosen on {val_frac:g} of the patients, drawn from its training folds"
     )
     lines = [
-        f"# {', '.join(compare.title(s['model']) for s in summary)}: {folds}-fold cross-validation over "
+        f"# {', '.join(comparison.title(s['model']) for s in summary)}: {folds}-fold cross-validation over "
         f"{s0['test_patients']} patients, each tested once",
         "",
-        f"{compare.setup_line(s0)} {chosen}; training: seconds per fold. {compare.MEASURES}",
+        f"{comparison.setup_line(s0)} {chosen}; training: seconds per fold. {comparison.MEASURES}",
         "",
-        compare.COLUMNS + " per-fold mean +- sd |",
-        "|---" * (compare.COLUMNS.count(" | ") + 1) + "|---|",
+        comparison.COLUMNS + " per-fold mean +- sd |",
+        "|---" * (comparison.COLUMNS.count(" | ") + 1) + "|---|",
         *[
-            compare.model_row(s)
+            comparison.model_row(s)
             + f" {s['dice_patient_mean_fold_mean']:.3f} +- {s['dice_patient_mean_fold_sd']:.3f} |"
             for s in summary
         ],
     ]
     if paired:
-        lines += compare.paired_section(
+        lines += comparison.paired_section(
             paired, f"Paired comparison (per-patient Dice, all {s0['test_patients']} patients)"
         )
     for s in strata:
         if s["pairs"]:
             v = s["tumour_voxels"]
             heading = f"{s['stratum'].capitalize()} tumours ({s['patients']} patients, {v[0]}-{v[1]} voxels)"
-            lines += compare.paired_section(s["pairs"], heading)
+            lines += comparison.paired_section(s["pairs"], heading)
     return "\n".join(lines) + "\n"
 
 
@@ -159,16 +158,16 @@ def table(out, names, folds):
     check_patients(out, runs, names)
     per_patient = rows_of(runs, names)
     summary = summarise(runs, names, per_patient)
-    paired = compare.pairs(per_patient, names)
+    paired = comparison.pairs(per_patient, names)
     strata = by_size(per_patient, names) if len(names) > 1 else []
-    compare.write_csv(out / "per-patient.csv", per_patient)
-    compare.write_csv(out / "summary.csv", summary)
+    report.write_csv(out / "per-patient.csv", per_patient)
+    report.write_csv(out / "summary.csv", summary)
     report.write_json(out / "paired.json", {"pairs": paired, "by_tumour_size": strata})
     val_frac = runs[names[0]][0][0]["val_frac"]
     report.write_text(out / "comparison.md", markdown(summary, paired, strata, folds, val_frac))
     shown = shown_fold(out, names, folds)
     folders = None if shown is None else {n: out / n / f"fold-{shown}" for n in names}
-    compare.figures(out, names, per_patient, {n: runs[n][shown or 0] for n in names}, folders)
+    comparison.figures(out, names, per_patient, {n: runs[n][shown or 0] for n in names}, folders)
     report.console.print((out / "comparison.md").read_text())
     made = (
         f"predictions.png (fold {shown}'s models)"
