@@ -52,26 +52,6 @@ repository() {
   if [ -f "$cmd" ]; then dirname "$cmd"; else echo "${SLURM_SUBMIT_DIR:-$PWD}"; fi
 }
 
-# the value of flag $1 in the rest of the arguments (--flag V or --flag=V), or nothing
-value_of() {
-  local name=$1
-  shift
-  while [ $# -gt 0 ]; do
-    case "$1" in
-      "$name") echo "${2:-}"; return ;;
-      "$name"=*) echo "${1#*=}"; return ;;
-    esac
-    shift
-  done
-}
-
-all_folds_finished() {
-  local fold
-  for ((fold = 0; fold < folds; fold++)); do
-    if [ ! -f "$out/fold-$fold/summary.json" ]; then return 1; fi
-  done
-}
-
 repo=$(repository)
 # a batch job does not inherit an activated environment's PATH when submitted without it: the
 # checkout's own .venv (the README's set-up) if there is one
@@ -88,48 +68,12 @@ if [ "$spec" = sweep ]; then  # it launches each run itself
   PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec python -m tools.sweep "$@"
 fi
 [ $# -gt 0 ] && shift
-task=${SLURM_ARRAY_TASK_ID:-}
-folds=$(value_of --folds "$@")
-[ "$folds" = 0 ] && folds=""
-[ -z "$folds" ] || [[ "$folds" =~ ^[0-9]+$ ]] || fail "argument --folds: expected a number, got '$folds'"
-
-# a job array: over models (task i trains the i-th of a,b,c), over the folds of one model (--folds
-# K), or over both (a,b,c --folds K: the cross-validated comparison, task i = model i / K, fold i % K)
-array=""
-model=$spec
-test_fold=""
-if [[ "$spec" == *,* ]]; then
-  IFS=, read -ra models <<< "$spec"
-  per_model=${folds:-1}
-  model=${models[$((${task:-0} / per_model))]:-}
-  last=$((${#models[@]} * per_model - 1))
-  [ -n "$model" ] || fail "array task $task, but $spec${folds:+ x --folds $folds} has tasks 0-$last:" \
-    "sbatch --array=0-$last"
-  [ -n "$task" ] || fail "a model list ($spec) is for a job array, one task per model${folds:+ and fold}:" \
-    "sbatch --array=0-$last run.sh $spec ..., or give one model"
-  array=$model
-  if [ -n "$folds" ]; then
-    [ -z "$(value_of --fold "$@")$(value_of --test-fold "$@")" ] || fail "argument --fold/--test-fold:" \
-      "in a job array over models and --folds, the task's index gives the fold"
-    test_fold=$((${task:-0} % folds))
-    array=$model/fold-$test_fold
-  fi
-elif [ -n "$folds" ] && [ -n "$task" ]; then
-  last=$((folds - 1))
-  [ "$task" -lt "$folds" ] || fail "array task $task, but --folds $folds has folds 0-$last:" \
-    "sbatch --array=0-$last"
-  [ -z "$(value_of --fold "$@")" ] || fail "argument --fold: in a job array over --folds," \
-    "the task's index is the fold"
-  array=fold-$task
-fi
-if [ -z "$model" ] || [ ! -f "$repo/$model/train.py" ] || [ ! -f "$repo/$model/model.py" ]; then
-  models_here=$(for f in "$repo"/*/train.py; do
-    d=$(dirname "$f")
-    [ -f "$d/model.py" ] && printf '%s ' "$(basename "$d")"
-  done)
-  fail "first argument must be a model (a folder with model.py and train.py: ${models_here% })" \
-    "or sweep (got '${spec}')"
-fi
+# which run this is (a job array's task: its model, fold and folder; under Slurm a folder named after
+# the job, which a requeued job resumes): common/jobs.py owns that layout, bash parses no flag
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+plan=$(python -m common.jobs "$spec" "$@") || exit $?
+eval "$plan"  # model, run_dir, what and args, quoted by Python's shlex
+set -- "${args[@]}"
 
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
@@ -142,40 +86,7 @@ else
   procs=1  # CPU: one process using every core (several CPU processes just split the same cores)
   device_flags=(--cpu --mixed_precision no)
 fi
-fold_of=${test_fold:-$task}
-what=$model${folds:+${fold_of:+ fold $fold_of of $folds}}
 echo "run.sh: $what on $nodes node(s) x $procs process(es) ($gpus GPU(s) per node)"
-
-# the run folder: under Slurm named after the job, so that a requeued job finds it and resumes
-out=$(value_of --output-dir "$@")
-run_dir=""
-if [ -n "$array" ]; then
-  # task i writes D/<model i> or D/<model>/fold-k (a comparison: tools.compare) or D/fold-i
-  # (tools.folds), D shared by the tasks
-  [ -n "$out" ] || [ -z "$folds" ] || [ -n "$test_fold" ] || out="runs/$model-cv$folds-${SLURM_ARRAY_JOB_ID:-local}"
-  [ -n "$out" ] || [ -z "$test_fold" ] || out="runs/cmp-cv$folds-${SLURM_ARRAY_JOB_ID:-local}"
-  if [ -n "$out" ]; then
-    run_dir=$out/$array
-    args=()
-    while [ $# -gt 0 ]; do
-      case "$1" in
-        --output-dir) shift 2 ;;
-        --output-dir=*) shift ;;
-        *) args+=("$1"); shift ;;
-      esac
-    done
-    set -- "${args[@]}" --output-dir "$run_dir"
-    if [ -n "$test_fold" ]; then  # tools.compare --folds's split: no validation unless --val-frac says
-      set -- --val-frac 0 "$@" --test-fold "$test_fold"
-    elif [ -n "$folds" ]; then
-      set -- "$@" --fold "$task"
-    fi
-  fi
-fi
-if [ -z "$run_dir" ] && [ -n "${SLURM_JOB_ID:-}" ] && [ -z "$out" ] && [ -z "$(value_of --resume "$@")" ]; then
-  run_dir="runs/$model-$SLURM_JOB_ID"
-  set -- "$@" --output-dir "$run_dir"  # on a run folder with a checkpoint, train.py resumes it
-fi
 
 # The launchers end a failed run with their own report (accelerate's traceback, torchrun's summary):
 # the script writes its one `error:` line to this file instead, and it is printed after that report.
@@ -223,9 +134,9 @@ if [ "$status" -eq 0 ] && [ -n "$run_dir" ] && [ -n "${SLURM_JOB_ID:-}" ] && [ !
 then
   echo "run.sh: stopped before the end: requeueing job $SLURM_JOB_ID to resume from $run_dir"
   scontrol requeue "$SLURM_JOB_ID"
-elif [ "$status" -eq 0 ] && [ -n "$folds" ] && [ -n "$array" ] && [ -z "$test_fold" ] && all_folds_finished; then
-  # the last fold to finish prints the table (otherwise: python -m tools.folds ... --summary)
-  PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" python -m tools.folds "$model" --folds "$folds" \
-    --output-dir "$out" --summary || true
+elif [ "$status" -eq 0 ]; then
+  # the last fold of an array over one model's folds to finish prints their table
+  after=$(python -m common.jobs --after "$model" "$@") || after=""
+  if [ -n "$after" ]; then eval "python $after" || true; fi
 fi
 exit "$status"

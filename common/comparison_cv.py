@@ -15,6 +15,7 @@ import numpy as np
 from common import comparison, report
 from common.errors import UserError
 from common.folders import finished, same_recipe
+from common.jobs import run_folder
 
 STRATA = ("small", "medium", "large")  # tertiles of the patients' tumour volume
 
@@ -26,7 +27,7 @@ def load(out, names, folds):
     for n in names:
         runs[n] = []
         for i in range(folds):
-            d = out / n / f"fold-{i}"
+            d = run_folder(out, n, i)
             if not finished(d):
                 missing.append(f"{n} fold {i}")
                 continue
@@ -147,7 +148,7 @@ def markdown(summary, paired, strata, folds, val_frac):
 
 def shown_fold(out, names, folds):
     """The first fold whose every model has its best.pt (predictions.png shows it), or None."""
-    have = lambda i: all((out / n / f"fold-{i}" / "best.pt").is_file() for n in names)  # noqa: E731
+    have = lambda i: all((run_folder(out, n, i) / "best.pt").is_file() for n in names)  # noqa: E731
     return next((i for i in range(folds) if have(i)), None)
 
 
@@ -166,7 +167,7 @@ def table(out, names, folds):
     val_frac = runs[names[0]][0][0]["val_frac"]
     report.write_text(out / "comparison.md", markdown(summary, paired, strata, folds, val_frac))
     shown = shown_fold(out, names, folds)
-    folders = None if shown is None else {n: out / n / f"fold-{shown}" for n in names}
+    folders = None if shown is None else {n: run_folder(out, n, shown) for n in names}
     comparison.figures(out, names, per_patient, {n: runs[n][shown or 0] for n in names}, folders)
     report.console.print((out / "comparison.md").read_text())
     made = (

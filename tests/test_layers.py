@@ -2,6 +2,7 @@
 no circle); models and tools sit on top."""
 
 import ast
+import re
 
 from conftest import ROOT
 
@@ -21,6 +22,7 @@ LAYERS = {
     "common.registry": 3,
     "common.checkpoint": 2,
     "common.folders": 2,
+    "common.jobs": 1,
     "common.distributed": 2,
     "common.cli": 2,
     "common.split": 1,
@@ -96,3 +98,11 @@ def test_no_import_circle():
         )
 
     assert not [m for m in graph if reaches(m, m, {m})]
+
+
+def test_one_owner_of_the_run_folders_layout():
+    """Only common/jobs.py spells where a fold's run lives (run.sh asks it, tools use run_folder)."""
+    sources = [*ROOT.glob("common/*.py"), *ROOT.glob("tools/*.py"), ROOT / "run.sh"]
+    spelt = re.compile(r"fold-[{$]")  # f"fold-{k}" in Python, fold-$k in bash
+    wrong = [str(p.relative_to(ROOT)) for p in sources if p.name != "jobs.py" and spelt.search(p.read_text())]
+    assert not wrong, wrong

@@ -35,6 +35,7 @@ from common import comparison, comparison_cv, registry, report
 from common.cli import Parser, parse_with_train_flags
 from common.errors import UserError, child, contract
 from common.folders import claim, finished, recipe_flags
+from common.jobs import run_folder
 from common.ranges import count, pathname
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +54,13 @@ def runs_of(out, names, original=False, folds=0):
     """(what, model, run folder, flags before the user's, flags after) of each run of a comparison."""
     if folds:
         return [
-            (f"{n} fold {i}", n, out / n / f"fold-{i}", cv_split(folds, i), [])
+            (f"{n} fold {i}", n, run_folder(out, n, i), cv_split(folds, i), [])
             for n in names
             for i in range(folds)
         ]
-    runs = [(n, n, out / n, SPLIT, []) for n in names]
+    runs = [(n, n, run_folder(out, n), SPLIT, []) for n in names]
     return runs + (
-        [(comparison.ORIGINAL, "unet", out / comparison.ORIGINAL, SPLIT, ["--split", "slice"])]
+        [(comparison.ORIGINAL, "unet", run_folder(out, comparison.ORIGINAL), SPLIT, ["--split", "slice"])]
         if original
         else []
     )

@@ -22,6 +22,7 @@ from common import registry, report
 from common.cli import Parser, parse_with_train_flags
 from common.errors import UserError, child, contract
 from common.folders import claim, finished, not_finished, recipe_flags, same_recipe
+from common.jobs import run_folder
 from common.metrics import METRICS
 from common.ranges import count, pathname
 
@@ -71,7 +72,7 @@ def collect(out, folds, model):
     """The finished folds' summaries, and {fold: why} for the others."""
     summaries, missing, recipes = [], {}, {}
     for fold in range(folds):
-        run_dir = out / f"fold-{fold}"
+        run_dir = run_folder(out, fold=fold)
         if finished(run_dir):
             own = report.read_json(run_dir / "args.json")
             if (own.get("model"), own.get("folds"), own.get("fold")) != (model, folds, fold):
@@ -91,7 +92,7 @@ def train_folds(args, flags, out):
     """Each fold without a summary.json in turn; the first that fails stops the rest (its exit code)."""
     launch = shlex.split(args.launch) if args.launch else [sys.executable]
     for fold in range(args.folds):
-        run_dir = out / f"fold-{fold}"
+        run_dir = run_folder(out, fold=fold)
         if finished(run_dir):
             continue
         again = ["--resume", str(run_dir)] if (run_dir / "args.json").exists() else []
