@@ -16,31 +16,81 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-# presets: flag values applied unless the flag is given. The published sizes are for a GPU.
-PRESETS = {
-    # --synthetic's default: learns the phantoms in about two minutes on a 2-core CPU
-    "quick": dict(width=0.25, image_size=128, epochs=10, lr=1e-3),
-    # real patients on a 2-core CPU: U-Net in ~30 minutes on the 110 patients, with the foreground
-    # sampling the recipe study chose on validation patients (docs/recipe-2.md)
-    "cpu": dict(width=0.25, image_size=128, epochs=12, lr=1e-3, test_frac=0.2, tumour_share=0.5),
-}
+# recipes as files a reader can diff: configs/<name>.toml (`--preset name`) or any .toml file; each key
+# a flag, a table [<model>] that model's own values (chosen on validation patients) over the shared
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# flags a user rarely sets per run, out of --help (--help-all shows them): the recipe's knobs, which a
+# --preset file sets, and those of benchmarks and of the original's protocol
+HIDDEN = {
+    "context", "normalize", "crop", "pin_memory", "split", "optimizer", "weight_decay", "schedule",
+    "warmup", "flip", "rotate", "scale", "tumour_share", "loss", "postprocess", "max_steps", "no_eval",
+    "step_timing", "sync_bn", "log_with", "allow_missing", "train_seed",
+}  # fmt: skip
+
+
+def preset_names():
+    return sorted(p.stem for p in CONFIGS.glob("*.toml"))
+
+
+def preset_values(parser, preset):
+    """{dest: value} of a recipe file (a name in configs/ or a path): its shared keys, then those of
+    its table for this parser's model, each read as its flag would be (one line naming the file)."""
+    import tomllib
+
+    path = Path(preset) if preset.endswith(".toml") else CONFIGS / f"{preset}.toml"
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise UserError(
+            f"argument --preset: no recipe {path} (a name from {', '.join(preset_names())}, or a .toml file)"
+        ) from e
+    except (OSError, ValueError) as e:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"--preset {path}: not a TOML file ({e})") from e
+    model = parser.get_default("model")
+    values = {k: v for k, v in raw.items() if not isinstance(v, dict)} | raw.get(model, {})
+    tokens = []
+    for key, value in values.items():
+        if value is True:
+            tokens.append(f"--{key}")
+        elif value is not False:
+            tokens += [f"--{key}", str(value)]
+    try:
+        return explicit_flags(parser, tokens)
+    except UserError as e:
+        raise UserError(f"--preset {path}: {e}") from e
+
+
+class HelpAll(argparse.Action):
+    """--help-all: --help with the flags HIDDEN keeps out of it."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for action in parser._actions:
+            action.help = getattr(action, "full_help", action.help)
+        parser.print_help()
+        parser.exit()
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in --help, and the description's usage examples kept as written."""
 
 
-def make_parser(script, description, presets=None, **defaults):
-    """The flags every <model>/train.py shares; `script` is its __file__, whose folder names the model.
-    `presets`: the model's own values within a preset (its recipe, chosen on validation patients),
-    over the shared ones of PRESETS."""
+def make_parser(script, description, **defaults):
+    """The flags every <model>/train.py shares; `script` is its __file__, whose folder names the model."""
     model = Path(script).resolve().parent.name
     p = Parser(prog=f"{model}/train.py", description=description, formatter_class=HelpFormatter)
-    p.presets = {k: {**v, **(presets or {}).get(k, {})} for k, v in PRESETS.items()}
     p.set_defaults(model=model)
     for add in (data_flags, split_flags, augmentation_flags, training_flags, recipe_flags):
         add(p)
-    speed_flags(p), run_flags(p)
+    speed_flags(p), run_flags(p), evaluation_flags(p)
+    p.add_argument("--help-all", action=HelpAll, help="show every flag: also the recipe's (a --preset file "
+                   "sets them), those of benchmarks and of the original's protocol")  # fmt: skip
+    for action in p._actions:
+        if action.dest in HIDDEN:
+            action.full_help, action.help = action.help, argparse.SUPPRESS
     p.set_defaults(network_flags=(), **defaults)  # a model's own flags that shape its network
     return p
 
@@ -156,13 +206,9 @@ def training_flags(p):
     t = p.add_argument_group("training")
     t.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
         default=None,
-        help="; ".join(
-            f"{k}: {' '.join(f'--{f} {v}'.replace('_', '-') for f, v in d.items())}"
-            for k, d in p.presets.items()
-        )
-        + " (flags given explicitly win)",
+        help=f"a recipe file: configs/NAME.toml ({', '.join(preset_names())}) or a .toml path; its "
+        "values (the model's own table over the shared ones) apply to the flags not given",
     )
     t.add_argument(
         "--width", type=positive(), default=1.0, help="channel multiplier (1.0 = the published model)"
@@ -284,6 +330,17 @@ def run_flags(p):
         help="continue the run in RUN_DIR from its last checkpoint (its saved flags, unless given again)",
     )
     r.add_argument(
+        "--log-with",
+        choices=("tensorboard",),
+        default=None,
+        help="also log the per-epoch metrics with this Accelerate tracker (into the run folder)",
+    )
+    r.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def evaluation_flags(p):
+    r = p.add_argument_group("evaluation")
+    r.add_argument(
         "--eval-only", action="store_true", help="evaluate --checkpoint on the validation and test sets"
     )
     r.add_argument(
@@ -304,17 +361,10 @@ def run_flags(p):
         help="leave the test patients unevaluated (while choosing a recipe on validation patients)",
     )
     r.add_argument(
-        "--log-with",
-        choices=("tensorboard",),
-        default=None,
-        help="also log the per-epoch metrics with this Accelerate tracker (into the run folder)",
-    )
-    r.add_argument(
         "--allow-missing",
         action="store_true",
         help="--resume, --eval-only: go on when data of the run's split.json are missing (said; left out)",
     )
-    r.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def named(args, key):
@@ -351,7 +401,7 @@ def parse(parser, argv=None):
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
     preset = args.preset or ("quick" if args.synthetic else None)
-    for k, v in getattr(parser, "presets", PRESETS).get(preset, {}).items():
+    for k, v in (preset_values(parser, preset) if preset else {}).items():
         if k not in given:
             setattr(args, k, v)
     args.given = sorted(given)

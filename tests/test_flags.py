@@ -119,16 +119,51 @@ def test_any_flag_given_garbage_is_taken_or_refused_in_one_line(name, flag, acti
 
 
 def test_a_models_own_preset_values_win_over_the_shared_ones_and_flags_over_both(tmp_path):
-    """Each model's recipe lives in its train.py (make_parser's presets), within --preset cpu."""
-    from common.cli import PRESETS, make_parser, parse
+    """A recipe is a file: shared keys, then a [model] table of that model's own values; flags given
+    on the command line win over both."""
+    from common.cli import make_parser, parse, preset_values
 
     script = tmp_path / "mymodel" / "train.py"
-    p = make_parser(str(script), "a model", presets={"cpu": {"lr": 3e-4, "loss": "dice"}})
-    args = parse(p, ["--synthetic", "--preset", "cpu"])
-    assert (args.model, args.lr, args.loss, args.width) == ("mymodel", 3e-4, "dice", PRESETS["cpu"]["width"])
-    assert parse(p, ["--synthetic", "--preset", "cpu", "--lr", "1e-2"]).lr == 1e-2
-    assert PRESETS["cpu"]["lr"] == 1e-3 and "loss" not in PRESETS["cpu"]  # the shared ones untouched
-    assert "--lr 0.0003 --test-frac 0.2 --tumour-share 0.5 --loss dice" in " ".join(p.format_help().split())
+    p = make_parser(str(script), "a model")
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('width = 0.25\nlr = 1e-3\nchannels-last = true\n[mymodel]\nlr = 3e-4\nloss = "dice"\n'
+                      '[othermodel]\nlr = 1\n')  # fmt: skip
+    args = parse(p, ["--synthetic", "--preset", str(recipe)])
+    assert (args.model, args.lr, args.loss, args.width, args.channels_last) == (
+        "mymodel",
+        3e-4,
+        "dice",
+        0.25,
+        True,
+    )
+    assert parse(p, ["--synthetic", "--preset", str(recipe), "--lr", "1e-2"]).lr == 1e-2
+    assert (
+        preset_values(make_parser(str(tmp_path / "othermodel" / "train.py"), "another"), str(recipe))["lr"]
+        == 1
+    )
+    cpu = preset_values(p, "cpu")  # the shipped recipe, read as flags
+    assert cpu["image_size"] == 128 and cpu["tumour_share"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ("lr = 0\n", "--preset {}: argument --lr"),
+        ("learning-rate = 1\n", "--preset {}: unrecognized arguments: --learning-rate"),
+        ("lr = \n", "--preset {}: not a TOML file"),
+        (None, "argument --preset: no recipe {}"),
+    ],
+)
+def test_a_recipe_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, text, said):
+    from common.cli import parse
+    from unet.train import parser
+
+    recipe = tmp_path / "r.toml"
+    if text is not None:
+        recipe.write_text(text)
+    with pytest.raises(UserError) as e:
+        parse(parser(), ["--synthetic", "--preset", str(recipe)])
+    assert str(e.value).startswith(said.format(recipe)) and "\n" not in str(e.value), str(e.value)
 
 
 def test_an_error_about_a_value_the_preset_set_says_so():
