@@ -119,17 +119,3 @@ def members(path):
     if not found:
         raise UserError(f"--checkpoint {path}: no best.pt there or in its sub-folders")
     return found
-
-
-def take_config(args, config, source):
-    """A checkpoint's network flags onto args; those given that contradict it are refused."""
-    for key, saved in config.items():
-        if key == "model":
-            continue
-        if key != "image_size" and key in args.given and getattr(args, key) != saved:
-            raise UserError(
-                f"--checkpoint {source} holds a model of --{key.replace('_', '-')} {saved}, "
-                f"not {getattr(args, key)}"
-            )
-        if key != "image_size" or key not in args.given:
-            setattr(args, key, saved)

@@ -15,8 +15,9 @@ def main(parser, build_model, argv=None):
         from common.report import console
 
         console.release()  # a new command: nothing kept of an earlier one in this process
-        from common import evaluate, loop  # after parsing, so that --help and flag errors stay fast
+        from common import evaluate, loop, resolve  # after parsing: --help and flag errors stay fast
 
+        args = resolve.resolved(args)
         evaluate.evaluate_checkpoint(args, build_model) if args.eval_only else loop.train(args, build_model)
     except KeyboardInterrupt:
         if "--debug" in argv:

@@ -7,10 +7,11 @@ import torch
 
 from common import data, metrics, report
 from common.blocks import Averaged
-from common.checkpoint import load_checkpoint, members, model_config, split_of, take_config
+from common.checkpoint import model_config
 from common.errors import UserError
 from common.loss import loss_from_terms, loss_terms
 from common.prepare import load_data, make_accelerator
+from common.resolve import checkpoints, members_split
 from common.rundir import make_run_dir, split_record
 
 
@@ -74,38 +75,10 @@ def postprocess_all(args, results):
     return {name: metrics.with_postprocess(r, chosen) for name, r in results.items()}
 
 
-def members_split(args, paths, ckpts, accelerator):
-    """The split the members were trained on (the one each carries, or its split.json), and whether
-    their validation patients are one set: folds each validate on other patients, so that together
-    they trained on all of them. A member whose patients are not known is refused: the flags' split
-    could test it on patients it trained on."""
-    records = [split_of(p, c) for p, c in zip(paths, ckpts)]
-    for path, record in zip(paths, records):
-        if record is None:
-            raise UserError(
-                f"--checkpoint {path}: which patients it trained on is not known (no split.json beside "
-                "it; made before checkpoints carried it): scores from the flags' split could be on "
-                "its training patients; evaluate it in its run folder"
-            )
-    if any(r["test"] != records[0]["test"] for r in records):
-        raise UserError(f"--checkpoint {args.checkpoint}: its runs were tested on different patients")
-    same_val = all(r["val"] == records[0]["val"] for r in records)
-    if not same_val and accelerator.is_main_process:
-        report.console.print(
-            "note: the members validated on different patients (folds) and trained on the others: "
-            "only the test patients are evaluated"
-        )
-    return records[0], same_val
-
-
 def evaluate_checkpoint(args, build_model):
     """--eval-only: the checkpoint's network (or the ensemble of a folder of runs, --tta: with
     mirrored slices) on the validation and test sets of its split."""
-    paths = members(args.checkpoint)
-    ckpts = [load_checkpoint(p, args.model) for p in paths]
-    if any(c["config"] != ckpts[0]["config"] for c in ckpts):
-        raise UserError(f"--checkpoint {args.checkpoint}: its runs hold networks of different flags")
-    take_config(args, ckpts[0]["config"], args.checkpoint)
+    paths, ckpts = checkpoints(args.checkpoint, args.model)  # as its flags were resolved from
     accelerator = make_accelerator(args)
     nets = []
     for path, ckpt in zip(paths, ckpts):
@@ -115,7 +88,7 @@ def evaluate_checkpoint(args, build_model):
         except RuntimeError as e:
             raise UserError(f"--checkpoint {path}: weights do not fit the model ({e})") from e
     model = Averaged(nets, mirror=args.tta) if len(nets) > 1 or args.tta else nets[0]
-    record, same_val = members_split(args, paths, ckpts, accelerator)
+    record, same_val = members_split(args, paths, ckpts, say=accelerator.is_main_process)
     d = load_data(args, accelerator, record)
     d.loaders["val"] = d.loaders["val"] if same_val else None
     d.loaders["test"] = None if args.no_test else d.loaders["test"]

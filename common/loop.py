@@ -22,7 +22,7 @@ from common.errors import Unfinished, UserError
 from common.evaluate import evaluate, inputs
 from common.loss import loss_from_terms, loss_terms
 from common.prepare import Data, load_data, make_accelerator, train_seed
-from common.rundir import lock, make_run_dir, recorded, split_record, starting_point
+from common.rundir import lock, make_run_dir, recorded, split_record
 from common.summary import final_report
 from common.timing import StepTimes, Stopwatch, peak_memory
 
@@ -158,7 +158,6 @@ def announce(run):
 
 def train(args, build_model):
     started = time.perf_counter()
-    args = starting_point(args)
     if args.log_with == "tensorboard" and not is_tensorboard_available():
         raise UserError("--log-with tensorboard: tensorboard is not installed (pip install tensorboard)")
     run = setup(args, build_model)

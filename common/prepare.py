@@ -12,8 +12,7 @@ from common import data, report, synthetic
 from common.cache import Cache, open_dataset
 from common.cli import named
 from common.distributed import on_main_first
-from common.errors import UserError
-from common.split import SPLIT_FLAGS, refuse_copies, split, split_from_record
+from common.split import refuse_copies, split, split_from_record
 from common.timing import default_threads
 
 
@@ -31,8 +30,8 @@ def make_accelerator(args):
         dynamo_backend="inductor" if args.compile else None,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_seed(args)),
     )
-    args.threads = args.threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    torch.set_num_threads(args.threads)
+    # resolved before setup (common.resolve); the same rule for a caller that did not resolve them
+    torch.set_num_threads(args.threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     # denormal floats (from resampled inputs) slow x86 arithmetic several-fold; as values they are 0
     torch.set_flush_denormal(True)
     return accelerator
@@ -53,8 +52,8 @@ def load_data(args, accelerator, record=None):
     `record` (a run's split.json) the split is the recorded one, not one computed from the flags."""
 
     def prepare():
-        if args.synthetic:
-            args.data_dir = synthetic.ensure_phantoms(args.cache_dir)
+        if args.synthetic:  # its folder resolved before setup: written here, once
+            synthetic.ensure_phantoms(args.cache_dir)
         return open_dataset(
             args.data_dir, args.cache_dir, args.image_size, accelerator.is_main_process, args.crop
         )
@@ -105,17 +104,8 @@ def load_data(args, accelerator, record=None):
 
 
 def recorded_split(args, accelerator, slices, record):
-    """The run's own split (its split.json), whatever the flags say: flags given that contradict it
-    are refused, since another split would put training patients in validation or test."""
-    for key in SPLIT_FLAGS:
-        record.setdefault(key, None)  # test_fold: not in the records of older runs
-        if key in args.given and getattr(args, key) != record[key]:
-            raise UserError(
-                f"--{key.replace('_', '-')} {getattr(args, key)}: the run was split with "
-                f"--{key.replace('_', '-')} {record[key]} (its recorded split); another split would test on "
-                "patients it trained on"
-            )
-        setattr(args, key, record[key])
+    """The run's own split (its split.json), whatever the flags say: the flags that contradict it
+    were refused when the run's flags were resolved (common.resolve.split_flags)."""
     parts, notes = split_from_record(slices, record, args.allow_missing)
     if accelerator.is_main_process:
         for note in notes:

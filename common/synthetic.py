@@ -70,9 +70,14 @@ def write_phantoms(root, patients=10, slices=20, size=256, seed=0):
     return root
 
 
+def phantoms_dir(cache_root, patients=10, slices=20, size=256, seed=0):
+    """Where ensure_phantoms keeps the phantom dataset of these parameters."""
+    return Path(cache_root) / f"synthetic-v{VERSION}-{patients}x{slices}-{size}px-seed{seed}" / "kaggle_3m"
+
+
 def ensure_phantoms(cache_root, patients=10, slices=20, size=256, seed=0):
     """The phantom dataset under `cache_root`, written once (to a temporary folder, then renamed)."""
-    final = Path(cache_root) / f"synthetic-v{VERSION}-{patients}x{slices}-{size}px-seed{seed}" / "kaggle_3m"
+    final = phantoms_dir(cache_root, patients, slices, size, seed)
     if final.is_dir():
         return final
     tmp = final.parent.with_name(f"{final.parent.name}.tmp{os.getpid()}")

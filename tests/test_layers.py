@@ -17,6 +17,7 @@ LAYERS = {
     "common.loop": 5,
     "common.summary": 4,
     "common.evaluate": 4,
+    "common.resolve": 3,
     "common.rundir": 3,
     "common.prepare": 3,
     "common.registry": 3,
@@ -105,4 +106,14 @@ def test_one_owner_of_the_run_folders_layout():
     sources = [*ROOT.glob("common/*.py"), *ROOT.glob("tools/*.py"), ROOT / "run.sh"]
     spelt = re.compile(r"fold-[{$]")  # f"fold-{k}" in Python, fold-$k in bash
     wrong = [str(p.relative_to(ROOT)) for p in sources if p.name != "jobs.py" and spelt.search(p.read_text())]
+    assert not wrong, wrong
+
+
+def test_nothing_sets_a_flag_of_a_run_after_its_flags_are_resolved():
+    """Outside common/resolve.py (and rundir.starting_point, which it calls, and cli's parse), no
+    library module assigns to args: what a run uses is known before it starts."""
+    assign = re.compile(r"\bargs\.\w+ = |setattr\(args,")
+    allowed = {"resolve.py", "cli.py", "rundir.py"}
+    wrong = [f"{p.name}:{n}" for p in ROOT.glob("common/*.py") if p.name not in allowed
+             for n, line in enumerate(p.read_text().splitlines(), 1) if assign.search(line)]  # fmt: skip
     assert not wrong, wrong
