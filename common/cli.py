@@ -227,7 +227,7 @@ def training_flags(p):
         choices=("cosine", "constant"),
         default="cosine",
         help="cosine: linear warm-up over --warmup of the steps, then a cosine decay to 0, per step "
-        "(+0.19 validation Dice at the CPU preset: docs/recipe.md); constant: --lr throughout",
+        "(+0.19 validation Dice at the CPU preset: docs/studies/stronger-recipe); constant: --lr throughout",
     )
     t.add_argument("--warmup", type=share(), default=0.05, help="with --schedule cosine: share of the steps")
     t.add_argument(
@@ -252,7 +252,8 @@ def recipe_flags(p):
         "--loss",
         choices=("bce+dice", "bce", "dice"),
         default="bce+dice",
-        help="bce: binary cross-entropy over pixels; dice: soft Dice pooled over the batch (docs/loss.md)",
+        help="bce: binary cross-entropy over pixels; dice: soft Dice pooled over the batch "
+        "(docs/studies/loss)",
     )
     t.add_argument(
         "--postprocess",

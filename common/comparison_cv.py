@@ -5,7 +5,7 @@ intervals over all patients, and the pairs of models on the same patients, also 
 Writes into the comparison folder: per-patient.csv (a row per model and patient, with its fold),
 summary.csv, paired.json, comparison.md and the figures of tools.compare (predictions.png: the first
 fold whose models' checkpoints are all there; left out where none is, as in a folder of the runs'
-records alone, such as docs/comparison-cv/).
+records alone, such as docs/studies/comparison-cv/).
 """
 
 import statistics

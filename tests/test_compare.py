@@ -107,10 +107,17 @@ def test_summary_csv_is_recomputed_from_per_patient_csv(comparison):
         )
 
 
-@pytest.mark.parametrize("folder", sorted(p.parent.name for p in (ROOT / "docs").glob("*/per-patient.csv")))
+STUDIES = ROOT / "docs" / "studies"
+
+
+def test_the_committed_comparisons_are_found():  # the test below is not run on nothing
+    assert len(list(STUDIES.glob("*/per-patient.csv"))) >= 3
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in STUDIES.glob("*/per-patient.csv")))
 def test_the_committed_comparisons_are_their_per_patient_rows(folder):
     """The committed tables the README quotes are recomputed from their own per-patient rows."""
-    out = ROOT / "docs" / folder
+    out = STUDIES / folder
     rows, summary = compare.read_csv(out / "per-patient.csv"), compare.read_csv(out / "summary.csv")
     for s in summary:
         mine = [r for r in rows if r["model"] == s["model"]]
@@ -217,7 +224,7 @@ def test_a_cross_validated_table_names_the_runs_missing_and_refuses_other_splits
 
 @pytest.mark.slow
 def test_a_cross_validated_table_of_the_runs_records_alone_is_the_same(cross_validated, tmp_path):
-    """The runs kept as docs/comparison-cv/ keeps them (no checkpoint) give the same table, without
+    """The runs kept as docs/studies/comparison-cv/ keeps them (no checkpoint) give the same table, without
     predictions.png; with checkpoints, it shows the first fold whose models all have theirs."""
     out, env = cross_validated
     copy = tmp_path / "cmp"

@@ -103,7 +103,7 @@ def folders(tmp_path_factory, comparison, cross_validated, finished):
     root = tmp_path_factory.mktemp("tool-folders")
     cmp, env = comparison
     (root / "sweep").mkdir()
-    shutil.copy(ROOT / "docs" / "speed" / "sweep-unet.csv", root / "sweep")
+    shutil.copy(ROOT / "docs" / "studies" / "speed" / "sweep-unet.csv", root / "sweep")
     pack = root / "pack" / "p.pack"  # its folder made by write_pack
     write_pack(finished / "kaggle_3m", pack, finished / "cache", size=64, part_size=20_000, progress=False)
     kinds = {"comparison": cmp, "sweep": root / "sweep", "pack": root / "pack"}

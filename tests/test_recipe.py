@@ -1,5 +1,5 @@
-"""The recipe's parts (docs/recipe.md): neighbouring slices, test-time mirroring, ensembles, and the
-cosine schedule, each checked against what it must compute."""
+"""The recipe's parts (docs/studies/stronger-recipe): neighbouring slices, test-time mirroring,
+ensembles, and the cosine schedule, each checked against what it must compute."""
 
 import csv
 import json

@@ -1,5 +1,6 @@
-"""The recipe options of docs/recipe-2.md: foreground-weighted epochs, per-volume normalisation, the
-brain crop, post-processing chosen on validation patients, and a time budget for the schedule."""
+"""The recipe options of docs/studies/native-scoring: foreground-weighted epochs, per-volume
+normalisation, the brain crop, post-processing chosen on validation patients, and a time budget for
+the schedule."""
 
 import json
 import sys

@@ -1,4 +1,5 @@
-"""The speed commands run end to end on tiny phantoms (their figures are for docs/speed.md, not asserted)."""
+"""The speed commands run end to end on tiny phantoms (their figures are for docs/studies/speed, not
+asserted)."""
 
 import csv
 import json

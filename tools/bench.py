@@ -4,8 +4,8 @@
     python -m tools.bench step --synthetic --width 0.25 --image-size 128
         # bare forward+backward on tensors in memory, against the full loop with each pipeline
     python -m tools.bench scoring --width 0.25 --image-size 128   # what native-resolution scoring costs
-    python -m tools.bench suite --output-dir docs/gpu     # the single-GPU suite, <= 6 minutes
-    python -m tools.bench gpu --data-dir D --budget 480 --output-dir docs/gpu
+    python -m tools.bench suite --output-dir docs/studies/gpu     # the single-GPU suite, <= 6 minutes
+    python -m tools.bench gpu --data-dir D --budget 480 --output-dir docs/studies/gpu
         # the suite, then a U-Net training run in the time left, its results and plots
 
 Every clock reading follows a device synchronisation; per-step figures are medians after a

@@ -46,7 +46,7 @@ SPLIT = ["--val-frac", "0.1", "--test-frac", "0.2"]  # before the user's flags: 
 
 def cv_split(folds, fold):
     """A fold's split in the cross-validated comparison: every patient dealt into the folds, this one
-    tested, no validation patients (the last epoch is the model: docs/comparison-cv.md says why)."""
+    tested, no validation patients (the last epoch is the model: docs/studies/comparison-cv says why)."""
     return ["--folds", str(folds), "--test-fold", str(fold), "--val-frac", "0"]
 
 

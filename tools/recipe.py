@@ -1,9 +1,10 @@
-"""The recipe study's table (docs/recipe.md): each variant against the plain preset on the same
-patients, per-patient Dice with its bootstrap interval, the paired difference, and the cost.
+"""The recipe study's table (docs/studies/stronger-recipe): each variant against the plain preset on
+the same patients, per-patient Dice with its bootstrap interval, the paired difference, and the cost.
 
-    bash docs/recipe/run.sh data/kaggle_3m runs/recipe      # the runs (validation patients only)
-    python -m tools.recipe runs/recipe --output-dir docs/recipe
-    python -m tools.recipe runs/recipe --set test --variants plain,final --output-dir docs/recipe
+    bash docs/studies/stronger-recipe/run.sh data/kaggle_3m runs/recipe   # the runs (validation only)
+    python -m tools.recipe runs/recipe --output-dir docs/studies/stronger-recipe
+    python -m tools.recipe runs/recipe --set test --variants plain,final \
+        --output-dir docs/studies/stronger-recipe
 
 A variant is a run folder (its best epoch's evaluation in summary.json) or an evaluation folder
 (eval.json of --eval-only: TTA, ensembles) under the study's folder; with --set test, the folder
@@ -225,7 +226,7 @@ def parser():
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("study", type=pathname, help="the folder docs/recipe/run.sh wrote")
+    p.add_argument("study", type=pathname, help="the folder docs/studies/stronger-recipe/run.sh wrote")
     p.add_argument("--set", choices=("val", "test"), default="val", help="which patients' evaluation")
     p.add_argument(
         "--variants",

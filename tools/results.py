@@ -1,8 +1,9 @@
 """Turn run folders into a results table (markdown and CSV) and learning-curve plots; and speed
 measurements into the speed study's figures.
 
-    python -m tools.results runs/ --output-dir docs/results
-    python -m tools.results --sweep sweeps/sweep-unet.csv --suite docs/gpu/suite.csv --output-dir docs/speed
+    python -m tools.results runs/ --output-dir docs/studies/results-cpu
+    python -m tools.results --sweep sweeps/sweep-unet.csv --suite docs/studies/gpu/suite.csv \
+        --output-dir docs/studies/speed
 
 Each run argument is a run folder (holding summary.json) or a folder searched for them: writes
 results.md, results.csv and curves-<model>.png (loss and validation Dice per epoch).

@@ -1,8 +1,8 @@
 """A model of an epoch's time on N processes (one GPU each) with W DataLoader workers each,
 calibrated on the original study's 1-GPU times and checked against its 2-4-GPU times; then the
-same prediction for this project's pipelines on a 4-GPU node of the card measured in docs/gpu.md.
+same prediction for this project's pipelines on a 4-GPU node of the card measured in docs/studies/gpu.
 
-    python -m tools.scaling --output-dir docs      # scaling.csv, scaling.png; prints the tables
+    python -m tools.scaling --output-dir docs/studies/scaling   # scaling.csv, scaling.png; prints the tables
 
 Per process (rank) and step, with one batch per rank:
     compute = gpu + stretch * (cpu + data if W == 0 else cpu)
@@ -12,7 +12,7 @@ Per process (rank) and step, with one batch per rank:
 all-reduce of B bytes on a ring of N: 2(N-1)/N * B / bandwidth + 2(N-1) * latency, in DDP's 25 MiB
 buckets, hidden behind the backward pass except where it runs past it. stretch = 1 + contention *
 (r - 1) once r, the threads that want a core during the ranks' CPU work (ranks x their threads, plus
-the workers' busy share) over the cores, passes 1. docs/scaling.md explains the inputs and results.
+the workers' busy share) over the cores, passes 1. docs/studies/scaling explains the inputs and results.
 """
 
 import argparse
@@ -37,7 +37,7 @@ ORIGINAL_S = {  # epoch-2 training seconds for 1 / 2 / 3 / 4 GPUs, per DataLoade
     "segnet": {0: (92.6, 51.4, 192.7, 290.8), 1: (82.4, 44.2, 32.4, 24.6), 8: (100.6, 63.6, 60.5, 45.6)},
 }  # SegNet 4 GPUs, 0 workers is printed as "~290.8" there
 ORIGINAL_SLICES, BATCH, ORIGINAL_CORES = 3929, 16, 4
-# Forward GFLOP per 256 px image at width 1.0 (docs/gpu/suite.csv, gflops_per_image); the original's
+# Forward GFLOP per 256 px image at width 1.0 (docs/studies/gpu/suite.csv, gflops_per_image); the original's
 # networks have the same layers. Forward + backward + optimiser ~ 3x forward.
 GFLOP_FWD = {"fcn": 41.23, "unet": 130.69, "segnet": 80.03}
 PARAMS_M = {"fcn": 20.10, "unet": 34.52, "segnet": 29.44}  # fp32 gradients: 4 bytes each
@@ -46,16 +46,16 @@ V100_FP32_TFLOPS = 15.7  # NVIDIA V100 SXM2 datasheet (PCIe: 14); no tensor core
 HERE_ORIGINAL_DECODE_IPS = 783  # its DataLoader at 0 workers, images/s on one core
 HERE_SKLEARN_METRIC_S = 0.115  # its per-step scikit-learn confusion matrix, 16 x 256 x 256 pixels
 HERE_WORKER_START_S = 0.1  # its non-persistent workers: ~85-110 ms to the first batch
-# This project on a 2-core x86_64 CPU (docs/speed.md section 3): 2 processes x 2 threads on 2
+# This project on a 2-core x86_64 CPU (docs/studies/speed section 3): 2 processes x 2 threads on 2
 # cores ran 2.32x slower than 2 x 1 (decode, 0 workers: 355 s against 153 s): at r = 2, stretch 2.32.
 CONTENTION_HERE = 1.32
 
-# --- This project on one NVIDIA H200 (docs/gpu.md section 1, batch 16, loop images/s) ---
+# --- This project on one NVIDIA H200 (docs/studies/gpu section 1, batch 16, loop images/s) ---
 H200_IPS = {"fcn": 951, "unet": 565, "segnet": 653}  # bf16 + channels-last, `device` pipeline
-H200_VAL_PER_TRAIN = 1590 / 565  # U-Net validation 1,590 slices/s against 565 training (gpu.md s.4)
-H200_CHECKPOINT_S = 0.55  # U-Net model + Adam state per epoch, at most (gpu.md section 4)
-H200_CORES_PER_GPU = 16  # the CPU cores beside the measured H200 (gpu.md)
-# This project's `decode` pipeline, per core (docs/speed.md section 1, 256 px, batch 16):
+H200_VAL_PER_TRAIN = 1590 / 565  # U-Net validation 1,590 slices/s against 565 training (docs/studies/gpu s.4)
+H200_CHECKPOINT_S = 0.55  # U-Net model + Adam state per epoch, at most (docs/studies/gpu section 4)
+H200_CORES_PER_GPU = 16  # the CPU cores beside the measured H200 (docs/studies/gpu)
+# This project's `decode` pipeline, per core (docs/studies/speed section 1, 256 px, batch 16):
 DECODE_MAIN_IPS = 873  # in the main process (0 workers)
 DECODE_WORKER_IPS = 1332 / 2  # 2 workers on 2 cores, the hand-over to the main process included
 TRAIN_SLICES, VAL_SLICES = 3143, 786  # the original's 80/20 split of the 3929 slices
@@ -64,7 +64,7 @@ TRAIN_SLICES, VAL_SLICES = 3143, 786  # the original's 80/20 split of the 3929 s
 @dataclass(frozen=True)
 class Link:
     """Effective all-reduce bus bandwidth (bytes/s) and latency per ring step (s): assumptions,
-    below the cards' peaks on purpose (sources in docs/scaling.md)."""
+    below the cards' peaks on purpose (sources in docs/studies/scaling)."""
 
     name: str
     bandwidth: float
@@ -135,7 +135,7 @@ def oversubscription(n, workers, s):
 def stretch(r, contention):
     """How much longer CPU work takes with r threads per core: 1 up to one per core; beyond it each
     unit of excess adds `contention` times the work (threads wait at barriers for a descheduled
-    partner, processes evict each other's caches; docs/speed.md section 3 measured 1.32)."""
+    partner, processes evict each other's caches; docs/studies/speed section 3 measured 1.32)."""
     return 1 + contention * max(0.0, r - 1)
 
 
@@ -433,7 +433,7 @@ def parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     out = "where scaling.csv and scaling.png go (default %(default)s)"
-    p.add_argument("--output-dir", type=pathname, default=Path("docs"), help=out)
+    p.add_argument("--output-dir", type=pathname, default=Path("docs/studies/scaling"), help=out)
     p.add_argument(
         "--threads-per-rank",
         type=count(1),
@@ -445,7 +445,7 @@ def parser():
         "--contention",
         type=amount(),
         default=CONTENTION_HERE,
-        help="extra stretch per unit of oversubscription (default %(default)s, docs/speed.md section 3)",
+        help="extra stretch per unit of oversubscription (default %(default)s, docs/studies/speed section 3)",
     )
     p.add_argument(
         "--node-cores",

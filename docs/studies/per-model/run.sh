@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Each model's own recipe (issue: a fair contest), chosen on validation patients only: fold 0's 88
-# training patients of the cross-validated comparison (docs/comparison-cv.md, same deal of the 110)
+# training patients of the cross-validated comparison (docs/studies/comparison-cv, same deal of the 110)
 # split 66 train / 22 validation; fold 0's own 22 patients are never scored (--no-test). Every run
 # validates every epoch, so metrics.jsonl gives validation Dice against training seconds.
 # Finished runs are kept, a stopped one resumes: run it again to go on after a stop.

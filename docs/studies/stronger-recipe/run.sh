@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The recipe study of docs/recipe.md: U-Net at the CPU preset's size on the comparison's patient
+# The recipe study of docs/studies/stronger-recipe: U-Net at the CPU preset's size on the comparison's patient
 # split, the plain preset against each change alone and all together, judged on the validation
 # patients only (--no-test). Finished steps are kept: run it again to go on after a stop.
-#   bash docs/recipe/run.sh [DATA_DIR] [OUT_DIR]        (from the repository root)
-#   bash docs/recipe/run.sh DATA_DIR OUT_DIR test       once the recipe is chosen: the test patients
+#   bash docs/studies/stronger-recipe/run.sh [DATA_DIR] [OUT_DIR]        (from the repository root)
+#   bash docs/studies/stronger-recipe/run.sh DATA_DIR OUT_DIR test       once the recipe is chosen: the test patients
 set -euo pipefail
 data=${1:-data/kaggle_3m}
 out=${2:-runs/recipe}

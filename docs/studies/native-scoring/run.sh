@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The second recipe study (docs/recipe-2.md): U-Net at the CPU preset's size (66 / 22 / 22 patients of
+# The second recipe study (docs/studies/native-scoring): U-Net at the CPU preset's size (66 / 22 / 22 patients of
 # the 110), the current recipe against each option of issue 21 alone and all together, every run
 # scored at native resolution and judged on the 22 validation patients only (--no-test). Finished
 # runs are kept, a stopped one is resumed: run it again to go on after a stop.
-#   bash docs/recipe-2/run.sh [DATA_DIR] [OUT_DIR]        (from the repository root)
-#   bash docs/recipe-2/run.sh DATA_DIR OUT_DIR others ["fcn-plain ..."]   the chosen recipe on FCN-8s
+#   bash docs/studies/native-scoring/run.sh [DATA_DIR] [OUT_DIR]        (from the repository root)
+#   bash docs/studies/native-scoring/run.sh DATA_DIR OUT_DIR others ["fcn-plain ..."]   the chosen recipe on FCN-8s
 #                                        and SegNet, beside today's
-#   bash docs/recipe-2/run.sh DATA_DIR OUT_DIR test ["plain ..."]   once chosen: the test patients, once
-#   bash docs/recipe-2/run.sh DATA_DIR OUT_DIR unet "all crop"   only these U-Net variants (one
+#   bash docs/studies/native-scoring/run.sh DATA_DIR OUT_DIR test ["plain ..."]   once chosen: the test patients, once
+#   bash docs/studies/native-scoring/run.sh DATA_DIR OUT_DIR unet "all crop"   only these U-Net variants (one
 #                                        runner per core: each run takes the cores it is given)
 set -euo pipefail
 data=${1:-data/kaggle_3m}
@@ -17,7 +17,7 @@ out=${2:-runs/recipe-2}
 # the preset as it was when the study began: every slice once per epoch (the preset now samples
 # tumour, the recipe this study chose)
 common=(--data-dir "$data" --preset cpu --epochs 12 --tumour-share 0 --no-test)
-# chosen on the validation patients (docs/recipe-2.md): the foreground sampling alone was above
+# chosen on the validation patients (docs/studies/native-scoring): the foreground sampling alone was above
 # today's recipe and above the three options together
 chosen=(--tumour-share 0.5)
 

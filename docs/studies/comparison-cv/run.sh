@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The cross-validated comparison of docs/comparison-cv.md: U-Net, FCN-8s and SegNet at the CPU
-# preset (its recipe: docs/recipe-2.md), 5 folds over the 110 patients, each patient tested once.
+# The cross-validated comparison of docs/studies/comparison-cv: U-Net, FCN-8s and SegNet at the CPU
+# preset (its recipe: docs/studies/native-scoring), 5 folds over the 110 patients, each patient tested once.
 # Finished runs are kept, a stopped one is resumed: run it again to go on after a stop.
-#   bash docs/comparison-cv/run.sh [DATA_DIR] [OUT_DIR] [MODELS]     (from the repository root)
+#   bash docs/studies/comparison-cv/run.sh [DATA_DIR] [OUT_DIR] [MODELS]     (from the repository root)
 # On a 2-core CPU, one runner per core, the work split in two near-equal halves (U-Net costs about
 # as much as FCN-8s and SegNet together), then the table of the three:
-#   taskset -c 0 bash docs/comparison-cv/run.sh data/kaggle_3m runs/comparison-cv unet &
-#   taskset -c 1 bash docs/comparison-cv/run.sh data/kaggle_3m runs/comparison-cv fcn,segnet &
+#   taskset -c 0 bash docs/studies/comparison-cv/run.sh data/kaggle_3m runs/comparison-cv unet &
+#   taskset -c 1 bash docs/studies/comparison-cv/run.sh data/kaggle_3m runs/comparison-cv fcn,segnet &
 #   wait; python -m tools.compare --table --folds 5 --output-dir runs/comparison-cv
 set -euo pipefail
 data=${1:-data/kaggle_3m}
