@@ -3,7 +3,7 @@ the same patients, per-patient Dice with its bootstrap interval, the paired diff
 
     bash docs/studies/stronger-recipe/run.sh data/kaggle_3m runs/recipe   # the runs (validation only)
     python -m tools.recipe runs/recipe --output-dir docs/studies/stronger-recipe
-    python -m tools.recipe runs/recipe --set test --variants plain,final \
+    python -m tools.recipe runs/recipe --set test --variants plain,final \\
         --output-dir docs/studies/stronger-recipe
 
 A variant is a run folder (its best epoch's evaluation in summary.json) or an evaluation folder

@@ -2,7 +2,7 @@
 measurements into the speed study's figures.
 
     python -m tools.results runs/ --output-dir docs/studies/results-cpu
-    python -m tools.results --sweep sweeps/sweep-unet.csv --suite docs/studies/gpu/suite.csv \
+    python -m tools.results --sweep sweeps/sweep-unet.csv --suite docs/studies/gpu/suite.csv \\
         --output-dir docs/studies/speed
 
 Each run argument is a run folder (holding summary.json) or a folder searched for them: writes
