@@ -83,7 +83,7 @@ def make_parser(script, description, **defaults):
     model = Path(script).resolve().parent.name
     p = Parser(prog=f"{model}/train.py", description=description, formatter_class=HelpFormatter)
     p.set_defaults(model=model)
-    for add in (data_flags, split_flags, augmentation_flags, training_flags, recipe_flags):
+    for add in (data_flags, input_flags, split_flags, augmentation_flags, training_flags, recipe_flags):
         add(p)
     speed_flags(p), run_flags(p), evaluation_flags(p)
     p.add_argument("--help-all", action=HelpAll, help="show every flag: also the recipe's (a --preset file "
@@ -125,6 +125,28 @@ def data_flags(p):
         help="resize slices to this many pixels (multiple of 32)",
     )
     d.add_argument(
+        "--data-pipeline",
+        choices=tuple(pipelines.PIPELINES),
+        default="cached",
+        help="; ".join(f"{k}: {v}" for k, v in pipelines.PIPELINES.items()),
+    )
+    d.add_argument(
+        "--num-workers",
+        type=count(0),
+        default=0,
+        help=f"DataLoader workers per process ({', '.join(pipelines.WORKERS)})",
+    )
+    d.add_argument(
+        "--pin-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"pinned host memory for batches ({', '.join(pipelines.WORKERS)}); default: on with CUDA",
+    )
+
+
+def input_flags(p):
+    d = p.add_argument_group("inputs: what the network sees of each slice")
+    d.add_argument(
         "--context",
         type=count(0),
         default=0,
@@ -144,24 +166,6 @@ def data_flags(p):
         default="none",
         help="brain: each patient's slices cut to a square around the FLAIR signal before resizing "
         "(predictions are put back in place for scoring)",
-    )
-    d.add_argument(
-        "--data-pipeline",
-        choices=tuple(pipelines.PIPELINES),
-        default="cached",
-        help="; ".join(f"{k}: {v}" for k, v in pipelines.PIPELINES.items()),
-    )
-    d.add_argument(
-        "--num-workers",
-        type=count(0),
-        default=0,
-        help=f"DataLoader workers per process ({', '.join(pipelines.WORKERS)})",
-    )
-    d.add_argument(
-        "--pin-memory",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=f"pinned host memory for batches ({', '.join(pipelines.WORKERS)}); default: on with CUDA",
     )
 
 

@@ -165,40 +165,43 @@ SWEEP_FLOATS = ("images_per_s", "s_per_3929", "step_ms", "step_data_ms", "step_c
 
 
 def sweep_figures(path, out):
+    """sweep-time-<model>.png, sweep-breakdown.png and sweep-scaling.png of a tools.sweep table."""
     rows = report.read_csv(path, ("model", "pipeline", "threads_setting", *SWEEP_INTS, *SWEEP_FLOATS))
     try:
         for r in rows:
             r.update({k: int(r[k]) for k in SWEEP_INTS} | {k: float(r[k]) for k in SWEEP_FLOATS})
     except ValueError as e:
         raise UserError(f"--sweep {path}: not a tools.sweep table ({e})") from e
-    written = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        panels = list(dict.fromkeys((r["threads_setting"], r["pipeline"]) for r in mine))
-        plt, fig, axes = plt_figure(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
-        for ax, (threads, pipeline) in zip(axes[0], panels):
-            sel = [r for r in mine if (r["threads_setting"], r["pipeline"]) == (threads, pipeline)]
-            procs = sorted({r["processes"] for r in sel})
-            workers = sorted({r["workers"] for r in sel})
-            bars(
-                ax,
-                procs,
-                workers,
-                {(r["processes"], r["workers"]): r["s_per_3929"] for r in sel},
-                [f"{w} workers" for w in workers],
-            )
-            ax.set(
-                title=f"{model}, {pipeline}, threads/process: {threads}",
-                xlabel="processes",
-                ylabel="s per epoch of 3929 slices",
-            )
-            ax.legend(fontsize=7)
-        fig.suptitle(f"{mine[0]['device']}: time per epoch (lower is better)", fontsize=9)
-        fig.tight_layout()
-        written.append(out / f"sweep-time-{model}.png")
-        report.save_figure(fig, written[-1], dpi=90)
-        plt.close(fig)
+    written = [time_figure(out, model, [r for r in rows if r["model"] == model])
+               for model in dict.fromkeys(r["model"] for r in rows)]  # fmt: skip
+    return written + [breakdown_figure(out, rows), scaling_figure(out, rows)]
 
+
+def saved(fig, path, plt):
+    fig.tight_layout()
+    report.save_figure(fig, path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def time_figure(out, model, mine):
+    """Time per epoch against processes and workers, a panel per thread setting and pipeline."""
+    panels = list(dict.fromkeys((r["threads_setting"], r["pipeline"]) for r in mine))
+    plt, fig, axes = plt_figure(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, (threads, pipeline) in zip(axes[0], panels):
+        sel = [r for r in mine if (r["threads_setting"], r["pipeline"]) == (threads, pipeline)]
+        procs, workers = sorted({r["processes"] for r in sel}), sorted({r["workers"] for r in sel})
+        times = {(r["processes"], r["workers"]): r["s_per_3929"] for r in sel}
+        bars(ax, procs, workers, times, [f"{w} workers" for w in workers])
+        ax.set(title=f"{model}, {pipeline}, threads/process: {threads}", xlabel="processes",
+               ylabel="s per epoch of 3929 slices")  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{mine[0]['device']}: time per epoch (lower is better)", fontsize=9)
+    return saved(fig, out / f"sweep-time-{model}.png", plt)
+
+
+def breakdown_figure(out, rows):
+    """Each run's median step split into data wait, compute and the rest."""
     labels = [f"{r['model']} p{r['processes']} {r['pipeline']} w{r['workers']} t{r['threads']}" for r in rows]
     plt, fig, ax = plt_figure(figsize=(max(6, 0.45 * len(rows)), 4))
     bottom = [0.0] * len(rows)
@@ -210,40 +213,23 @@ def sweep_figures(path, out):
     ax.set_xticks(range(len(rows)), labels, rotation=70, ha="right", fontsize=6)
     ax.set(ylabel="ms per step (median)", title="where a step's time goes")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out / "sweep-breakdown.png")
-    report.save_figure(fig, written[-1], dpi=90)
-    plt.close(fig)
+    return saved(fig, out / "sweep-breakdown.png", plt)
 
+
+def scaling_figure(out, rows):
+    """Scaling efficiency: images/s over processes x the images/s of one process, per setting."""
     plt, fig, ax = plt_figure(figsize=(6, 3.8))
-    configs = dict.fromkeys(
-        (r["model"], r["pipeline"], f"w{r['workers']}", f"threads {r['threads_setting']}") for r in rows
-    )
-    for c in configs:
-        sel = sorted(
-            (
-                r
-                for r in rows
-                if (r["model"], r["pipeline"], f"w{r['workers']}", f"threads {r['threads_setting']}") == c
-            ),
-            key=lambda r: r["processes"],
-        )
+    setting = lambda r: (r["model"], r["pipeline"], f"w{r['workers']}", f"threads {r['threads_setting']}")  # noqa: E731
+    for c in dict.fromkeys(map(setting, rows)):
+        sel = sorted((r for r in rows if setting(r) == c), key=lambda r: r["processes"])
         one = next((r["images_per_s"] for r in sel if r["processes"] == 1), None)
         if one and len(sel) > 1:
-            ax.plot(
-                [r["processes"] for r in sel],
-                [r["images_per_s"] / (one * r["processes"]) for r in sel],
-                "o-",
-                label=" ".join(map(str, c)),
-            )
+            ys = [r["images_per_s"] / (one * r["processes"]) for r in sel]
+            ax.plot([r["processes"] for r in sel], ys, "o-", label=" ".join(map(str, c)))
     ax.axhline(1, color="gray", lw=0.5)
     ax.set(xlabel="processes", ylabel="images/s / (processes x images/s of 1)", title="scaling efficiency")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    written.append(out / "sweep-scaling.png")
-    report.save_figure(fig, written[-1], dpi=90)
-    plt.close(fig)
-    return written
+    return saved(fig, out / "sweep-scaling.png", plt)
 
 
 def suite_figure(path, out):
@@ -254,11 +240,7 @@ def suite_figure(path, out):
     bars(ax, models, settings, {(r["model"], r["setting"]): float(r["speedup_vs_fp32_decode"]) for r in rows})
     ax.set(ylabel="images/s relative to fp32 + decode", title="speed-up of each technique (higher is better)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    written = out / "suite-speedup.png"
-    report.save_figure(fig, written, dpi=90)
-    plt.close(fig)
-    return [written]
+    return [saved(fig, out / "suite-speedup.png", plt)]
 
 
 def parser():
