@@ -50,21 +50,3 @@ def vgg16_bn_stages(width=1.0, weights_path=None, in_channels=3):
 def vgg_state_dict(path):
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("state_dict", state)
-
-
-class Averaged(nn.Module):
-    """Several networks (an ensemble) and/or each slice with its mirror image (test-time
-    augmentation) as one network: the logit of their mean probability, so that what follows (the
-    threshold at 0, the loss, the metrics) stays as it is for one network."""
-
-    def __init__(self, models, mirror=False):
-        super().__init__()
-        self.models, self.mirror = nn.ModuleList(models), mirror
-
-    def forward(self, x):
-        probs = []
-        for model in self.models:
-            probs.append(torch.sigmoid(model(x).float()))
-            if self.mirror:  # left-right: the training flips do the same, and brains are near-symmetric
-                probs.append(torch.sigmoid(model(x.flip(-1)).float()).flip(-1))
-        return torch.logit(torch.stack(probs).mean(0), eps=1e-6)

@@ -83,7 +83,7 @@ def make_parser(script, description, **defaults):
     model = Path(script).resolve().parent.name
     p = Parser(prog=f"{model}/train.py", description=description, formatter_class=HelpFormatter)
     p.set_defaults(model=model)
-    for add in (data_flags, input_flags, split_flags, augmentation_flags, training_flags, recipe_flags):
+    for add in (data_flags, input_flags, split_flags, augmentation_flags, training_flags, objective_flags):
         add(p)
     speed_flags(p), run_flags(p), evaluation_flags(p)
     p.add_argument("--help-all", action=HelpAll, help="show every flag: also the recipe's (a --preset file "
@@ -243,7 +243,7 @@ def training_flags(p):
     )
 
 
-def recipe_flags(p):
+def objective_flags(p):
     t = p.add_argument_group("recipe: what each epoch draws, what is minimised, what is kept")
     t.add_argument(
         "--tumour-share",

@@ -5,21 +5,14 @@ import time
 
 import torch
 
-from common import data, metrics, report
-from common.blocks import Averaged
+from common import metrics, report
 from common.checkpoint import model_config
 from common.errors import UserError
+from common.inference import Averaged
 from common.loss import loss_from_terms, loss_terms
-from common.prepare import load_data, make_accelerator
+from common.prepare import load_data, make_accelerator, network_inputs
 from common.resolve import checkpoints, members_split
 from common.rundir import make_run_dir, split_record
-
-
-def inputs(args, d, images, masks, idx, train=False):
-    """A batch as the network takes it: augmented when training, normalised as --normalize says."""
-    stats = None if d.stats is None else d.stats[idx.to(d.stats.device)]
-    augment = (args.flip, args.rotate, args.scale) if train else (0.0, 0.0, 0.0)
-    return data.to_inputs(images, masks, *augment, args.channels_last, stats)
 
 
 def native_counts(cache, logits, at):
@@ -41,7 +34,7 @@ def evaluate(model, loader, accelerator, args, d, title=None, volumes=False):
     cache = d.cache
     with report.bar(accelerator.is_main_process and title is not None) as bar:
         for images, masks, idx in bar.track(loader, description=title or ""):
-            x, y = inputs(args, d, images, masks, idx)
+            x, y = network_inputs(args, d, images, masks, idx)
             logits = model(x)
             counted, native = native_counts(cache, logits, idx.cpu().numpy())  # against the released masks
             out = (counted, loss_terms(logits, y), idx) + ((native > 0,) if volumes else ())

@@ -1,16 +1,36 @@
 """Networks applied to slices as they were trained (their size, crop, neighbours, normalisation),
-their masks at each slice's own size, and figures of those masks: what tools.predict, tools.export
-and the comparisons' figures share."""
+ensembles and test-time mirroring as one network (Averaged), their masks at each slice's own size,
+and figures of those masks: what evaluation, tools.predict, tools.export and the figures share."""
 
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn as nn
 from PIL import Image
 
 from common import data, metrics, registry, report
 from common.cache import prepared, volume_stats
 from common.checkpoint import load_checkpoint
+
+
+class Averaged(nn.Module):
+    """Several networks (an ensemble) and/or each slice with its mirror image (test-time
+    augmentation) as one network: the logit of their mean probability, so that what follows (the
+    threshold at 0, the loss, the metrics) stays as it is for one network."""
+
+    def __init__(self, models, mirror=False):
+        super().__init__()
+        self.models, self.mirror = nn.ModuleList(models), mirror
+
+    def forward(self, x):
+        probs = []
+        for model in self.models:
+            probs.append(torch.sigmoid(model(x).float()))
+            if self.mirror:  # left-right: the training flips do the same, and brains are near-symmetric
+                probs.append(torch.sigmoid(model(x.flip(-1)).float()).flip(-1))
+        return torch.logit(torch.stack(probs).mean(0), eps=1e-6)
+
 
 TRUTH, PRED = "#2ca02c", "#d62728"
 

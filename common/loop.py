@@ -19,9 +19,9 @@ from common import report
 from common.checkpoint import load_last, save_epoch, save_last
 from common.distributed import Preemption, main_value, sync_batchnorm
 from common.errors import Unfinished, UserError
-from common.evaluate import evaluate, inputs
+from common.evaluate import evaluate
 from common.loss import loss_from_terms, loss_terms
-from common.prepare import Data, load_data, make_accelerator, train_seed
+from common.prepare import Data, load_data, make_accelerator, network_inputs, train_seed
 from common.rundir import lock, make_run_dir, recorded, split_record
 from common.summary import final_report
 from common.timing import StepTimes, Stopwatch, peak_memory
@@ -259,7 +259,7 @@ def train_epoch(run, epoch, preemption):
         ticker = report.Ticker(run.main, f"epoch {epoch}/{args.epochs}", steps, epochs_after=last - epoch)
         for step, (images, masks, idx) in enumerate(batches, done + 1):
             times.waited()
-            x, y = inputs(args, run.d, images, masks, idx, train=True)
+            x, y = network_inputs(args, run.d, images, masks, idx, train=True)
             loss = train_step(run, x, y)
             times.computed()
             loss_sum += loss * len(x)

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from common import report
-from common.blocks import Averaged
 from common.checkpoint import model_config
 from common.evaluate import evaluate, postprocess_all
+from common.inference import Averaged
 from common.timing import device_name, gflops, peak_memory
 
 # what decides speed, recorded in summary.json beside the figures

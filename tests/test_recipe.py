@@ -16,7 +16,7 @@ from conftest import TINY, run, train
 from PIL import Image
 
 from common import data, registry
-from common.blocks import Averaged
+from common.inference import Averaged
 from common.loop import RunState, make_schedule
 
 

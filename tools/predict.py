@@ -34,11 +34,11 @@ import torch
 from PIL import Image
 
 from common import data, inference, report
-from common.blocks import Averaged
 from common.checkpoint import members, split_of
 from common.cli import Parser
 from common.errors import UserError, contract
 from common.folders import make
+from common.inference import Averaged
 from common.ranges import pathname
 from common.split import split_key
 
