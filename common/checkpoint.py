@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from common import report
+from common import files
 from common.errors import UserError
 
 
@@ -58,7 +58,7 @@ def save_epoch(run, epoch, val):
         if run.main:
             ckpt = {"model": weights, "config": model_config(run.args), "epoch": epoch, "val": val}
             ckpt["split"] = run.split  # who it trained on travels with it, wherever it is copied
-            report.save_torch(ckpt, run.out / "best.pt")
+            files.save_torch(ckpt, run.out / "best.pt")
     save_last(run.accelerator, run.out)
 
 
@@ -76,8 +76,8 @@ def load_last(run):
         for group, factor in zip(run.optimizer.param_groups, run.schedule.lr_lambdas):
             group["lr"] = run.args.lr * factor(run.schedule.last_epoch)
     if run.main:  # drop epochs that ran after the last checkpoint
-        rows = [r for r in report.read_jsonl(run.out / "metrics.jsonl") if r["epoch"] <= run.state.epoch]
-        report.write_text(run.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        rows = [r for r in files.read_jsonl(run.out / "metrics.jsonl") if r["epoch"] <= run.state.epoch]
+        files.write_text(run.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def load_checkpoint(path, model_name=None):
@@ -107,7 +107,7 @@ def split_of(path, ckpt=None):
     if ckpt.get("split") is not None:
         return ckpt["split"]
     beside = best.parent / "split.json"
-    return report.read_json(beside) if beside.is_file() else None
+    return files.read_json(beside) if beside.is_file() else None
 
 
 def members(path):

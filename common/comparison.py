@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import inference, registry, report, stats
+from common import files, inference, registry, report, stats
 from common.cache import open_dataset
 from common.errors import Incomplete, UserError
 from common.folders import finished, not_finished, same_recipe
@@ -64,7 +64,7 @@ def load_runs(out):
     """{name: (args, summary, split)} of the finished run folders in `out`."""
     runs = {}
     for folder in sorted(p for p in out.iterdir() if finished(p)):
-        read = lambda f: report.read_json(folder / f)  # noqa: E731
+        read = lambda f: files.read_json(folder / f)  # noqa: E731
         runs[folder.name] = read("args.json"), read("summary.json"), read("split.json")
     return runs
 
@@ -138,7 +138,7 @@ def read_csv(path, columns=()):
         except ValueError:
             return v or None
 
-    return [{k: value(v) for k, v in r.items()} for r in report.read_csv(path, columns)]
+    return [{k: value(v) for k, v in r.items()} for r in files.read_csv(path, columns)]
 
 
 def pairs(per_patient, names):
@@ -209,17 +209,17 @@ def table(out, other=None, wanted=()):
         for n in names
     ]
     against = versus(out, other, per_patient, summary) if other else None  # refused before writing
-    report.write_csv(out / "per-patient.csv", per_patient)
-    report.write_csv(out / "summary.csv", summary)
-    report.write_json(out / "split.json", runs[names[0]][2])
+    files.write_csv(out / "per-patient.csv", per_patient)
+    files.write_csv(out / "summary.csv", summary)
+    files.write_json(out / "split.json", runs[names[0]][2])
     paired = pairs(per_patient, names)
-    report.write_json(out / "paired.json", paired)
+    files.write_json(out / "paired.json", paired)
     original = {n: runs[n] for n in runs if runs[n][0]["split"] == "slice"}
     md = markdown(summary, paired, original, runs)
     if against:
-        report.write_json(out / "versus.json", {"other": str(other), "pairs": against})
+        files.write_json(out / "versus.json", {"other": str(other), "pairs": against})
         md += "\n".join(versus_section(out, other, against)) + "\n"
-    report.write_text(out / "comparison.md", md)
+    files.write_text(out / "comparison.md", md)
     figures(out, names, per_patient, runs, {n: out / n for n in names})
     report.console.print((out / "comparison.md").read_text())
     report.console.print(
@@ -392,7 +392,7 @@ def figures(out, names, per_patient, runs, folders):
     ax.set_ylabel("Dice of the patient's volume")
     ax.set_title(f"{len(patients)} test patients (bar: mean)", fontsize=9)
     fig.tight_layout()
-    report.save_figure(fig, out / "paired-dice.png", dpi=110)
+    files.save_figure(fig, out / "paired-dice.png", dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -408,7 +408,7 @@ def figures(out, names, per_patient, runs, folders):
     ax.set_ylabel("Dice of the patient's volume")
     ax.legend()
     fig.tight_layout()
-    report.save_figure(fig, out / "dice-vs-volume.png", dpi=110)
+    files.save_figure(fig, out / "dice-vs-volume.png", dpi=110)
     plt.close(fig)
     if folders:
         prediction_figure(out, names, runs, folders)

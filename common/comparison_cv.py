@@ -12,7 +12,7 @@ import statistics
 
 import numpy as np
 
-from common import comparison, report
+from common import comparison, files, report
 from common.errors import UserError
 from common.folders import finished, same_recipe
 from common.jobs import run_folder
@@ -31,13 +31,13 @@ def load(out, names, folds):
             if not finished(d):
                 missing.append(f"{n} fold {i}")
                 continue
-            split = report.read_json(d / "split.json")
+            split = files.read_json(d / "split.json")
             if (split.get("folds"), split.get("test_fold")) != (folds, i):
                 raise UserError(
                     f"--output-dir {d}: a run of --folds {split.get('folds')} --test-fold "
                     f"{split.get('test_fold')}, not fold {i} of {folds}"
                 )
-            runs[n].append(tuple(report.read_json(d / f) for f in ("args.json", "summary.json")) + (split,))
+            runs[n].append(tuple(files.read_json(d / f) for f in ("args.json", "summary.json")) + (split,))
     if missing:
         raise UserError(
             f"--output-dir {out}: {len(missing)} of {len(names) * folds} runs not finished "
@@ -161,11 +161,11 @@ def table(out, names, folds):
     summary = summarise(runs, names, per_patient)
     paired = comparison.pairs(per_patient, names)
     strata = by_size(per_patient, names) if len(names) > 1 else []
-    report.write_csv(out / "per-patient.csv", per_patient)
-    report.write_csv(out / "summary.csv", summary)
-    report.write_json(out / "paired.json", {"pairs": paired, "by_tumour_size": strata})
+    files.write_csv(out / "per-patient.csv", per_patient)
+    files.write_csv(out / "summary.csv", summary)
+    files.write_json(out / "paired.json", {"pairs": paired, "by_tumour_size": strata})
     val_frac = runs[names[0]][0][0]["val_frac"]
-    report.write_text(out / "comparison.md", markdown(summary, paired, strata, folds, val_frac))
+    files.write_text(out / "comparison.md", markdown(summary, paired, strata, folds, val_frac))
     shown = shown_fold(out, names, folds)
     folders = None if shown is None else {n: run_folder(out, n, shown) for n in names}
     comparison.figures(out, names, per_patient, {n: runs[n][shown or 0] for n in names}, folders)

@@ -48,7 +48,7 @@ def contract(body, argv=None):
     included (common.cli.Parser raises them), is one line `error: ...` on stderr and its exit code,
     its traceback only with --debug."""
     argv = sys.argv[1:] if argv is None else argv
-    # SIGTERM as an exception: what is being written is cleaned up on the way out (report.replace)
+    # SIGTERM as an exception: what is being written is cleaned up on the way out (files.replace)
     old = signal.signal(signal.SIGTERM, terminated)
     try:
         return body(argv) or 0

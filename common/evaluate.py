@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from common import metrics, report
+from common import files, metrics, report
 from common.checkpoint import model_config
 from common.errors import UserError
 from common.inference import Averaged
@@ -105,7 +105,7 @@ def evaluate_checkpoint(args, build_model):
     }
     if main:
         results = postprocess_all(args, results)
-        report.write_json(
+        files.write_json(
             out / "eval.json",
             {
                 "checkpoint": str(args.checkpoint),

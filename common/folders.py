@@ -10,7 +10,7 @@ says about how it was trained, without the model, the paths and the speed settin
 import json
 from pathlib import Path
 
-from common import report
+from common import files
 from common.errors import UserError
 
 RECORD = "folder.json"
@@ -95,7 +95,7 @@ def claim(folder, kind, identity=None, flag="--output-dir", record=True):
     if not record:
         return folder
     mine["identity"] = {**mine["identity"], **as_json(identity or {})}
-    report.write_json(make(folder, flag) / RECORD, mine)
+    files.write_json(make(folder, flag) / RECORD, mine)
     return folder
 
 
@@ -108,7 +108,7 @@ def finished(run):
     """A run folder whose training has ended: a summary.json, not written by a --time-limit stop
     (the same command again resumes that one)."""
     try:
-        summary = report.read_json(Path(run) / "summary.json")
+        summary = files.read_json(Path(run) / "summary.json")
     except UserError:
         return False
     return not str(summary.get("stopped_by") or "").startswith("--time-limit")
@@ -122,7 +122,7 @@ def not_finished(run):
     if not (run / "summary.json").is_file():
         return "failed, stopped or still running"
     try:
-        report.read_json(run / "summary.json")
+        files.read_json(run / "summary.json")
     except UserError:
         return "its summary.json is damaged"
     return "stopped by --time-limit"

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from common import data, metrics, registry, report
+from common import data, files, metrics, registry
 from common.cache import prepared, volume_stats
 from common.checkpoint import load_checkpoint
 
@@ -135,7 +135,7 @@ def slice_figure(path, name, flair, truth, pred):
     axes[3].set_title("overlay" + (f" (Dice {dice(pred, truth):.2f})" if truth is not None else ""))
     fig.suptitle(name, fontsize=9)
     fig.tight_layout()
-    report.save_figure(fig, path, dpi=80)
+    files.save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -171,5 +171,5 @@ def comparison_figure(path, names, flairs, truths, preds, labels, picks):
             axes[r, c].set_title(f"{label}{score}", fontsize=9)
     fig.suptitle("truth green, prediction red", fontsize=9)
     fig.tight_layout()
-    report.save_figure(fig, path, dpi=90)
+    files.save_figure(fig, path, dpi=90)
     plt.close(fig)

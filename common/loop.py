@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, set_seed
 
-from common import report
+from common import files, report
 from common.checkpoint import load_last, save_epoch, save_last
 from common.distributed import Preemption, main_value, sync_batchnorm
 from common.errors import Unfinished, UserError
@@ -118,8 +118,8 @@ def setup(args, build_model):
         for stale in ("metrics.jsonl", "best.pt", "summary.json"):  # of a run that stopped in its first epoch
             (out / stale).unlink(missing_ok=True)
         flags = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        report.write_json(out / "args.json", flags)
-        report.write_json(out / "split.json", split)
+        files.write_json(out / "args.json", flags)
+        files.write_json(out / "split.json", split)
     if args.sync_bn and accelerator.num_processes > 1:
         model = sync_batchnorm(model, accelerator.device)
     if args.channels_last:
@@ -346,7 +346,7 @@ def epoch_row(run, epoch, e, val):
     row.update({k: v if e["synced"] else None for k, v in waits.items()})
     run.state.epoch, run.state.train_time_s = epoch, run.state.train_time_s + slowest[0]
     if run.main:
-        report.append_jsonl(run.out / "metrics.jsonl", row)
+        files.append_jsonl(run.out / "metrics.jsonl", row)
         report.epoch_line(row)
         if run.tracker:
             run.tracker.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)

@@ -57,7 +57,7 @@ def write(out, slices, images, masks, size, part_size=0):
 
 def put(path, write):
     """write(tmp), renamed to path; a failed write (a full disk) is one line and leaves no temporary
-    (common.report.replace, which this layer cannot import, does the same for every other file)."""
+    (common.files.replace, which this layer cannot import, does the same for every other file)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)

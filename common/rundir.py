@@ -6,7 +6,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from common import report
+from common import files, report
 from common.distributed import main_value
 from common.errors import UserError
 from common.folders import as_json, claim
@@ -30,7 +30,7 @@ FIXED = ("model", "image_size", "crop", "normalize", "context", "width")
 def recorded(folder):
     """A run folder's split.json, or None."""
     path = Path(folder) / "split.json"
-    return report.read_json(path) if path.is_file() else None
+    return files.read_json(path) if path.is_file() else None
 
 
 def split_record(args, d):
@@ -100,7 +100,7 @@ def starting_point(args):
         if args.resume is not None:
             raise UserError(f"--resume {args.resume}: no run there (expected args.json and last/)")
         return args
-    saved = report.read_json(folder / "args.json")
+    saved = files.read_json(folder / "args.json")
     resumable, finished = has_checkpoint(folder), (folder / "summary.json").is_file()
     if args.resume is not None:
         fixed = [*FIXED, *(saved.get("network_flags") or ())]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from common import report
+from common import files, report
 from common.checkpoint import model_config
 from common.evaluate import evaluate, postprocess_all
 from common.inference import Averaged
@@ -48,7 +48,7 @@ def final_report(run, build_model, stopped_by):
             results = {f"val (epoch {state.best_epoch})": results.pop("val"), **results}
     summary = run_summary(run, build_model, stopped_by, results)
     if run.main:
-        report.write_json(out / "summary.json", summary)
+        files.write_json(out / "summary.json", summary)
         if results:
             report.results_table(
                 f"{args.model}: {run.n_params / 1e6:.2f} M parameters, {state.epoch} epochs, "
@@ -65,7 +65,7 @@ def final_report(run, build_model, stopped_by):
 
 def run_summary(run, build_model, stopped_by, results):
     args, accelerator, state = run.args, run.accelerator, run.state
-    rows = report.read_jsonl(run.out / "metrics.jsonl") if run.main else []
+    rows = files.read_jsonl(run.out / "metrics.jsonl") if run.main else []
     medians = (
         "images_per_s",
         "data_wait_share",

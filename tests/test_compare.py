@@ -10,7 +10,7 @@ from conftest import LEARNS, ROOT, compare_in, run
 
 from common import comparison as compare
 from common import comparison_cv as cv
-from common import report, stats
+from common import files, stats
 
 
 def assert_scores_of(rows, s):
@@ -256,7 +256,7 @@ def test_versus_pairs_each_model_with_itself_in_another_folder(comparison, tmp_p
     rows = compare.read_csv(other / "per-patient.csv")
     for r in rows:
         r["dice"] -= 0.1 if r["model"] == "unet" else 0
-    report.write_csv(other / "per-patient.csv", rows)
+    files.write_csv(other / "per-patient.csv", rows)
     cmd = [
         sys.executable,
         "-m",
@@ -276,7 +276,7 @@ def test_versus_pairs_each_model_with_itself_in_another_folder(comparison, tmp_p
     assert "## Against other" in (mine / "comparison.md").read_text()
     for r in rows:
         r["patient"] = "someone else"
-    report.write_csv(other / "per-patient.csv", rows)
+    files.write_csv(other / "per-patient.csv", rows)
     before = (mine / "per-patient.csv").stat().st_mtime_ns
     p = run(cmd, env)
     assert p.returncode == 2 and p.stderr.startswith("error: --versus") and "other patients" in p.stderr

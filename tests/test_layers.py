@@ -32,6 +32,7 @@ LAYERS = {
     "common.pack": 0,
     "common.synthetic": 1,
     "common.report": 1,
+    "common.files": 1,
     "common.loss": 0,
     "common.metrics": 0,
     "common.stats": 0,

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import data, pipelines, registry, report, synthetic
+from common import data, files, pipelines, registry, report, synthetic
 from common.cache import open_dataset
 from common.cli import Parser, default_cache_dir
 from common.errors import child, contract
@@ -215,8 +215,8 @@ def loop_run(model, args, out, flags):
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-    rows = report.read_jsonl(out / "metrics.jsonl")
-    summary = report.read_json(out / "summary.json")
+    rows = files.read_jsonl(out / "metrics.jsonl")
+    summary = files.read_json(out / "summary.json")
     r = rows[-1]
     return {
         "images_per_s": summary["global_batch_size"] / r["step_median_s"],
@@ -435,8 +435,8 @@ def write_table(args, head, rows, extra):
     """<what>.md (the table, printed too) and <what>.csv in --output-dir."""
     lines = "".join(f"\n{k}: {v:.4g}" for k, v in extra.items() if v is not None)
     table = f"{args.what}: {head}\n\n" + markdown(rows, COLUMNS[args.what]) + lines + "\n"
-    report.write_text(args.output_dir / f"{args.what}.md", table)
-    report.write_csv(args.output_dir / f"{args.what}.csv", rows, sorted({k for r in rows for k in r}))
+    files.write_text(args.output_dir / f"{args.what}.md", table)
+    files.write_csv(args.output_dir / f"{args.what}.csv", rows, sorted({k for r in rows for k in r}))
     report.console.print(table)
     report.console.print(
         f"wrote {args.output_dir / (args.what + '.md')} and {args.output_dir / (args.what + '.csv')}"

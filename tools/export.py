@@ -28,7 +28,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from common import data, report
+from common import data, files, report
 from common.cache import open_dataset
 from common.cli import Parser, default_cache_dir
 from common.errors import UserError, contract, discard
@@ -112,7 +112,7 @@ def run(args):
     )
     mib = out.stat().st_size / 2**20
     prep = preprocessing(config, size)
-    report.write_json(out.with_name(out.name + ".json"), prep)
+    files.write_json(out.with_name(out.name + ".json"), prep)
     report.console.print(
         f"wrote {out} ({mib:.1f} MiB): {name} for ({channels}, {size}, {size}) inputs, any batch; "
         f"inputs: {prep['inputs']} (also in {out.name}.json)"
@@ -206,7 +206,7 @@ def room(out, weights):
 def write_checked(out, export, check):
     """export(tmp), check(tmp), then tmp renamed to `out`: a failed or wrong export leaves no file,
     not even half of one, and an older `out` stays as it was."""
-    tmp = report.tmp_name(out)
+    tmp = files.tmp_name(out)
     try:
         export(tmp)
         result = check(tmp)

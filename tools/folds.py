@@ -18,7 +18,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from common import registry, report
+from common import files, registry, report
 from common.cli import Parser, parse_with_train_flags
 from common.errors import UserError, child, contract
 from common.folders import claim, finished, not_finished, recipe_flags, same_recipe
@@ -74,13 +74,13 @@ def collect(out, folds, model):
     for fold in range(folds):
         run_dir = run_folder(out, fold=fold)
         if finished(run_dir):
-            own = report.read_json(run_dir / "args.json")
+            own = files.read_json(run_dir / "args.json")
             if (own.get("model"), own.get("folds"), own.get("fold")) != (model, folds, fold):
                 raise UserError(
                     f"--output-dir {run_dir}: a {own.get('model')} run of --folds {own.get('folds')} --fold "
                     f"{own.get('fold')}, not {model} fold {fold} of {folds}"
                 )
-            summaries.append(report.read_json(run_dir / "summary.json"))
+            summaries.append(files.read_json(run_dir / "summary.json"))
             recipes[f"fold {fold}"] = own
         else:
             missing[fold] = f"{not_finished(run_dir)}; the same task or command again resumes it"
@@ -130,8 +130,8 @@ def summarise(args, out):
     result = aggregate(summaries)
     done = [f for f in range(args.folds) if f not in missing]
     cv = {"model": args.model, "folds": args.folds, "finished": done, "missing": missing, **result}
-    report.write_json(out / "cv.json", cv)
-    report.write_text(out / "cv.md", markdown(args.model, args.folds, result, missing))
+    files.write_json(out / "cv.json", cv)
+    files.write_text(out / "cv.md", markdown(args.model, args.folds, result, missing))
     report.console.print(markdown(args.model, args.folds, result, missing))
     report.console.print(f"wrote {out / 'cv.json'} and {out / 'cv.md'}")
     if missing:

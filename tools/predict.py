@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import data, inference, report
+from common import data, files, inference, report
 from common.checkpoint import members, split_of
 from common.cli import Parser
 from common.errors import UserError, contract
@@ -169,7 +169,7 @@ def write_volumes(folder, names, masks):
             continue
         volume = np.stack(stack, axis=-1).astype(np.uint8)
         blob = gzip.compress(nibabel.Nifti1Image(volume, np.eye(4)).to_bytes())
-        report.replace(folder / f"{patient}.nii.gz", lambda tmp: tmp.write_bytes(blob))
+        files.replace(folder / f"{patient}.nii.gz", lambda tmp: tmp.write_bytes(blob))
     return len(by_patient)
 
 
@@ -234,7 +234,7 @@ def run(args):
         (folder / "masks").mkdir(parents=True, exist_ok=True)
         for name, m in zip(names, preds[label]):
             mask = Image.fromarray(m.astype(np.uint8) * 255)
-            report.replace(folder / "masks" / f"{name}_pred.tif", lambda tmp: mask.save(tmp, format="TIFF"))
+            files.replace(folder / "masks" / f"{name}_pred.tif", lambda tmp: mask.save(tmp, format="TIFF"))
         written.append(f"{folder / 'masks'}/ ({len(names)} masks)")
         n = write_volumes(folder / "volumes", names, preds[label])
         written.append(f"{folder / 'volumes'}/ ({n} NIfTI volumes, unit spacing)")

@@ -16,7 +16,7 @@ import argparse
 import statistics
 import sys
 
-from common import report, stats
+from common import files, stats
 from common.cli import Parser
 from common.comparison import scores
 from common.errors import UserError, contract
@@ -68,7 +68,7 @@ def variant(study, name, reference):
 
     def flags(n):
         path = study / n / "args.json"
-        return report.read_json(path) if path.is_file() else {}
+        return files.read_json(path) if path.is_file() else {}
 
     mine, ref = flags(name), flags(reference)
     differ = [
@@ -80,9 +80,9 @@ def variant(study, name, reference):
 def evaluation(folder, part):
     """The `part` ("val" or "test") evaluation of a run or an --eval-only folder, with per-patient rows."""
     if (folder / "eval.json").is_file():
-        result = report.read_json(folder / "eval.json").get(part)
+        result = files.read_json(folder / "eval.json").get(part)
     elif (folder / "summary.json").is_file():
-        summary = report.read_json(folder / "summary.json")
+        summary = files.read_json(folder / "summary.json")
         result = summary.get("best_val") if part == "val" else summary.get("test")
     else:
         raise UserError(f"{folder}: not finished (no summary.json or eval.json): run the study first")
@@ -96,7 +96,7 @@ def train_time(study, runs):
     (an epoch that shared the CPU with other work would otherwise count in full)."""
     total = 0.0
     for r in runs:
-        epochs = [row["train_time_s"] for row in report.read_jsonl(study / r / "metrics.jsonl")]
+        epochs = [row["train_time_s"] for row in files.read_jsonl(study / r / "metrics.jsonl")]
         total += statistics.median(epochs) * len(epochs)
     return total
 
@@ -104,7 +104,7 @@ def train_time(study, runs):
 def curve(study, run):
     """(training seconds, validation Dice per patient) after each epoch of a run: seconds counted as
     the run's median epoch times the epochs done, as train_time does."""
-    epochs = report.read_jsonl(study / run / "metrics.jsonl")
+    epochs = files.read_jsonl(study / run / "metrics.jsonl")
     pace = statistics.median(row["train_time_s"] for row in epochs)
     return [(pace * row["epoch"], row.get("val_dice_patient_mean")) for row in epochs]
 
@@ -130,7 +130,7 @@ def curves_figure(study, names, target, path):
     ax.set_ylabel("validation Dice per patient (mean)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    report.save_figure(fig, path, dpi=110)
+    files.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -265,8 +265,8 @@ def tabulate(args):
     text = markdown(table, args.set, args.target)
     if args.output_dir is not None:
         make(args.output_dir)
-        report.write_csv(args.output_dir / f"recipe-{args.set}.csv", table)
-        report.replace(args.output_dir / f"recipe-{args.set}.md", lambda tmp: tmp.write_text(text))
+        files.write_csv(args.output_dir / f"recipe-{args.set}.csv", table)
+        files.replace(args.output_dir / f"recipe-{args.set}.md", lambda tmp: tmp.write_text(text))
         runs = [n for n in names if (args.study / n / "metrics.jsonl").is_file()]
         if args.set == "val" and runs:
             curves_figure(args.study, runs, args.target, args.output_dir / "dice-vs-time.png")

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import report
+from common import files, report
 from common.cli import Parser
 from common.errors import UserError, contract
 from common.folders import make
@@ -118,13 +118,13 @@ def write_csv(path, runs, summaries):
             + [None] * (len(METRICS) - 2)
             + ["the original's leaky slice split"]
         )
-    report.write_csv(path, [dict(zip(header, r)) for r in rows], header)
+    files.write_csv(path, [dict(zip(header, r)) for r in rows], header)
 
 
 def curves(path, model, runs):
     plt, fig, (ax_loss, ax_dice) = plt_figure(1, 2, figsize=(10, 3.8))
     for run in runs:
-        rows = report.read_jsonl(run / "metrics.jsonl")
+        rows = files.read_jsonl(run / "metrics.jsonl")
         epochs = [r["epoch"] for r in rows]
         (line,) = ax_loss.plot(epochs, [r["train_loss"] for r in rows], label=f"{run.name} train")
         val_loss, val_dice = (
@@ -136,7 +136,7 @@ def curves(path, model, runs):
     ax_dice.set(title=f"{model}: validation Dice", xlabel="epoch", ylim=(0, 1))
     ax_loss.legend(fontsize=7), ax_dice.legend(fontsize=7)
     fig.tight_layout()
-    report.save_figure(fig, path, dpi=90)
+    files.save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -166,7 +166,7 @@ SWEEP_FLOATS = ("images_per_s", "s_per_3929", "step_ms", "step_data_ms", "step_c
 
 def sweep_figures(path, out):
     """sweep-time-<model>.png, sweep-breakdown.png and sweep-scaling.png of a tools.sweep table."""
-    rows = report.read_csv(path, ("model", "pipeline", "threads_setting", *SWEEP_INTS, *SWEEP_FLOATS))
+    rows = files.read_csv(path, ("model", "pipeline", "threads_setting", *SWEEP_INTS, *SWEEP_FLOATS))
     try:
         for r in rows:
             r.update({k: int(r[k]) for k in SWEEP_INTS} | {k: float(r[k]) for k in SWEEP_FLOATS})
@@ -179,7 +179,7 @@ def sweep_figures(path, out):
 
 def saved(fig, path, plt):
     fig.tight_layout()
-    report.save_figure(fig, path, dpi=90)
+    files.save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path
 
@@ -233,7 +233,7 @@ def scaling_figure(out, rows):
 
 
 def suite_figure(path, out):
-    rows = report.read_csv(path, ("model", "setting", "speedup_vs_fp32_decode"))
+    rows = files.read_csv(path, ("model", "setting", "speedup_vs_fp32_decode"))
     models = list(dict.fromkeys(r["model"] for r in rows))
     settings = [s for s in dict.fromkeys(r["setting"] for r in rows) if not s.startswith("bare")]
     plt, fig, ax = plt_figure(figsize=(8, 4))
@@ -273,12 +273,12 @@ def results(args):
     runs, summaries = [], []
     for run in find_runs(args.runs):  # one odd folder costs its own line, not the table
         try:
-            summaries.append(report.read_json(run / "summary.json"))
+            summaries.append(files.read_json(run / "summary.json"))
             runs.append(run)
         except UserError as e:
             print(f"note: {run} left out: {e}", file=sys.stderr)
     written += [args.output_dir / "results.md", args.output_dir / "results.csv"]
-    report.write_text(written[-2], markdown(runs, summaries))
+    files.write_text(written[-2], markdown(runs, summaries))
     write_csv(written[-1], runs, summaries)
     for model in dict.fromkeys(s["model"] for s in summaries):
         path = args.output_dir / f"curves-{model}.png"

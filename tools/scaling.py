@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import report
+from common import files
 from common.cli import Parser
 from common.errors import contract
 from common.folders import make
@@ -364,7 +364,7 @@ def fit_table(theta, args):
 
 
 def write_csv(path, rows):
-    report.write_csv(
+    files.write_csv(
         path, [{k: f"{v:.4g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows]
     )
 
@@ -422,7 +422,7 @@ def plot(path, rows):
         )
     axes[1][0].legend(fontsize=7, title="solid NVLink, dashed PCIe", title_fontsize=7)
     fig.tight_layout()
-    report.save_figure(fig, path, dpi=110)
+    files.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import pipelines, registry, report
+from common import files, pipelines, registry, report
 from common.cli import Parser, parse_with_train_flags
 from common.errors import UserError, contract
 from common.folders import claim
@@ -94,15 +94,15 @@ def sweep(args, flags):
             f"    {rows[-1]['images_per_s']:.1f} images/s, data wait {rows[-1]['data_wait_share']:.1%}"
         )
     path = args.output_dir / f"sweep-{args.model}.csv"
-    report.write_csv(path, rows, list(rows[0]))
+    files.write_csv(path, rows, list(rows[0]))
     report.console.print(f"wrote {path} ({len(rows)} runs)")
     return 0
 
 
 def sweep_row(model, out, procs, pipeline, workers, precision, threads):
     """A run's line of the sweep's CSV, from its summary.json and its last epoch."""
-    s = report.read_json(out / "summary.json")
-    r = report.read_jsonl(out / "metrics.jsonl")[-1]
+    s = files.read_json(out / "summary.json")
+    r = files.read_jsonl(out / "metrics.jsonl")[-1]
     return {
         "model": model,
         "device": s["device"],
