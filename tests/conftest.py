@@ -166,6 +166,16 @@ def no_data_env(env, tmp_path):
     return {**env, "LGG_DATA_DIR": str(tmp_path / "no-kaggle_3m")}
 
 
+def script_module(path):
+    """A script that is not in a package (a study's, beside its records) imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run(cmd, env, timeout=300, process=False):
     """`cmd` from the repository root, its output captured. `python SCRIPT ...` and `python -m
     MODULE ...` run in this process (in_process): a new interpreter adds seconds of imports and

@@ -8,12 +8,14 @@ import importlib
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, script_module
 
 from common import cli, registry
 from common.errors import UserError
 from common.ranges import Range
 
-TOOLS = ["bench", "compare", "export", "folds", "pack", "predict", "recipe", "results", "scaling", "sweep"]
+TOOLS = ["bench", "compare", "export", "folds", "pack", "predict", "recipe", "results", "sweep"]
+STUDY_SCRIPTS = ["docs/studies/scaling/scaling.py"]  # the studies' scripts with flags
 
 
 def commands():
@@ -22,12 +24,14 @@ def commands():
     for model in registry.names():
         p = registry.script(model).parser()
         out.append((f"{model}/train.py", p, lambda argv, p=p: cli.parse(p, ["--synthetic", *argv])))
-    for name in TOOLS:
-        p = importlib.import_module(f"tools.{name}").parser()
+    modules = [(f"tools.{n}", importlib.import_module(f"tools.{n}")) for n in TOOLS]
+    modules += [(path, script_module(ROOT / path)) for path in STUDY_SCRIPTS]
+    for name, module in modules:
+        p = module.parser()
         subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
         for sub, sp in subs[0].choices.items() if subs else [(None, p)]:
             head = [sub] if sub else []
-            out.append((" ".join([f"tools.{name}", *head]), sp, lambda argv, p=p, h=head, sp=sp: p.parse_args(
+            out.append((" ".join([name, *head]), sp, lambda argv, p=p, h=head, sp=sp: p.parse_args(
                 [*h, *required(sp), *argv])))  # fmt: skip
     return out
 

@@ -39,7 +39,7 @@ OUTPUTS = {
         "folder",
     ),
     "results": (["-m", "tools.results", "RUN", "--output-dir", "OUT"], "folder"),
-    "scaling": (["-m", "tools.scaling", "--output-dir", "OUT"], "folder"),
+    "scaling": (["docs/studies/scaling/scaling.py", "--output-dir", "OUT"], "folder"),
     "sweep": (["-m", "tools.sweep", "unet", "--output-dir", "OUT", "--", "--synthetic"], "folder"),
     "bench": (
         [

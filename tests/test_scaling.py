@@ -5,10 +5,10 @@ import csv
 import sys
 
 import pytest
-from conftest import run
+from conftest import ROOT, run, script_module
 
-from tools import scaling
-from tools.scaling import Link, Setup
+scaling = script_module(ROOT / "docs" / "studies" / "scaling" / "scaling.py")
+Link, Setup = scaling.Link, scaling.Setup
 
 LINK = Link("test", bandwidth=10e9, latency=1e-5)
 
@@ -96,6 +96,6 @@ def test_the_command_writes_a_row_per_cell_and_the_plot(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag", [["--no-such-flag"], ["--contention", "-1"], ["--node-cores", "x"]])
 def test_a_bad_flag_is_one_error_line(flag, env):
-    p = run([sys.executable, "-m", "tools.scaling", *flag], env)
+    p = run([sys.executable, "docs/studies/scaling/scaling.py", *flag], env)
     assert p.returncode == 2 and p.stderr.startswith("error:"), p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr

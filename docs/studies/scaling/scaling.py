@@ -2,7 +2,7 @@
 calibrated on the original study's 1-GPU times and checked against its 2-4-GPU times; then the
 same prediction for this project's pipelines on a 4-GPU node of the card measured in docs/studies/gpu.
 
-    python -m tools.scaling --output-dir docs/studies/scaling   # scaling.csv, scaling.png; prints the tables
+    python docs/studies/scaling/scaling.py   # scaling.csv, scaling.png; prints the tables
 
 Per process (rank) and step, with one batch per rank:
     compute = gpu + stretch * (cpu + data if W == 0 else cpu)
@@ -21,6 +21,9 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+# the library of the checkout this study is in (run from anywhere: python docs/studies/scaling/scaling.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from common import files
 from common.cli import Parser
@@ -428,12 +431,12 @@ def plot(path, rows):
 
 def parser():
     p = Parser(
-        prog="python -m tools.scaling",
+        prog="python docs/studies/scaling/scaling.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     out = "where scaling.csv and scaling.png go (default %(default)s)"
-    p.add_argument("--output-dir", type=pathname, default=Path("docs/studies/scaling"), help=out)
+    p.add_argument("--output-dir", type=pathname, default=Path(__file__).resolve().parent, help=out)
     p.add_argument(
         "--threads-per-rank",
         type=count(1),
