@@ -3,25 +3,12 @@
 #
 #   sbatch run.sh unet --data-dir data/kaggle_3m            # one node, its GPUs
 #   sbatch --nodes=2 --gres=gpu:4 run.sh fcn --epochs 30     # two nodes: srun + c10d rendezvous
-#   sbatch --partition=gpu --account=me --time=4:00:00 run.sh segnet
 #   bash run.sh unet --synthetic                             # no Slurm: the GPUs here, or the CPU
-#   sbatch --array=0-2 run.sh unet,fcn,segnet --data-dir data/kaggle_3m   # a job array: task i, model i
-#   sbatch --array=0-2 run.sh unet,fcn,segnet --output-dir runs/cmp --val-frac 0.1 --test-frac 0.2 ...
-#                                  # the comparison: task i into runs/cmp/<model i>; then, once all ended,
-#                                  # python -m tools.compare --table --output-dir runs/cmp
-#   sbatch --array=0-14 run.sh unet,fcn,segnet --folds 5 --output-dir runs/cmp-cv5 --data-dir ...
-#                                  # the cross-validated comparison: task i, model i / 5 tested on fold
-#                                  # i % 5, into runs/cmp-cv5/<model>/fold-<k>; once all ended,
-#                                  # python -m tools.compare --table --folds 5 --output-dir runs/cmp-cv5
-#   sbatch --array=0-4 --gres=gpu:1 run.sh unet --folds 5 --output-dir runs/unet-cv5 --data-dir ...
-#                                  # cross-validation: task i trains fold i into runs/unet-cv5/fold-i;
-#                                  # python -m tools.folds unet --folds 5 --output-dir runs/unet-cv5 --summary
+#   sbatch --array=0-14 run.sh unet,fcn,segnet --folds 5 --output-dir runs/cmp-cv5 ...  # task i: model
+#                      # i // 5 on fold i % 5 (common/jobs.py); then tools.compare --table --folds 5
 #   sbatch run.sh sweep unet --processes 1 2 4 --workers 0 1 8 -- --data-dir data/kaggle_3m
-#                                                            # the speed study's grid on one node
-#
-# Relative paths (given or default: data/kaggle_3m, runs/) are where the command was typed: the job's
-# working directory under sbatch (the submit folder unless --chdir).
-#
+# Job arrays over models, folds or both, and several nodes: docs/slurm.md. Relative paths are where
+# the command was typed (the submit folder under sbatch, unless --chdir).
 # Any #SBATCH line below is a default that the sbatch command line overrides.
 #SBATCH --job-name=lgg-seg
 #SBATCH --nodes=1
@@ -36,11 +23,6 @@
 # --requeue and --signal: 2 minutes before the time limit (and on pre-emption) the job gets SIGTERM;
 # the run saves where it is and stops, and the job goes back in the queue, where it resumes.
 set -euo pipefail
-
-fail() {
-  echo "error: $*" >&2
-  exit 2
-}
 
 # sbatch runs a copy of this script from its spool folder: the job's record names the one submitted
 repository() {
@@ -59,18 +41,16 @@ if ! command -v accelerate >/dev/null 2>&1; then
   if [ -f "$repo/.venv/bin/activate" ]; then
     . "$repo/.venv/bin/activate"
   else
-    fail "accelerate not found: activate the environment before sbatch, or set it up in $repo/.venv (README: Set up)"
+    echo "error: accelerate not found: activate the environment before sbatch, or set it up in $repo/.venv (README: Set up)" >&2
+    exit 2
   fi
 fi
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 spec=${1:-}
-if [ "$spec" = sweep ]; then  # it launches each run itself
-  shift
-  PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec python -m tools.sweep "$@"
-fi
 [ $# -gt 0 ] && shift
+if [ "$spec" = sweep ]; then exec python -m tools.sweep "$@"; fi  # it launches each run itself
 # which run this is (a job array's task: its model, fold and folder; under Slurm a folder named after
 # the job, which a requeued job resumes): common/jobs.py owns that layout, bash parses no flag
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 plan=$(python -m common.jobs "$spec" "$@") || exit $?
 eval "$plan"  # model, run_dir, what and args, quoted by Python's shlex
 set -- "${args[@]}"
@@ -95,10 +75,8 @@ export LGG_ERROR_FILE
 trap 'rm -f "$LGG_ERROR_FILE"' EXIT
 
 if [ "$nodes" -gt 1 ]; then
-  # one launcher per node; all meet at the first node of the job (c10d rendezvous), at its address
-  # as Slurm knows it (NodeAddr: the node's name unless the cluster sets another). No --same_network:
-  # with it accelerate passes only master_addr, which c10d ignores, and every node meets at its own
-  # localhost:29400 (and two jobs on one node meet each other).
+  # one launcher per node, all meeting at the job's first node (c10d, at its NodeAddr). Not with
+  # --same_network: c10d ignores the master_addr it sets, and each node meets itself at localhost:29400
   head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   head_addr=$(scontrol show node "$head" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)
   port=${MASTER_PORT:-29500}
