@@ -5,6 +5,7 @@ Nothing here is written case by case: a flag added tomorrow is tested by the sam
 
 import argparse
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,19 @@ def test_an_error_about_a_value_the_preset_set_says_so():
         TumourShare([5, 3], args.tumour_share, 0, named(args, "tumour_share"))
     given = parse(parser(), ["--synthetic", "--preset", "cpu", "--tumour-share", "0.4"])
     assert named(given, "tumour_share") == "--tumour-share"
+
+
+@pytest.mark.parametrize("model", ["unet", "fcn", "segnet"])
+def test_the_cpu_preset_gives_each_model_the_recipe_its_validation_study_chose(model):
+    """configs/cpu.toml holds each model's winner of docs/studies/per-model (the highest mean Dice per
+    patient on validation patients among <model>-lr<rate>[-dice]): the study and the recipe agree."""
+    import csv
+
+    from common.cli import make_parser, parse
+
+    rows = list(csv.DictReader((ROOT / "docs/studies/per-model" / model / "recipe-val.csv").open()))
+    variants = [r for r in rows if re.fullmatch(rf"{model}-lr[0-9.e-]+?(-dice)?", r["variant"])]
+    best = max(variants, key=lambda r: float(r["dice_patient_mean"]))["variant"]
+    args = parse(make_parser(str(ROOT / model / "train.py"), model), ["--synthetic", "--preset", "cpu"])
+    lr = best.removeprefix(f"{model}-lr").removesuffix("-dice")
+    assert (args.lr, args.loss) == (float(lr), "dice" if best.endswith("-dice") else "bce+dice"), best

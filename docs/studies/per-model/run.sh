@@ -7,9 +7,10 @@
 #   bash docs/studies/per-model/run.sh DATA_DIR OUT_DIR VARIANT...      (from the repository root)
 # One runner per core (each run takes the cores it is given), e.g. on a 2-core machine:
 #   taskset -c 0 bash docs/studies/per-model/run.sh data/kaggle_3m runs/per-model unet-lr1e-3 ... &
-# Variants: <model>-lr<rate> (the CPU preset at that learning rate), <model>-lr<rate>-dice (and
-# the soft-Dice loss alone), and segnet-fold2-seed<S>[-dice]: the comparison's SegNet fold 2 (its
-# collapse) trained again with that seed as the comparison ran it [with the soft-Dice loss alone].
+# Variants: <model>-lr<rate> (the CPU preset at that learning rate) and segnet-fold2-seed<S> (the
+# comparison's SegNet fold 2, its collapse, trained again with that seed as the comparison ran it),
+# each with any of the suffixes -dice (the soft-Dice loss alone), -crop (--crop brain) and
+# -e<N> (N epochs), e.g. unet-lr1e-3-crop-e24.
 set -euo pipefail
 data=$1 out=$2
 shift 2
@@ -22,14 +23,23 @@ train() {  # train MODEL NAME FLAGS...: a finished run is kept; the same command
 }
 
 for v in "$@"; do
-    loss=()
-    if [[ $v == *-dice ]]; then loss=(--loss dice); fi
-    base=${v%-dice}
+    base=${v%%-dice*} base=${base%%-crop*} base=${base%%-e[0-9]*}
+    extra=()
+    IFS=- read -ra parts <<<"${v#"$base"}"
+    for p in "${parts[@]}"; do
+        case $p in
+        '') ;;
+        dice) extra+=(--loss dice) ;;
+        crop) extra+=(--crop brain) ;;
+        e[0-9]*) extra+=(--epochs "${p#e}") ;;
+        *) echo "unknown suffix -$p in $v" >&2; exit 2 ;;
+        esac
+    done
     case $base in
-    unet-lr* | fcn-lr* | segnet-lr*) train "${base%%-lr*}" "$v" "${inner[@]}" --lr "${base#*-lr}" "${loss[@]}" ;;
+    unet-lr* | fcn-lr* | segnet-lr*) train "${base%%-lr*}" "$v" "${inner[@]}" --lr "${base#*-lr}" "${extra[@]}" ;;
     segnet-fold2-seed*)
         train segnet "$v" --data-dir "$data" --preset cpu --folds 5 --test-fold 2 --val-frac 0 \
-            --train-seed "${base#segnet-fold2-seed}" "${loss[@]}"
+            --train-seed "${base#segnet-fold2-seed}" "${extra[@]}"
         ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
     esac
