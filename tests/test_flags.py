@@ -15,8 +15,9 @@ from common import cli, registry
 from common.errors import UserError
 from common.ranges import Range
 
-TOOLS = ["bench", "compare", "export", "folds", "pack", "predict", "recipe", "results", "sweep"]
-STUDY_SCRIPTS = ["docs/studies/scaling/scaling.py"]  # the studies' scripts with flags
+TOOLS = sorted(p.stem for p in (ROOT / "tools").glob("*.py") if p.stem != "__init__")
+# the studies' own scripts: each a command with flags (parser() and main(), as the tools)
+STUDY_SCRIPTS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "studies").glob("*/*.py"))
 
 
 def commands():
