@@ -9,8 +9,8 @@
 #   taskset -c 0 bash docs/studies/per-model/run.sh data/kaggle_3m runs/per-model unet-lr1e-3 ... &
 # Variants: <model>-lr<rate> (the CPU preset at that learning rate) and segnet-fold2-seed<S> (the
 # comparison's SegNet fold 2, its collapse, trained again with that seed as the comparison ran it),
-# each with any of the suffixes -dice (the soft-Dice loss alone), -crop (--crop brain) and
-# -e<N> (N epochs), e.g. unet-lr1e-3-crop-e24.
+# each with any of the suffixes -dice (the soft-Dice loss alone), -crop (--crop brain), -e<N>
+# (N epochs) and -s<N> (N-pixel images), e.g. unet-lr1e-3-crop-e24.
 set -euo pipefail
 data=$1 out=$2
 shift 2
@@ -23,7 +23,7 @@ train() {  # train MODEL NAME FLAGS...: a finished run is kept; the same command
 }
 
 for v in "$@"; do
-    base=${v%%-dice*} base=${base%%-crop*} base=${base%%-e[0-9]*}
+    base=${v%%-dice*} base=${base%%-crop*} base=${base%%-e[0-9]*} base=${base%%-s[0-9]*}
     extra=()
     IFS=- read -ra parts <<<"${v#"$base"}"
     for p in "${parts[@]}"; do
@@ -32,6 +32,7 @@ for v in "$@"; do
         dice) extra+=(--loss dice) ;;
         crop) extra+=(--crop brain) ;;
         e[0-9]*) extra+=(--epochs "${p#e}") ;;
+        s[0-9]*) extra+=(--image-size "${p#s}") ;;
         *) echo "unknown suffix -$p in $v" >&2; exit 2 ;;
         esac
     done
