@@ -7,10 +7,11 @@
 #   bash docs/studies/per-model/run.sh DATA_DIR OUT_DIR VARIANT...      (from the repository root)
 # One runner per core (each run takes the cores it is given), e.g. on a 2-core machine:
 #   taskset -c 0 bash docs/studies/per-model/run.sh data/kaggle_3m runs/per-model unet-lr1e-3 ... &
-# Variants: <model>-lr<rate> (the CPU preset at that learning rate) and segnet-fold2-seed<S> (the
-# comparison's SegNet fold 2, its collapse, trained again with that seed as the comparison ran it),
-# each with any of the suffixes -dice (the soft-Dice loss alone), -crop (--crop brain), -e<N>
-# (N epochs) and -s<N> (N-pixel images), e.g. unet-lr1e-3-crop-e24.
+# Variants: <model>-lr<rate> (the CPU preset at that learning rate) and segnet-fold2 (the
+# comparison's SegNet fold 2, its collapse, trained again as the comparison ran it), each with any
+# of the suffixes -seed<N> (--train-seed N; segnet-fold2 needs one, the comparison's was 0), -dice
+# (the soft-Dice loss alone), -crop (--crop brain), -e<N> (N epochs) and -s<N> (N-pixel images),
+# e.g. unet-lr1e-3-crop-e24, segnet-lr3e-4-seed1, segnet-fold2-seed0-dice.
 set -euo pipefail
 data=$1 out=$2
 shift 2
@@ -23,12 +24,14 @@ train() {  # train MODEL NAME FLAGS...: a finished run is kept; the same command
 }
 
 for v in "$@"; do
-    base=${v%%-dice*} base=${base%%-crop*} base=${base%%-e[0-9]*} base=${base%%-s[0-9]*}
+    base=$v
+    for suffix in -seed -dice -crop -e[0-9] -s[0-9]; do base=${base%%$suffix*}; done
     extra=()
     IFS=- read -ra parts <<<"${v#"$base"}"
     for p in "${parts[@]}"; do
         case $p in
         '') ;;
+        seed[0-9]*) extra+=(--train-seed "${p#seed}") ;;
         dice) extra+=(--loss dice) ;;
         crop) extra+=(--crop brain) ;;
         e[0-9]*) extra+=(--epochs "${p#e}") ;;
@@ -38,10 +41,7 @@ for v in "$@"; do
     done
     case $base in
     unet-lr* | fcn-lr* | segnet-lr*) train "${base%%-lr*}" "$v" "${inner[@]}" --lr "${base#*-lr}" "${extra[@]}" ;;
-    segnet-fold2-seed*)
-        train segnet "$v" --data-dir "$data" --preset cpu --folds 5 --test-fold 2 --val-frac 0 \
-            --train-seed "${base#segnet-fold2-seed}" "${extra[@]}"
-        ;;
+    segnet-fold2) train segnet "$v" --data-dir "$data" --preset cpu --folds 5 --test-fold 2 --val-frac 0 "${extra[@]}" ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
     esac
 done
