@@ -7,9 +7,9 @@
 #   bash docs/studies/per-model/run.sh DATA_DIR OUT_DIR VARIANT...      (from the repository root)
 # One runner per core (each run takes the cores it is given), e.g. on a 2-core machine:
 #   taskset -c 0 bash docs/studies/per-model/run.sh data/kaggle_3m runs/per-model unet-lr1e-3 ... &
-# Variants: <model>-lr<rate> (the CPU preset at that learning rate) and segnet-fold2 (the
+# Variants: <model>-lr<rate> (the CPU preset at that learning rate) and segnet-fold2[-lr<rate>] (the
 # comparison's SegNet fold 2, its collapse, trained again as the comparison ran it), each with any
-# of the suffixes -seed<N> (--train-seed N; segnet-fold2 needs one, the comparison's was 0), -dice
+# of the suffixes -seed<N> (--train-seed N; the comparison ran segnet-fold2 with 0), -dice
 # (the soft-Dice loss alone), -crop (--crop brain), -e<N> (N epochs) and -s<N> (N-pixel images),
 # e.g. unet-lr1e-3-crop-e24, segnet-lr3e-4-seed1, segnet-fold2-seed0-dice.
 set -euo pipefail
@@ -41,7 +41,10 @@ for v in "$@"; do
     done
     case $base in
     unet-lr* | fcn-lr* | segnet-lr*) train "${base%%-lr*}" "$v" "${inner[@]}" --lr "${base#*-lr}" "${extra[@]}" ;;
-    segnet-fold2) train segnet "$v" --data-dir "$data" --preset cpu --folds 5 --test-fold 2 --val-frac 0 "${extra[@]}" ;;
+    segnet-fold2*)
+        [[ $base == segnet-fold2-lr* ]] && extra+=(--lr "${base#segnet-fold2-lr}")
+        train segnet "$v" --data-dir "$data" --preset cpu --folds 5 --test-fold 2 --val-frac 0 "${extra[@]}"
+        ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
     esac
 done
