@@ -153,18 +153,24 @@ def pairs(per_patient, names):
 
 def versus(out, other, per_patient, summary):
     """Each model against the same model of another comparison folder (another recipe, say) on the
-    same test patients: the paired per-patient Dice difference, this folder's minus the other's."""
+    same test patients (cross-validated: each in the same fold): the paired per-patient Dice
+    difference, this folder's minus the other's."""
     theirs = read_csv(other / "per-patient.csv", ("model", "patient", "dice"))
     out_rows = []
     for s in summary:
-        mine = {r["patient"]: r["dice"] for r in per_patient if r["model"] == s["model"]}
-        them = {r["patient"]: r["dice"] for r in theirs if r["model"] == s["model"]}
+        mine = {r["patient"]: r for r in per_patient if r["model"] == s["model"]}
+        them = {r["patient"]: r for r in theirs if r["model"] == s["model"]}
         if not them:
             continue
         if mine.keys() != them.keys():
             raise UserError(f"--versus {other}: its {s['model']} was tested on other patients than {out}'s")
+        if moved := [q for q in sorted(mine) if mine[q].get("fold") != them[q].get("fold")]:
+            raise UserError(
+                f"--versus {other}: its {s['model']} tested {moved[0]} (and {len(moved) - 1} more) in "
+                f"another fold than {out}'s: another deal of the patients"
+            )
         patients = sorted(mine)
-        paired = stats.paired([mine[q] for q in patients], [them[q] for q in patients])
+        paired = stats.paired([mine[q]["dice"] for q in patients], [them[q]["dice"] for q in patients])
         out_rows.append({"a": s["model"], "b": s["model"], **paired})
     if not out_rows:
         raise UserError(f"--versus {other}: none of {out}'s models is there")

@@ -152,20 +152,25 @@ def shown_fold(out, names, folds):
     return next((i for i in range(folds) if have(i)), None)
 
 
-def table(out, names, folds):
+def table(out, names, folds, other=None):
     runs = load(out, names, folds)
     every = {f"{n} fold {i}": run[0] for n in names for i, run in enumerate(runs[n])}
     same_recipe(every, f"--output-dir {out}", ignore=("test_fold",))
     check_patients(out, runs, names)
     per_patient = rows_of(runs, names)
     summary = summarise(runs, names, per_patient)
+    against = comparison.versus(out, other, per_patient, summary) if other else None  # before writing
     paired = comparison.pairs(per_patient, names)
     strata = by_size(per_patient, names) if len(names) > 1 else []
     files.write_csv(out / "per-patient.csv", per_patient)
     files.write_csv(out / "summary.csv", summary)
     files.write_json(out / "paired.json", {"pairs": paired, "by_tumour_size": strata})
     val_frac = runs[names[0]][0][0]["val_frac"]
-    files.write_text(out / "comparison.md", markdown(summary, paired, strata, folds, val_frac))
+    md = markdown(summary, paired, strata, folds, val_frac)
+    if against:
+        files.write_json(out / "versus.json", {"other": str(other), "pairs": against})
+        md += "\n".join(comparison.versus_section(out, other, against)) + "\n"
+    files.write_text(out / "comparison.md", md)
     shown = shown_fold(out, names, folds)
     folders = None if shown is None else {n: run_folder(out, n, shown) for n in names}
     comparison.figures(out, names, per_patient, {n: runs[n][shown or 0] for n in names}, folders)
@@ -177,5 +182,6 @@ def table(out, names, folds):
     )
     report.console.print(
         f"wrote {out}/: per-patient.csv summary.csv paired.json comparison.md paired-dice.png"
+        + (" versus.json" if other else "")
     )
     report.console.print(f"  dice-vs-volume.png, {made}")

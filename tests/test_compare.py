@@ -248,8 +248,10 @@ def test_a_cross_validated_table_of_the_runs_records_alone_is_the_same(cross_val
 
 
 @pytest.mark.slow
-def test_versus_pairs_each_model_with_itself_in_another_folder(comparison, tmp_path):
-    out, env = comparison
+@pytest.mark.parametrize("kind", ["comparison", "cross_validated"])
+def test_versus_pairs_each_model_with_itself_in_another_folder(kind, request, tmp_path):
+    """On one split, and cross-validated (each patient in the same fold there: the same deal)."""
+    out, env = request.getfixturevalue(kind)
     mine, other = tmp_path / "mine", tmp_path / "other"
     shutil.copytree(out, mine)
     shutil.copytree(out, other)
@@ -257,29 +259,29 @@ def test_versus_pairs_each_model_with_itself_in_another_folder(comparison, tmp_p
     for r in rows:
         r["dice"] -= 0.1 if r["model"] == "unet" else 0
     files.write_csv(other / "per-patient.csv", rows)
-    cmd = [
-        sys.executable,
-        "-m",
-        "tools.compare",
-        "--table",
-        "--output-dir",
-        str(mine),
-        "--versus",
-        str(other),
-    ]
+    folds = ["--folds", "2", "--models", "unet,fcn"] if kind == "cross_validated" else []
+    cmd = [sys.executable, "-m", "tools.compare", "--table", *folds, "--output-dir", str(mine)]
+    cmd += ["--versus", str(other)]
     p = run(cmd, env)
     assert p.returncode == 0, p.stdout + p.stderr
     pairs = {r["a"]: r for r in json.loads((mine / "versus.json").read_text())["pairs"]}
-    assert sorted(pairs) == ["fcn", "segnet", "unet"]
-    assert pairs["unet"]["mean_diff"] == pytest.approx(0.1) and pairs["unet"]["wins"] == 2
+    assert sorted(pairs) == sorted({r["model"] for r in rows})
+    assert pairs["unet"]["mean_diff"] == pytest.approx(0.1)
+    assert pairs["unet"]["wins"] == len({r["patient"] for r in rows})
     assert pairs["fcn"]["mean_diff"] == 0 and pairs["fcn"]["wilcoxon_p"] is None
     assert "## Against other" in (mine / "comparison.md").read_text()
-    for r in rows:
-        r["patient"] = "someone else"
-    files.write_csv(other / "per-patient.csv", rows)
     before = (mine / "per-patient.csv").stat().st_mtime_ns
-    p = run(cmd, env)
-    assert p.returncode == 2 and p.stderr.startswith("error: --versus") and "other patients" in p.stderr
-    assert (mine / "per-patient.csv").stat().st_mtime_ns == before  # refused before writing anything
+    refused = {"other patients": lambda r: r.update(patient="someone else")}
+    if kind == "cross_validated":  # one patient dealt into the other fold
+        moved = rows[0]["patient"]
+        refused["another fold"] = lambda r: r.update(fold=1 - r["fold"]) if r["patient"] == moved else None
+    for said, change in refused.items():
+        changed = [dict(r) for r in rows]
+        for r in changed:
+            change(r)
+        files.write_csv(other / "per-patient.csv", changed)
+        p = run(cmd, env)
+        assert p.returncode == 2 and p.stderr.startswith("error: --versus") and said in p.stderr, p.stderr
+        assert (mine / "per-patient.csv").stat().st_mtime_ns == before  # refused before writing anything
     p = run(cmd[:-1] + [str(tmp_path / "nothing")], env)
     assert p.returncode == 2 and "no per-patient.csv" in p.stderr

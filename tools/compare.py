@@ -18,7 +18,8 @@ adds U-Net on the original's leaky slice split (`unet-slice/`), reported apart, 
 Writes into --output-dir: a run folder per model, per-patient.csv, summary.csv, split.json,
 comparison.md and the figures paired-dice.png, dice-vs-volume.png and predictions.png. --versus
 OTHER pairs each model with the same model of another comparison folder on the same test patients
-(versus.json, and a section of comparison.md): what a change of recipe did to each model.
+(versus.json, and a section of comparison.md): what a change of recipe did to each model; with
+--folds, each patient in the same fold there (the same deal).
 
 --folds K cross-validates instead: every patient is dealt into K folds (by tumour slices, seeded),
 and fold i is tested by models trained on the others (MODEL/fold-i), each keeping its last epoch
@@ -126,8 +127,8 @@ def compare(args, flags):
         raise UserError(
             f"argument --models: unknown model {bad[0]!r} (choose from {', '.join(registry.names())})"
         )
-    if args.folds and (args.original or args.versus):
-        raise UserError("argument --folds: not with --original or --versus (they pair runs of one split)")
+    if args.folds and args.original:
+        raise UserError("argument --folds: not with --original (it pairs runs of one split)")
     if "--no-test" in flags:  # a comparison is made of the test patients' scores
         raise UserError("--no-test: a comparison tables the models on their test patients; leave it out")
     if args.versus and not (args.versus / "per-patient.csv").is_file():  # before hours of training
@@ -144,7 +145,7 @@ def compare(args, flags):
     if not args.output_dir.is_dir():
         raise UserError(f"--output-dir {args.output_dir}: not a folder")
     if args.folds:
-        comparison_cv.table(args.output_dir, names, args.folds)
+        comparison_cv.table(args.output_dir, names, args.folds, args.versus)
     else:
         comparison.table(
             args.output_dir, args.versus, names + ([comparison.ORIGINAL] if args.original else [])
