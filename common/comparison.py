@@ -245,6 +245,8 @@ def verdict(p, pairs=1, labels=None):
     better only where the paired interval excludes 0 and Wilcoxon's p is below 0.05 / pairs
     (Bonferroni, for the several pairs tested on the same patients). `labels`: how to name a and b."""
     la, lb = labels or (title(p["a"]), title(p["b"]))
+    if p.get("wins") == p.get("losses") == 0:  # no interval or test to speak of: say so, not "ahead by 0.000"
+        return f"{la} and {lb}: the same Dice on every patient."
     d, level = p["mean_diff"], 0.05 / pairs
     better, worse, sign = (la, lb, 1) if d > 0 else (lb, la, -1)
     low, high = sorted((sign * p["ci_low"], sign * p["ci_high"]))

@@ -49,6 +49,8 @@ def test_verdict_claims_no_more_than_the_statistics():
     assert "scores higher" in compare.verdict(p03) and "not shown" in compare.verdict(p03, pairs=3)
     flipped = {**shown, "a": "fcn", "b": "unet", "mean_diff": -0.05, "ci_low": -0.09, "ci_high": -0.01}
     assert compare.verdict(flipped).startswith("U-Net scores higher than FCN-8s on these patients, by 0.050")
+    same = {"a": "unet", "b": "fcn", **stats.paired([0.5, 0.6], [0.5, 0.6])}  # nothing to test or bound
+    assert compare.verdict(same) == "U-Net and FCN-8s: the same Dice on every patient."
 
 
 @pytest.mark.slow
