@@ -177,6 +177,12 @@ def versus(out, other, per_patient, summary):
     return out_rows
 
 
+def versus_written(out, other, against, md):
+    """versus.json written, and comparison.md's text `md` with its section added."""
+    files.write_json(out / "versus.json", {"other": str(other), "pairs": against})
+    return md + "\n".join(versus_section(out, other, against)) + "\n"
+
+
 def versus_section(out, other, rows):
     return paired_section(
         rows,
@@ -223,8 +229,7 @@ def table(out, other=None, wanted=()):
     original = {n: runs[n] for n in runs if runs[n][0]["split"] == "slice"}
     md = markdown(summary, paired, original, runs)
     if against:
-        files.write_json(out / "versus.json", {"other": str(other), "pairs": against})
-        md += "\n".join(versus_section(out, other, against)) + "\n"
+        md = versus_written(out, other, against, md)
     files.write_text(out / "comparison.md", md)
     figures(out, names, per_patient, runs, {n: out / n for n in names})
     report.console.print((out / "comparison.md").read_text())

@@ -168,8 +168,7 @@ def table(out, names, folds, other=None):
     val_frac = runs[names[0]][0][0]["val_frac"]
     md = markdown(summary, paired, strata, folds, val_frac)
     if against:
-        files.write_json(out / "versus.json", {"other": str(other), "pairs": against})
-        md += "\n".join(comparison.versus_section(out, other, against)) + "\n"
+        md = comparison.versus_written(out, other, against, md)
     files.write_text(out / "comparison.md", md)
     shown = shown_fold(out, names, folds)
     folders = None if shown is None else {n: run_folder(out, n, shown) for n in names}

@@ -53,7 +53,7 @@ def logits(model, xs, train_mode):
 
 
 def dice_at(out, y, thresholds=(0, -1, -2, -3, -4)):
-    """Dice over all the slices' pixels with tumour where the logit exceeds each threshold."""
+    """Dice over all the slices' pixels, tumour predicted where the logit exceeds each threshold."""
     return {
         t: float(2 * ((out > t) & (y > 0.5)).sum() / ((out > t).sum() + (y > 0.5).sum())) for t in thresholds
     }
