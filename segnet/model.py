@@ -2,9 +2,17 @@
 upsamples with max-unpooling at the encoder's pooling indices (13 convs, the last one giving the
 class logits). Built for the task's own output (the original had 19 classes by mistake)."""
 
+import math
+
 import torch.nn as nn
 
 from common.blocks import conv_bn_relu, scaled, vgg16_bn_stages
+
+# Share of tumour pixels the output starts at (RetinaNet's prior initialisation). Started at
+# p = 0.5, SegNet's first steps go into lowering every logit at once (~99 % of pixels are
+# background), and some seeds never leave that state: a decoder without skip connections that ignores
+# its input (docs/studies/per-model; U-Net and FCN-8s leave it with every seed).
+PRIOR = 0.01
 
 
 class SegNet(nn.Module):
@@ -25,6 +33,7 @@ class SegNet(nn.Module):
                 conv_bn_relu(ch[i], cout) if i > 0 else nn.Conv2d(ch[0], out_channels, 3, padding=1)
             )
             self.decoder.append(nn.Sequential(*layers))
+        nn.init.constant_(self.decoder[-1][-1].bias, math.log(PRIOR / (1 - PRIOR)))
 
     def forward(self, x):
         indices, shapes = [], []

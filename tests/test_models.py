@@ -89,27 +89,47 @@ def phantom_batches(seed, n=3, size=64):
     return list(zip(x.split(16), y.split(16)))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("loss, leaves", [("dice", True), ("bce+dice", False)])
-def test_segnet_leaves_the_dice_0_plateau_in_its_first_steps_under_soft_dice_alone(loss, leaves):
-    """SegNet's collapse (docs/studies/per-model): under bce+dice its tumour logits stay level with
-    the background's and below 0 (BCE's fixed point on ~1 % foreground, for a decoder without skip
-    connections); the soft-Dice loss alone lifts them clear within 12 steps, as it lifted the
-    comparison's fold 2 out of its collapse."""
+def trained_on_phantoms(model, steps=24, loss="bce+dice"):
+    """(gap, found) after `steps` Adam steps at the preset's lr on phantom batches: the mean tumour
+    logit minus the mean background logit, and the share of tumour pixels above logit 0 (training
+    mode: each batch's own statistics, as the loss saw them)."""
     from common.loss import loss_from_terms, loss_terms
 
-    torch.manual_seed(0)
     batches = phantom_batches(0)
-    model = SegNet(width=0.25)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for step in range(12):
+    for step in range(steps):
         x, y = batches[step % len(batches)]
         optimizer.zero_grad()
         loss_from_terms(loss_terms(model(x), y), loss).backward()
         optimizer.step()
     with torch.no_grad():
         x, y = batches[0]
-        out = model(x)  # training mode: each batch's own statistics, as the loss saw them
-    gap = float(out[y > 0].mean() - out[y == 0].mean())
-    found = float(((out > 0) & (y > 0)).sum() / (y > 0).sum())
-    assert (gap > 3 and found > 0.9) if leaves else (gap < 1.5 and found < 0.6), (gap, found)
+        out = model(x)
+    return float(out[y > 0].mean() - out[y == 0].mean()), float(((out > 0) & (y > 0)).sum() / (y > 0).sum())
+
+
+SEEDS = range(4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_segnet_leaves_the_dice_0_plateau_in_its_first_steps_with_every_seed(seed):
+    """SegNet's collapse (docs/studies/per-model): its output layer starts at the foreground's prior,
+    and under the preset's bce+dice every seed finds the phantoms' tumour within 24 steps."""
+    torch.manual_seed(seed)
+    gap, found = trained_on_phantoms(SegNet(width=0.25))
+    assert gap > 3 and found > 0.7, (gap, found)
+
+
+@pytest.mark.slow
+def test_segnet_started_at_p_one_half_stalls():
+    """The cause, and what the test above guards: the same SegNet with its output started at p = 0.5
+    (bias 0) leaves the tumour level with the background with seed 0 (3 seeds of 6 did so, as seed 0
+    made the comparison's fold 2 collapse); U-Net and FCN-8s, started so, leave it (6 seeds of 6)."""
+    torch.manual_seed(0)
+    model = SegNet(width=0.25)
+    torch.nn.init.zeros_(model.decoder[-1][-1].bias)
+    assert trained_on_phantoms(model)[1] < 0.1
+    for cls in (UNet, FCN8s):
+        torch.manual_seed(0)
+        assert trained_on_phantoms(cls(width=0.25))[0] > 2, cls
