@@ -225,6 +225,27 @@ def test_the_recipe_table_pairs_each_variant_with_the_plain_one(tmp_path):
     assert recipe.main([str(tmp_path), "--variants", "plain,cosine"]) == 2  # not run yet: one line
 
 
+@pytest.mark.parametrize(
+    "mine, said",
+    [
+        ({"lr": 3e-4}, "--lr 0.0003"),
+        ({}, "the reference's flags"),
+        ({"made": {"commit": "519564cbacab"}}, "the reference's flags, the code of 519564c"),
+    ],
+)
+def test_a_variant_is_described_by_what_differs_from_the_reference_never_as_the_reference(
+    tmp_path, mine, said
+):
+    from tools import recipe
+
+    for name, content in (("ref", {}), ("other", mine)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "args.json").write_text(json.dumps({"lr": content.get("lr", 1e-3)}))
+        (tmp_path / name / "summary.json").write_text(json.dumps({"made": content.get("made")}))
+    assert recipe.variant(tmp_path, "ref", "ref")[2] == "the reference"
+    assert recipe.variant(tmp_path, "other", "ref")[2] == said
+
+
 def test_time_to_quality_is_the_first_epoch_at_the_target_at_the_runs_median_pace(tmp_path):
     """MLPerf's measure: training seconds until validation Dice per patient first reaches the target;
     an epoch slowed by other work counts at the run's median pace, a run that never reaches it has none."""

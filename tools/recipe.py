@@ -70,11 +70,25 @@ def variant(study, name, reference):
         path = study / n / "args.json"
         return files.read_json(path) if path.is_file() else {}
 
+    def commit(n):  # the code a run trained with, where its summary records it
+        path = study / n / "summary.json"
+        return ((files.read_json(path) if path.is_file() else {}).get("made") or {}).get("commit", "")
+
     mine, ref = flags(name), flags(reference)
     differ = [
         f"--{k.replace('_', '-')} {mine[k]}" for k in RECIPE_FLAGS if k in mine and mine[k] != ref.get(k)
     ]
-    return name, [name], " ".join(differ) or "the reference"
+    if differ or name == reference:
+        return name, [name], " ".join(differ) or "the reference"
+    # the same flags: what differs is the code (a model changed between the runs), or nothing said
+    code = commit(name)
+    return (
+        name,
+        [name],
+        f"the reference's flags, the code of {code[:7]}"
+        if code != commit(reference)
+        else "the reference's flags",
+    )
 
 
 def evaluation(folder, part):
