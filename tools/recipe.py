@@ -66,15 +66,14 @@ def variant(study, name, reference):
     if name in VARIANTS and not (study / name / "args.json").is_file():
         return VARIANTS[name]
 
-    def flags(n):
-        path = study / n / "args.json"
+    def record(n, file):
+        path = study / n / file
         return files.read_json(path) if path.is_file() else {}
 
     def commit(n):  # the code a run trained with, where its summary records it
-        path = study / n / "summary.json"
-        return ((files.read_json(path) if path.is_file() else {}).get("made") or {}).get("commit", "")
+        return (record(n, "summary.json").get("made") or {}).get("commit", "")
 
-    mine, ref = flags(name), flags(reference)
+    mine, ref = record(name, "args.json"), record(reference, "args.json")
     differ = [
         f"--{k.replace('_', '-')} {mine[k]}" for k in RECIPE_FLAGS if k in mine and mine[k] != ref.get(k)
     ]
