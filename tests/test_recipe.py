@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from argparse import Namespace
+from pathlib import Path
 from types import SimpleNamespace
 
 import nibabel
@@ -244,6 +245,22 @@ def test_a_variant_is_described_by_what_differs_from_the_reference_never_as_the_
         (tmp_path / name / "summary.json").write_text(json.dumps({"made": content.get("made")}))
     assert recipe.variant(tmp_path, "ref", "ref")[2] == "the reference"
     assert recipe.variant(tmp_path, "other", "ref")[2] == said
+
+
+ARGS = json.loads((Path(__file__).parents[1] / "docs/studies/per-model/unet-lr1e-3/args.json").read_text())
+WHERE = {"data_dir", "cache_dir", "output_dir", "resume", "debug", "log_with", "given", "network_flags"}
+
+
+@pytest.mark.parametrize("flag", sorted(set(ARGS) - WHERE))
+def test_a_variant_that_differs_in_any_training_flag_is_named_by_it(tmp_path, flag):
+    """Every flag a run records but where it reads and writes: a second seed was once labelled
+    'the reference's flags', the label listing a chosen few."""
+    from tools import recipe
+
+    for name, args in (("ref", ARGS), ("other", {**ARGS, flag: [ARGS[flag]]})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "args.json").write_text(json.dumps(args))
+    assert recipe.variant(tmp_path, "other", "ref")[2].startswith(f"--{flag.replace('_', '-')} ")
 
 
 def test_time_to_quality_is_the_first_epoch_at_the_target_at_the_runs_median_pace(tmp_path):

@@ -44,24 +44,14 @@ VARIANTS = {
 }
 
 
-RECIPE_FLAGS = (
-    "lr",
-    "loss",
-    "schedule",
-    "tumour_share",
-    "normalize",
-    "crop",
-    "context",
-    "epochs",
-    "budget",
-    "width",
-    "image_size",
-)
+# args.json keys that say where a run reads and writes, not what it trains: every other key that
+# differs from the reference's names the variant (a flag its record lacks too: named, never hidden)
+BOOKKEEPING = ("data_dir", "cache_dir", "output_dir", "resume", "debug", "log_with", "given", "network_flags")
 
 
 def variant(study, name, reference):
     """(folder, runs, what) of a variant: a known one, or any run folder of the study, described by the
-    recipe flags its args.json holds that differ from the reference's (a run folder of the study named
+    flags its args.json holds that differ from the reference's (a run folder of the study named
     as a known variant is that folder: the second study's plain/ is a run, the first's plain/seed0)."""
     if name in VARIANTS and not (study / name / "args.json").is_file():
         return VARIANTS[name]
@@ -75,7 +65,7 @@ def variant(study, name, reference):
 
     mine, ref = record(name, "args.json"), record(reference, "args.json")
     differ = [
-        f"--{k.replace('_', '-')} {mine[k]}" for k in RECIPE_FLAGS if k in mine and mine[k] != ref.get(k)
+        f"--{k.replace('_', '-')} {v}" for k, v in mine.items() if k not in BOOKKEEPING and v != ref.get(k)
     ]
     if differ or name == reference:
         return name, [name], " ".join(differ) or "the reference"
