@@ -204,6 +204,13 @@ def augmentation_flags(p):
     a.add_argument("--flip", type=share(closed=True), default=0.5, help="probability of a horizontal flip")
     a.add_argument("--rotate", type=amount(unit="degrees"), default=15.0, help="max rotation in degrees")
     a.add_argument("--scale", type=share(), default=0.05, help="max relative zoom")
+    a.add_argument(
+        "--fill-flair",
+        type=share(closed=True),
+        default=0.0,
+        help="probability that a slice gets FLAIR for its post-contrast sequence (half of those: for its"
+        " pre-contrast one too), as the release fills the sequences 10 of its 110 patients lack",
+    )
 
 
 def training_flags(p):

@@ -331,13 +331,32 @@ def loaders(
     return out
 
 
-def to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0, channels_last=False, stats=None):
+def fill_flair(x, stats, pre, post):
+    """Slices (B, 3K, H, W) with FLAIR in place of their post-contrast sequence where `post`, and of
+    their pre-contrast one too where `pre` (B bools each), their volume statistics (B, 8) with them:
+    as the release fills the sequences a patient lacks (post-contrast for 4 of 110, both for 6)."""
+    b, c, h, w = x.shape
+    x = x.view(b, c // 3, 3, h, w).clone()
+    for channel, where in ((0, pre), (2, post)):
+        x[:, :, channel] = torch.where(where[:, None, None, None], x[:, :, 1], x[:, :, channel])
+        if stats is not None:  # each channel's mean (columns 2-4) and std (5-7): FLAIR's
+            stats = stats.clone()
+            for col in (2, 5):
+                stats[:, col + channel] = torch.where(where, stats[:, col + 1], stats[:, col + channel])
+    return x.view(b, c, h, w), stats
+
+
+def to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0, channels_last=False, stats=None, fill=0.0):
     """uint8 batches (B,H,W,C), (B,H,W) on the device -> normalised float inputs (B,C,H,W) and
     targets (B,1,H,W). With flip/rotate/scale (training only) each slice gets its own random
-    flip, rotation and zoom, applied to image and mask by one affine resampling. Normalised per
-    slice and channel, or with `stats` (B, 8) (volume_stats; --normalize volume) by its volume's."""
+    flip, rotation and zoom, applied to image and mask by one affine resampling; with `fill`, the
+    share of slices given FLAIR for their missing sequences (fill_flair). Normalised per slice and
+    channel, or with `stats` (B, 8) (volume_stats; --normalize volume) by its volume's."""
     x = images.permute(0, 3, 1, 2).float().div_(255)
     y = masks.unsqueeze(1).float()
+    if fill:
+        post = torch.rand(x.shape[0], device=x.device) < fill
+        x, stats = fill_flair(x, stats, post & (torch.rand(x.shape[0], device=x.device) < 0.5), post)
     if flip or rotate or scale:
         b, dev = x.shape[0], x.device
         angle = (torch.rand(b, device=dev) * 2 - 1) * math.radians(rotate)

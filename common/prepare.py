@@ -117,4 +117,6 @@ def network_inputs(args, d, images, masks, idx, train=False):
     """A batch as the network takes it: augmented when training, normalised as --normalize says."""
     stats = None if d.stats is None else d.stats[idx.to(d.stats.device)]
     augment = (args.flip, args.rotate, args.scale) if train else (0.0, 0.0, 0.0)
-    return data.to_inputs(images, masks, *augment, args.channels_last, stats)
+    return data.to_inputs(
+        images, masks, *augment, args.channels_last, stats, args.fill_flair if train else 0.0
+    )

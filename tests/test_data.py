@@ -3,6 +3,7 @@ import os
 import re
 import shutil
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -234,6 +235,34 @@ def test_no_augmentation_changes_nothing_but_scale():
     plain, _ = data.to_inputs(images, masks)
     same, _ = data.to_inputs(images, masks, flip=0.0, rotate=0.0, scale=0.0)
     assert torch.equal(plain, same)
+
+
+@pytest.mark.parametrize("normalize", ["slice", "volume"])
+@pytest.mark.parametrize("stacks", [1, 3])  # --context 1: three slices' channels
+def test_a_slice_filled_with_flair_sees_flair_normalised_as_flair(normalize, stacks):
+    """--fill-flair: where drawn, the post-contrast (and pre-contrast) input is the FLAIR input, as
+    for a patient the release filled so, normalised as FLAIR is (its volume's statistics moved with
+    it); every other channel, and every slice not drawn, is the input it was."""
+    from common.cache import volume_stats
+
+    images = torch.randint(0, 256, (4, 16, 16, 3 * stacks), dtype=torch.uint8)
+    masks = torch.zeros((4, 16, 16), dtype=torch.uint8)
+    one = [SimpleNamespace(patient="p")] * 4
+    stats = torch.from_numpy(volume_stats(one, images[..., :3].numpy())) if normalize == "volume" else None
+    pre, post = torch.tensor([True, False, False, True]), torch.tensor([True, True, False, True])
+    x = images.permute(0, 3, 1, 2).float().div(255)
+    filled, moved = data.fill_flair(x, stats, pre, post)
+    got, _ = data.to_inputs((filled * 255).round().byte().permute(0, 2, 3, 1), masks, stats=moved)
+    plain, _ = data.to_inputs(images, masks, stats=stats)
+    got, plain = got.view(4, stacks, 3, 16, 16), plain.view(4, stacks, 3, 16, 16)
+    for channel, where in ((0, pre), (2, post)):
+        assert torch.allclose(got[where, :, channel], plain[where, :, 1], atol=1e-4)
+        assert torch.equal(got[~where, :, channel], plain[~where, :, channel])
+    assert torch.equal(got[:, :, 1], plain[:, :, 1])
+    if normalize == "slice":  # what a patient released with those sequences filled gives
+        released = images.view(4, 16, 16, stacks, 3).clone()
+        released[post, ..., 2], released[pre, ..., 0] = released[post, ..., 1], released[pre, ..., 1]
+        assert torch.allclose(got.flatten(1, 2), data.to_inputs(released.view(images.shape), masks)[0])
 
 
 def test_phantoms_look_like_the_dataset(tmp_path):

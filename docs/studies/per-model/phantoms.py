@@ -10,7 +10,6 @@ and of the output (a flat decoder is the stall).
     python docs/studies/per-model/phantoms.py [--seeds 6] > docs/studies/per-model/phantoms.txt
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,6 +20,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from test_models import phantom_batches, trained_on_phantoms  # noqa: E402
 
+from common.cli import Parser  # noqa: E402
+from common.errors import contract  # noqa: E402
+from common.ranges import count  # noqa: E402
 from fcn.model import FCN8s  # noqa: E402
 from segnet.model import PRIOR, SegNet  # noqa: E402
 from unet.model import UNet  # noqa: E402
@@ -45,10 +47,7 @@ def trial(cls, seed, at_half):
     return found, gap, spreads(model) if cls is SegNet else None
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=6)
-    args = parser.parse_args()
+def probe(args):
     torch.set_num_threads(1)
     rows = [(SegNet, True, "p = 0.5"), (SegNet, False, f"the prior ({PRIOR})")]
     rows += [(UNet, True, "PyTorch's default, p ~ 0.5"), (FCN8s, True, "PyTorch's default, p ~ 0.5")]
@@ -62,5 +61,15 @@ def main():
             print(line, flush=True)
 
 
+def parser():
+    p = Parser(prog="python docs/studies/per-model/phantoms.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=count(), default=6, help="seeds 0 to N-1 for each network")
+    return p
+
+
+def main(argv=None):
+    return contract(lambda argv: probe(parser().parse_args(argv)), argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

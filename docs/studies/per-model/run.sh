@@ -9,11 +9,12 @@
 #   taskset -c 0 bash docs/studies/per-model/run.sh data/kaggle_3m runs/per-model unet-lr1e-3 ... &
 # Variants: <model>-lr<rate> (the CPU preset at that learning rate) and segnet-fold2[-lr<rate>] (the
 # comparison's SegNet fold 2, its collapse, trained again as the comparison ran it), each with any
-# of the suffixes -seed<N> (--train-seed N; the comparison ran segnet-fold2 with 0), -dice
-# (the soft-Dice loss alone), -crop (--crop brain), -vol (--normalize volume), -e<N> (N epochs), -s<N> (N-pixel images) and
-# -w<W> (--width W), -b<S> (--budget S: the epochs that fit in S seconds, at most the preset's) and -warm<share>
-# (--warmup: the share of the steps the learning rate rises over), e.g. unet-lr1e-3-crop-e24,
-# unet-lr1e-3-s192-b5400, unet-lr1e-3-w0.35-b5400, segnet-lr3e-4-seed1, segnet-fold2-seed0-dice, segnet-fold2-seed0-warm0.2.
+# of the suffixes -seed<N> (--train-seed N; the comparison ran segnet-fold2 with 0), -dice (the
+# soft-Dice loss alone), -crop (--crop brain), -vol (--normalize volume), -flair<P> (--fill-flair P),
+# -e<N> (N epochs), -s<N> (N-pixel images), -w<W> (--width W), -b<S> (--budget S: the epochs that
+# fit in S seconds, at most the preset's) and -warm<share> (--warmup: the share of the steps the
+# learning rate rises over), e.g. unet-lr1e-3-crop-e24, unet-lr1e-3-s192-b5400,
+# unet-lr1e-3-w0.35-b5400, unet-lr1e-3-flair0.2, segnet-lr3e-4-seed1, segnet-fold2-seed0-warm0.2.
 set -euo pipefail
 data=$1 out=$2
 shift 2
@@ -27,7 +28,7 @@ train() {  # train MODEL NAME FLAGS...: a finished run is kept; the same command
 
 for v in "$@"; do
     base=$v
-    for suffix in -seed -dice -crop -vol -e[0-9] -s[0-9] -w[0-9] -b[0-9] -warm; do base=${base%%$suffix*}; done
+    for suffix in -seed -dice -crop -vol -flair -e[0-9] -s[0-9] -w[0-9] -b[0-9] -warm; do base=${base%%$suffix*}; done
     extra=()
     IFS=- read -ra parts <<<"${v#"$base"}"
     for p in "${parts[@]}"; do
@@ -37,6 +38,7 @@ for v in "$@"; do
         dice) extra+=(--loss dice) ;;
         crop) extra+=(--crop brain) ;;
         vol) extra+=(--normalize volume) ;;
+        flair[0-9]*) extra+=(--fill-flair "${p#flair}") ;;
         e[0-9]*) extra+=(--epochs "${p#e}") ;;
         s[0-9]*) extra+=(--image-size "${p#s}") ;;
         w[0-9]*) extra+=(--width "${p#w}") ;;
