@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run, train
+from conftest import ROOT, TINY, run, script_module, train
 from PIL import Image
 
 from common import data
@@ -638,3 +638,27 @@ def test_a_pack_that_cannot_be_written_leaves_no_part(phantoms, tmp_path, monkey
         write_pack(phantoms, tmp_path / "p.pack", tmp_path / "c", size=64, part_size=20_000, progress=False)
     assert list(tmp_path.glob("p.pack*")) == [] and list((tmp_path / "folder").iterdir()) == []
     assert not list(tmp_path.glob("folder.part*"))
+
+
+@pytest.mark.parametrize("sequences, filled", [("post", [2]), ("both", [0, 2])])
+def test_the_filled_copy_of_validation_patients_is_what_the_release_gives_a_patient_lacking_them(
+    tmp_path, sequences, filled
+):
+    """docs/studies/per-model/filled.py: the run's validation patients only, FLAIR in the named
+    sequences' channels, every other channel and every mask as released."""
+    root = write_phantoms(tmp_path / "kaggle_3m", patients=3, slices=4, size=32, seed=1)
+    val = sorted(p.name for p in root.iterdir() if p.is_dir())[:2]
+    (tmp_path / "split.json").write_text(json.dumps({"train": [], "val": val, "test": []}))
+    out = tmp_path / "filled"
+    filled_py = script_module(ROOT / "docs/studies/per-model/filled.py")
+    assert filled_py.main(["--data-dir", str(root), "--split", str(tmp_path / "split.json"),
+                           "--sequences", sequences, str(out)]) in (0, None)  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == val
+    for tif in (root / val[0]).glob("*.tif"):
+        a, b = np.asarray(Image.open(tif)), np.asarray(Image.open(out / val[0] / tif.name))
+        if tif.stem.endswith("_mask"):
+            assert np.array_equal(a, b)
+            continue
+        kept = [c for c in range(3) if c not in filled]
+        assert np.array_equal(b[..., kept], a[..., kept])
+        assert all(np.array_equal(b[..., c], a[..., 1]) for c in filled)
