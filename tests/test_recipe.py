@@ -226,6 +226,26 @@ def test_the_recipe_table_pairs_each_variant_with_the_plain_one(tmp_path):
     assert recipe.main([str(tmp_path), "--variants", "plain,cosine"]) == 2  # not run yet: one line
 
 
+def test_a_variant_evaluated_from_a_network_trained_elsewhere_has_no_training_time(tmp_path):
+    """An --eval-only folder (eval.json alone, e.g. a network scored on a filled copy of its
+    validation patients) tabulates beside a run, named by what it scored, its training seconds '-',
+    not a traceback."""
+    from tools import recipe
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/summary.json").write_text(json.dumps({"best_val": fake_result([0.5, 0.6, 0.7, 0.8])}))
+    (tmp_path / "run/metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_time_s": 60}) + "\n")
+    (tmp_path / "scored").mkdir()
+    scored = {"checkpoint": "runs/x/best.pt", "tta": False, "val": fake_result([0.4, 0.6, 0.7, 0.9])}
+    (tmp_path / "scored/eval.json").write_text(json.dumps(scored))
+    out = tmp_path / "out"
+    assert recipe.main([str(tmp_path), "--variants", "scored,run", "--output-dir", str(out)]) == 0
+    rows = list(csv.DictReader((out / "recipe-val.csv").open()))
+    assert [r["train_time_s"] for r in rows] == ["", "60.0"]
+    assert "| 1 | - |" in (out / "recipe-val.md").read_text()
+    assert rows[0]["what"] == "--eval-only --checkpoint runs/x/best.pt"  # never "the reference's flags"
+
+
 @pytest.mark.parametrize(
     "mine, said",
     [

@@ -64,6 +64,12 @@ def variant(study, name, reference):
         return (record(n, "summary.json").get("made") or {}).get("commit", "")
 
     mine, ref = record(name, "args.json"), record(reference, "args.json")
+    scored = record(name, "eval.json")
+    if not mine and scored:  # an --eval-only folder: what it scored says what it is
+        what = f"--eval-only --checkpoint {scored.get('checkpoint')}" + (
+            " --tta" if scored.get("tta") else ""
+        )
+        return name, [name], what
     differ = [
         f"--{k.replace('_', '-')} {v}" for k, v in mine.items() if k not in BOOKKEEPING and v != ref.get(k)
     ]
@@ -96,10 +102,13 @@ def evaluation(folder, part):
 
 def train_time(study, runs):
     """Training seconds of the networks a variant needs: each network's median epoch x its epochs
-    (an epoch that shared the CPU with other work would otherwise count in full)."""
+    (an epoch that shared the CPU with other work would otherwise count in full); None where a
+    network's epochs are not in the study (an --eval-only folder of a network trained elsewhere)."""
     total = 0.0
     for r in runs:
         epochs = [row["train_time_s"] for row in files.read_jsonl(study / r / "metrics.jsonl")]
+        if not epochs:
+            return None
         total += statistics.median(epochs) * len(epochs)
     return total
 
@@ -199,10 +208,14 @@ def markdown(table, part, target):
             f"| {r['variant']} ({r['what']}) | {r['dice_patient_mean']:.3f} "
             f"[{r['dice_patient_mean_ci_low']:.3f}, {r['dice_patient_mean_ci_high']:.3f}] | "
             f"{r['dice_patient_median']:.3f} | {r['dice_pooled']:.3f} | {paired_cell(r, ref)} | "
-            f"{post_cell(r)} | {r['networks']} | {r['train_time_s']:.0f} | {r['eval_time_s']:.1f} | "
-            f"{'-' if reached is None else f'{reached:.0f}'} |"
+            f"{post_cell(r)} | {r['networks']} | {seconds(r['train_time_s'])} | {r['eval_time_s']:.1f} | "
+            f"{seconds(reached)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def seconds(value):
+    return "-" if value is None else f"{value:.0f}"
 
 
 def post_cell(r):
