@@ -17,7 +17,7 @@ UNCOMPARED = ("resume", "output_dir", "debug", "allow_missing", "time_limit", "l
 
 
 # defaults that changed: a run whose args.json predates the change resumes with the value it ran with
-LEGACY = {"schedule": "constant", "normalize": "slice", "crop": "none", "tumour_share": 0}
+LEGACY = {"schedule": "constant", "normalize": "slice", "crop": "none", "tumour_share": 0, "fill_flair": 0.0}
 
 
 PATH_FLAGS = ("data_dir", "cache_dir", "output_dir", "resume", "checkpoint", "pretrained")

@@ -5,6 +5,7 @@ Nothing here is written case by case: a flag added tomorrow is tested by the sam
 
 import argparse
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -185,6 +186,26 @@ def test_an_error_about_a_value_the_preset_set_says_so():
         TumourShare([5, 3], args.tumour_share, 0, named(args, "tumour_share"))
     given = parse(parser(), ["--synthetic", "--preset", "cpu", "--tumour-share", "0.4"])
     assert named(given, "tumour_share") == "--tumour-share"
+
+
+# each model's chosen run of docs/studies/per-model (bold in its README)
+CHOSEN = {"unet": "unet-lr1e-3-flair0.2", "fcn": "fcn-lr3e-4-e24", "segnet": "segnet-prior-lr1e-3"}
+# what the study's runs set that the preset does not: where they read and wrote, their split
+STUDY_ONLY = {"data_dir", "cache_dir", "output_dir", "given", "network_flags", "synthetic", "threads"}
+STUDY_ONLY |= {"folds", "fold", "test_fold", "val_frac", "no_test"}
+
+
+@pytest.mark.parametrize("model", sorted(CHOSEN))
+def test_the_cpu_preset_trains_each_model_as_its_chosen_study_run_trained(model):
+    """Every flag of the chosen run's args.json, but where it wrote and which patients it held out, is
+    what `--preset cpu` gives that model: no choice of the study left out of the preset, none added."""
+    from common.cli import make_parser, parse
+
+    chosen = json.loads((ROOT / "docs/studies/per-model" / CHOSEN[model] / "args.json").read_text())
+    args = vars(parse(make_parser(str(ROOT / model / "train.py"), model), ["--synthetic", "--preset", "cpu"]))
+    differ = {k: (args.get(k), v) for k, v in chosen.items() if k not in STUDY_ONLY and args.get(k) != v}
+    assert not differ, differ
+    assert f"**`{CHOSEN[model]}`**" in (ROOT / "docs/studies/per-model/README.md").read_text()
 
 
 @pytest.mark.parametrize("model", ["unet", "fcn", "segnet"])

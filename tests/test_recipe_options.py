@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run, train
+from conftest import ROOT, TINY, run, train
 
 from common import data, metrics
 from common.cache import volume_stats
@@ -113,6 +113,41 @@ def test_the_cpu_preset_samples_tumour_and_older_runs_resume_without(tmp_path):
     (old / "args.json").write_text(json.dumps({**saved, "epochs": 20}, default=str))
     resumed = rundir.starting_point(cli.parse(parser, ["--resume", str(old), "--preset", "cpu"]))
     assert (resumed.tumour_share, resumed.epochs) == (0, 20)
+
+
+def preset_flags_older_runs_lack():
+    """(flag, a committed run's args.json without it) for each flag configs/cpu.toml sets to other
+    than its default for that run's model."""
+    from common import cli, registry
+
+    records = sorted((ROOT / "docs").glob("**/args.json"))
+    out = []
+    for model in registry.names():
+        parser = registry.script(model).parser()
+        preset = cli.parse(parser, ["--synthetic", "--preset", "cpu"])
+        for flag in sorted(k for k in vars(preset) if parser.get_default(k) != getattr(preset, k)):
+            older = [r for r in records if json.loads(r.read_text()).get("model") == model]
+            older = next((r for r in older if flag not in json.loads(r.read_text())), None)
+            if older is not None:
+                out.append((flag, older.relative_to(ROOT)))
+    return out
+
+
+@pytest.mark.parametrize("flag, older", preset_flags_older_runs_lack(), ids=str)
+def test_a_run_from_before_a_preset_flag_resumes_as_it_trained(tmp_path, flag, older):
+    """A run whose args.json predates a flag the preset now sets resumes with the value it trained
+    with (the flag's default: what the code did before the flag), not the preset's, whether resumed
+    by --resume or by the same command again (as the studies' runners do)."""
+    from common import cli, registry, rundir
+
+    saved = json.loads((ROOT / older).read_text())
+    parser = registry.script(saved["model"]).parser()
+    run = tmp_path / "old"
+    (run / "last").mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps(saved))
+    for argv in (["--resume", str(run)], ["--output-dir", str(run)]):
+        args = cli.parse(parser, [*argv, "--preset", "cpu", "--data-dir", saved["data_dir"]])
+        assert getattr(rundir.starting_point(args), flag) == parser.get_default(flag), argv
 
 
 def test_resuming_an_ended_budget_run_for_more_epochs_is_refused_not_silent(phantoms, tmp_path, env):
