@@ -16,7 +16,7 @@ import argparse
 import statistics
 import sys
 
-from common import files, stats
+from common import files, rundir, stats
 from common.cli import Parser
 from common.comparison import scores
 from common.errors import UserError, contract
@@ -44,9 +44,10 @@ VARIANTS = {
 }
 
 
-# args.json keys that say where a run reads and writes, not what it trains: every other key that
-# differs from the reference's names the variant (a flag its record lacks too: named, never hidden)
-BOOKKEEPING = ("data_dir", "cache_dir", "output_dir", "resume", "debug", "log_with", "given", "network_flags")
+# args.json keys that say where a run reads and writes, not what it trains (those a run may be
+# started again with, and its records): every other key that differs from the reference's names the
+# variant (a flag its record lacks too: named, never hidden)
+BOOKKEEPING = (*rundir.UNCOMPARED, "data_dir", "cache_dir", "given", "network_flags")
 
 
 def variant(study, name, reference):
