@@ -140,13 +140,15 @@ def test_a_run_from_before_a_preset_flag_resumes_as_it_trained(tmp_path, flag, o
     by --resume or by the same command again (as the studies' runners do)."""
     from common import cli, registry, rundir
 
-    saved = json.loads((ROOT / older).read_text())
+    data = tmp_path / "kaggle_3m"  # the run's data folder, here (a fresh clone has none)
+    data.mkdir()
+    saved = {**json.loads((ROOT / older).read_text()), "data_dir": str(data)}
     parser = registry.script(saved["model"]).parser()
     run = tmp_path / "old"
     (run / "last").mkdir(parents=True)
     (run / "args.json").write_text(json.dumps(saved))
     for argv in (["--resume", str(run)], ["--output-dir", str(run)]):
-        args = cli.parse(parser, [*argv, "--preset", "cpu", "--data-dir", saved["data_dir"]])
+        args = cli.parse(parser, [*argv, "--preset", "cpu", "--data-dir", str(data)])
         assert getattr(rundir.starting_point(args), flag) == parser.get_default(flag), argv
 
 
