@@ -162,3 +162,26 @@ def test_resuming_an_ended_budget_run_for_more_epochs_is_refused_not_silent(phan
     assert p.returncode == 2 and p.stderr.startswith(
         f"error: --epochs 5: this --budget run's cosine ended at epoch {planned}"
     )
+
+
+def test_a_runs_last_epoch_as_a_checkpoint_is_its_last_state_with_its_split(phantoms, tmp_path, env):
+    """docs/studies/per-model/last.py: the weights of last/ (not best.pt's), the run's flags and split,
+    so --eval-only scores the epoch a contest fold keeps."""
+    from safetensors.torch import load_file
+
+    from common.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    train("unet", "--data-dir", str(phantoms), *TINY, "--epochs", "2", "--output-dir", str(out), env=env)
+    best = torch.load(out / "best.pt", weights_only=True)  # a best epoch other than the last: zeros
+    torch.save({**best, "model": {k: torch.zeros_like(v) for k, v in best["model"].items()}}, out / "best.pt")
+    p = run([sys.executable, "docs/studies/per-model/last.py", str(out), str(tmp_path / "last.pt")], env)
+    assert p.returncode == 0, p.stderr
+    last, best = load_checkpoint(tmp_path / "last.pt", "unet"), load_checkpoint(out / "best.pt", "unet")
+    weights = load_file(out / "last" / "model.safetensors")
+    assert (
+        all(torch.equal(last["model"][k], weights[k]) for k in weights)
+        and last["model"].keys() == weights.keys()
+    )
+    assert last["config"] == best["config"] and last["split"] == json.loads((out / "split.json").read_text())
+    assert last["epoch"] == 2
