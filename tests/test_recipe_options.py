@@ -167,7 +167,7 @@ def test_resuming_an_ended_budget_run_for_more_epochs_is_refused_not_silent(phan
 def test_a_runs_last_epoch_as_a_checkpoint_is_its_last_state_with_its_split(phantoms, tmp_path, env):
     """docs/studies/per-model/last.py: the weights of last/ (not best.pt's), the run's flags and split,
     so --eval-only scores the epoch a contest fold keeps."""
-    from safetensors.torch import load_file
+    from accelerate.utils import load_state_dict
 
     from common.checkpoint import load_checkpoint
 
@@ -178,7 +178,7 @@ def test_a_runs_last_epoch_as_a_checkpoint_is_its_last_state_with_its_split(phan
     p = run([sys.executable, "docs/studies/per-model/last.py", str(out), str(tmp_path / "last.pt")], env)
     assert p.returncode == 0, p.stderr
     last, best = load_checkpoint(tmp_path / "last.pt", "unet"), load_checkpoint(out / "best.pt", "unet")
-    weights = load_file(out / "last" / "model.safetensors")
+    weights = load_state_dict(str(out / "last" / "model.safetensors"))
     assert (
         all(torch.equal(last["model"][k], weights[k]) for k in weights)
         and last["model"].keys() == weights.keys()

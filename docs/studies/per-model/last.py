@@ -9,7 +9,7 @@ patients to pick a best epoch by), where a study's tables score each run's best.
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
+from accelerate.utils import load_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
@@ -26,7 +26,7 @@ def last_checkpoint(args):
         raise UserError(f"{args.run}: no last/model.safetensors (a run folder of this repository)")
     ckpt = load_checkpoint(args.run / "best.pt")
     ckpt["split"] = split_of(args.run, ckpt)  # the run's split.json where best.pt predates carrying it
-    ckpt["model"] = load_file(weights)
+    ckpt["model"] = load_state_dict(str(weights))  # accelerate saves safetensors; it reads them back
     ckpt["epoch"] = len(files.read_jsonl(args.run / "metrics.jsonl"))
     ckpt["val"] = None  # scored afresh by --eval-only
     files.save_torch(ckpt, args.out)
