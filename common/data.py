@@ -337,10 +337,10 @@ def fill_flair(x, stats, pre, post):
     as the release fills the sequences a patient lacks (post-contrast for 4 of 110, both for 6)."""
     b, c, h, w = x.shape
     x = x.view(b, c // 3, 3, h, w).clone()
+    stats = None if stats is None else stats.clone()
     for channel, where in ((0, pre), (2, post)):
         x[:, :, channel] = torch.where(where[:, None, None, None], x[:, :, 1], x[:, :, channel])
         if stats is not None:  # each channel's mean (columns 2-4) and std (5-7): FLAIR's
-            stats = stats.clone()
             for col in (2, 5):
                 stats[:, col + channel] = torch.where(where, stats[:, col + 1], stats[:, col + channel])
     return x.view(b, c, h, w), stats
