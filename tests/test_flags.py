@@ -189,7 +189,11 @@ def test_an_error_about_a_value_the_preset_set_says_so():
 
 
 # each model's chosen run of docs/studies/per-model (bold in its README)
-CHOSEN = {"unet": "unet-lr1e-3-flair0.2", "fcn": "fcn-lr3e-4-e24-flair0.2", "segnet": "segnet-prior-lr1e-3"}
+CHOSEN = {
+    "unet": "unet-lr1e-3-flair0.2",
+    "fcn": "fcn-lr3e-4-e24-flair0.2",
+    "segnet": "segnet-prior-lr1e-3-flair0.2",
+}
 # what the study's runs set that the preset does not: where they read and wrote, their split
 STUDY_ONLY = {"data_dir", "cache_dir", "output_dir", "given", "network_flags", "synthetic", "threads"}
 STUDY_ONLY |= {"folds", "fold", "test_fold", "val_frac", "no_test"}
