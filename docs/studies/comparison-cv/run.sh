@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The cross-validated comparison of docs/studies/comparison-cv: U-Net, FCN-8s and SegNet at the CPU
-# preset (its recipe: docs/studies/native-scoring), 5 folds over the 110 patients, each patient tested once.
+# The cross-validated comparison: U-Net, FCN-8s and SegNet at the CPU preset, 5 folds over the 110
+# patients, each patient tested once (docs/studies/comparison-cv ran it at the preset's one recipe of
+# its day, docs/studies/comparison-own-recipes at each model's own).
 # Finished runs are kept, a stopped one is resumed: run it again to go on after a stop.
 #   bash docs/studies/comparison-cv/run.sh [DATA_DIR] [OUT_DIR] [MODELS]     (from the repository root)
 # On a 2-core CPU, one runner per core, the work split in two near-equal halves (U-Net costs about
