@@ -31,6 +31,26 @@ def discard(path):
         pass
 
 
+# what a command made for its output, in order: folders (common.folders.make) and the records it
+# wrote in them; a command that fails on a user error, or is stopped, removes each folder it made
+# that holds nothing else (an empty folder, or one with only a record, is a trace too)
+made = []
+
+
+def unmake():
+    """Each folder of `made` holding only what `made` names, removed with it, the deepest first."""
+    mine = set(made)
+    for folder in reversed(made):
+        try:
+            if folder.is_dir() and set(folder.iterdir()) <= mine:
+                for f in folder.iterdir():
+                    f.unlink()
+                folder.rmdir()
+        except OSError:
+            pass  # gone already, or not ours to remove: kept
+    made.clear()
+
+
 class Incomplete(UserError):
     """A table made of what has finished, with something requested missing (named): exit code 1."""
 
@@ -50,14 +70,17 @@ def contract(body, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # SIGTERM as an exception: what is being written is cleaned up on the way out (files.replace)
     old = signal.signal(signal.SIGTERM, terminated)
+    made.clear()
     try:
         return body(argv) or 0
     except UserError as e:
+        unmake()
         if "--debug" in argv:
             raise
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return e.exit_code
     except (Terminated, KeyboardInterrupt) as e:
+        unmake()
         if "--debug" in argv:
             raise
         what = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
@@ -65,6 +88,7 @@ def contract(body, argv=None):
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, old)
+        made.clear()
 
 
 class Terminated(BaseException):

@@ -10,7 +10,7 @@ says about how it was trained, without the model, the paths and the speed settin
 import json
 from pathlib import Path
 
-from common import files
+from common import errors, files
 from common.errors import UserError
 
 RECORD = "folder.json"
@@ -63,10 +63,12 @@ def make(folder, flag="--output-dir"):
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder}: exists and is not a folder")
+    new = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{flag} {folder}: cannot make it ({e.strerror or e})") from e
+    errors.made.extend(reversed(new))  # removed again, if empty, where the command fails
     return folder
 
 
@@ -95,7 +97,10 @@ def claim(folder, kind, identity=None, flag="--output-dir", record=True):
     if not record:
         return folder
     mine["identity"] = {**mine["identity"], **as_json(identity or {})}
+    new = not (folder / RECORD).exists()
     files.write_json(make(folder, flag) / RECORD, mine)
+    if new:
+        errors.made.append(folder / RECORD)  # a command failing before any run leaves no record
     return folder
 
 

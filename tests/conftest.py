@@ -75,6 +75,28 @@ def compare_in(root, *flags, train=()):
     return root / "cmp", env
 
 
+def checkout_entries():
+    """What the checkout holds at its top and in runs/ (where every command writes by default), but
+    hidden entries (the tools' caches)."""
+    return {
+        str(p.relative_to(ROOT))
+        for folder in (ROOT, ROOT / "runs")
+        if folder.is_dir()
+        for p in folder.iterdir()
+        if not p.name.startswith(".")
+    }
+
+
+@pytest.fixture(autouse=True)
+def writes_nothing_into_the_checkout():
+    """Every test: the commands it runs, which run from the repository root, leave the checkout as
+    they found it. One run without --output-dir wrote its default runs/<model>-<time> there, a
+    folder per test run that a user's `git status` never shows (runs/ is ignored)."""
+    before = checkout_entries()
+    yield
+    assert checkout_entries() <= before, f"wrote into the checkout: {sorted(checkout_entries() - before)}"
+
+
 @pytest.fixture(scope="session")
 def finished(tmp_path_factory):
     """A finished tiny run on 4 phantom patients (built once per test session)."""

@@ -25,7 +25,16 @@ DAMAGES = {
 # the commands that read a finished run folder RUN (its data: DATA)
 READERS = {
     "resume": lambda run, data: ["unet/train.py", "--resume", run, "--data-dir", data],
-    "eval-only": lambda run, data: ["unet/train.py", "--eval-only", "--checkpoint", run, "--data-dir", data],
+    "eval-only": lambda run, data: [
+        "unet/train.py",
+        "--eval-only",
+        "--checkpoint",
+        run,
+        "--data-dir",
+        data,
+        "--output-dir",
+        run + "-eval",
+    ],  # fmt: skip
     "predict": lambda run, data: [
         "-m",
         "tools.predict",

@@ -226,29 +226,29 @@ def test_run_sh_under_slurm_requeues_on_sigterm_and_resumes(phantoms, tmp_path, 
     fake.mkdir()
     (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     (fake / "scontrol").chmod(0o755)
-    env = {**env, "SLURM_JOB_ID": job, "SLURM_SUBMIT_DIR": str(ROOT), "PATH": f"{fake}:{env['PATH']}"}
-    cmd = ["bash", "run.sh", "unet", "--data-dir", str(phantoms), *TINY, "--batch-size", "1", "--epochs", "5"]
-    run_dir = ROOT / "runs" / f"unet-{job}"
-    try:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        deadline = time.time() + 120
-        while not rows(run_dir) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out
-        assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", job], out
-        assert not (run_dir / "summary.json").exists()
+    env = {**env, "SLURM_JOB_ID": job, "SLURM_SUBMIT_DIR": str(tmp_path), "PATH": f"{fake}:{env['PATH']}"}
+    # submitted from tmp_path: the job's folder, runs/unet-<job>, lands there (not in the checkout)
+    cmd = ["bash", str(ROOT / "run.sh"), "unet", "--data-dir", str(phantoms), *TINY, "--batch-size", "1"]
+    cmd += ["--epochs", "5"]
+    run_dir = tmp_path / "runs" / f"unet-{job}"
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 120
+    while not rows(run_dir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", job], out
+    assert not (run_dir / "summary.json").exists()
 
-        p = run(cmd, env)  # the requeued job: the same command finds the run folder and resumes
-        assert p.returncode == 0, p.stdout + p.stderr
-        assert [r["epoch"] for r in rows(run_dir)] == [1, 2, 3, 4, 5]
-        assert (run_dir / "summary.json").exists()
-        assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", job]  # not requeued again
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    # the requeued job: the same command finds the run folder and resumes
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [r["epoch"] for r in rows(run_dir)] == [1, 2, 3, 4, 5]
+    assert (run_dir / "summary.json").exists()
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", job]  # not requeued again
 
 
 @pytest.mark.slow

@@ -122,3 +122,23 @@ def test_an_output_path_that_cannot_be_is_one_line(finished, tmp_path, env, comm
         p.stdout[-2000:] + p.stderr
     )
     assert (tmp_path / "a-file").read_text() == "kept\n" and not list((tmp_path / "a-folder").iterdir())
+
+
+# each command with an input of its own (a run, a data folder), given one that is not there
+MISSING = [(c, given) for c, (argv, _) in OUTPUTS.items() for given in ("RUN", "DATA") if given in argv]
+
+
+@pytest.mark.parametrize("command, given", MISSING, ids=[f"{c} {g}" for c, g in MISSING])
+def test_a_command_that_fails_on_its_input_leaves_no_folder_it_made(finished, tmp_path, env, command, given):
+    """A user error found after the output folder was made (an input that is not there, say) leaves
+    no trace: not the folder, not the folders above it the command made (tools.predict left an
+    empty `predictions` where it was run)."""
+    argv, _ = OUTPUTS[command]
+    out = tmp_path / "new" / "out"
+    where = {"OUT": str(out), "RUN": str(finished / "run"), "DATA": str(finished / "kaggle_3m")}
+    where[given] = str(tmp_path / "not-there")
+    p = run(
+        [sys.executable, *[where.get(a, a) for a in argv]], {**env, "LGG_CACHE_DIR": str(finished / "cache")}
+    )
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: "), p.stderr
+    assert not (tmp_path / "new").exists(), sorted(str(f) for f in (tmp_path / "new").rglob("*"))

@@ -46,7 +46,7 @@ def find_runs(paths):
     for p in map(Path, paths):
         found = [p] if (p / "summary.json").is_file() else sorted(q.parent for q in p.rglob("summary.json"))
         if not found:
-            raise SystemExit(f"error: no run folder (with summary.json) in {p}")
+            raise UserError(f"no run folder (with summary.json) in {p}")
         runs += found
     return runs
 
