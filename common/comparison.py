@@ -10,7 +10,7 @@ import numpy as np
 from common import files, inference, registry, report, stats
 from common.cache import open_dataset
 from common.errors import Incomplete, UserError
-from common.folders import finished, not_finished, same_recipe
+from common.folders import finished, model_recipes, not_finished, shown
 from common.metrics import ratio
 
 ORIGINAL = "unet-slice"  # U-Net on the original's leaky slice split, for contrast
@@ -207,7 +207,7 @@ def table(out, other=None, wanted=()):
             if missing
             else UserError(f"--output-dir {out}: no finished run with a patient split there")
         )
-    same_recipe({n: runs[n][0] for n in names}, f"--output-dir {out}")
+    own = model_recipes({n: runs[n][0] for n in names}, f"--output-dir {out}")
     tests = {n: runs[n][2]["test"] for n in names}
     if any(t != tests[names[0]] for t in tests.values()):
         raise UserError(
@@ -227,7 +227,7 @@ def table(out, other=None, wanted=()):
     paired = pairs(per_patient, names)
     files.write_json(out / "paired.json", paired)
     original = {n: runs[n] for n in runs if runs[n][0]["split"] == "slice"}
-    md = markdown(summary, paired, original, runs)
+    md = markdown(summary, paired, original, runs, own)
     if against:
         md = versus_written(out, other, against, md)
     files.write_text(out / "comparison.md", md)
@@ -312,27 +312,50 @@ def model_row(s):
     return "| " + " | ".join(cells) + " |"
 
 
-def setup_line(s0):
-    """How the runs of a table were made and scored, from its first summary row."""
+def setup_line(s0, own):
+    """How the runs of a table were made and scored, from its first summary row: what they share
+    (a flag of `own`, each model's own recipe, is said by own_lines)."""
     scored = (
         "at native resolution (the masks as released)"
         if s0["scored_at"] == "native"
         else f"on {s0['scored_at']}"
     )
+    flags = set().union(*map(set, own.values()))
+    shared = [
+        said
+        for flag, said in [
+            ("--width", f"Width {s0['width']:g}"),
+            ("--image-size", f"{s0['image_size']} px"),
+            ("--loss", f"loss `{s0['loss']}`"),
+        ]
+        if flag not in flags
+    ]
     return (
-        f"Width {s0['width']:g}, {s0['image_size']} px, loss `{s0['loss']}`, "
-        f"{s0['device']} x {s0['world_size']}, precision {s0['precision']}. Scored {scored}."
+        ", ".join([*shared, f"{s0['device']} x {s0['world_size']}"])
+        + f", precision {s0['precision']}. Scored {scored}."
     )
 
 
-def markdown(summary, paired, original, runs):
+def own_lines(own):
+    """The flags where the models' recipes differ (each model's own, from the preset), a line each."""
+    if not any(own.values()):
+        return []
+    lines = ["Each model's own recipe (its table in the preset), where the recipes differ:", ""]
+    lines += [
+        f"- {title(n)}: " + " ".join(f"{f} {shown(v)}" for f, v in flags.items()) for n, flags in own.items()
+    ]
+    return [*lines, ""]
+
+
+def markdown(summary, paired, original, runs, own):
     s0 = summary[0]
-    setup = setup_line(s0)
+    setup = setup_line(s0, own)
     lines = [
         f"# {', '.join(title(s['model']) for s in summary)} on {s0['test_patients']} test patients",
         "",
         f"{setup} {SELECTION} {MEASURES}",
         "",
+        *own_lines(own),
         COLUMNS,
         "|---" * COLUMNS.count(" | ") + "|---|",
         *[model_row(s) for s in summary],

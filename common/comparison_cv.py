@@ -14,7 +14,7 @@ import numpy as np
 
 from common import comparison, files, report
 from common.errors import UserError
-from common.folders import finished, same_recipe
+from common.folders import finished, model_recipes, same_recipe
 from common.jobs import run_folder
 
 STRATA = ("small", "medium", "large")  # tertiles of the patients' tumour volume
@@ -113,7 +113,7 @@ def by_size(per_patient, names):
     return strata
 
 
-def markdown(summary, paired, strata, folds, val_frac):
+def markdown(summary, paired, strata, folds, val_frac, own):
     s0 = summary[0]
     chosen = (
         "Each fold's model is its last epoch (no validation patients)"
@@ -124,8 +124,9 @@ def markdown(summary, paired, strata, folds, val_frac):
         f"# {', '.join(comparison.title(s['model']) for s in summary)}: {folds}-fold cross-validation over "
         f"{s0['test_patients']} patients, each tested once",
         "",
-        f"{comparison.setup_line(s0)} {chosen}; training: seconds per fold. {comparison.MEASURES}",
+        f"{comparison.setup_line(s0, own)} {chosen}; training: seconds per fold. {comparison.MEASURES}",
         "",
+        *comparison.own_lines(own),
         comparison.COLUMNS + " per-fold mean +- sd |",
         "|---" * (comparison.COLUMNS.count(" | ") + 1) + "|---|",
         *[
@@ -154,8 +155,11 @@ def shown_fold(out, names, folds):
 
 def table(out, names, folds, other=None):
     runs = load(out, names, folds)
-    every = {f"{n} fold {i}": run[0] for n in names for i, run in enumerate(runs[n])}
-    same_recipe(every, f"--output-dir {out}", ignore=("test_fold",))
+    for n in names:  # a model's folds: one recipe, but for the fold tested
+        same_recipe(
+            {f"{n} fold {i}": run[0] for i, run in enumerate(runs[n])}, f"--output-dir {out}", ("test_fold",)
+        )
+    own = model_recipes({n: runs[n][0][0] for n in names}, f"--output-dir {out}")
     check_patients(out, runs, names)
     per_patient = rows_of(runs, names)
     summary = summarise(runs, names, per_patient)
@@ -166,7 +170,7 @@ def table(out, names, folds, other=None):
     files.write_csv(out / "summary.csv", summary)
     files.write_json(out / "paired.json", {"pairs": paired, "by_tumour_size": strata})
     val_frac = runs[names[0]][0][0]["val_frac"]
-    md = markdown(summary, paired, strata, folds, val_frac)
+    md = markdown(summary, paired, strata, folds, val_frac, own)
     if against:
         md = comparison.versus_written(out, other, against, md)
     files.write_text(out / "comparison.md", md)

@@ -4,8 +4,9 @@ cross-validation's folds, a sweep) record their kind and what defines their resu
 Every command claims its folder before it writes: a folder of another kind, or of its kind made
 with other settings, is refused in one line naming the difference; one that agrees is resumed.
 
-The runs a table puts side by side must share one recipe: `recipe_of` is what a run's args.json
-says about how it was trained, without the model, the paths and the speed settings."""
+The runs a table puts side by side must share one recipe, but for what the preset gives each model
+of its own: `recipe_of` is what a run's args.json says about how it was trained, without the model,
+the paths and the speed settings."""
 
 import json
 from pathlib import Path
@@ -170,6 +171,25 @@ def same_recipe(runs, what, ignore=()):
             raise UserError(
                 f"{what}: the runs were trained with different {flag} ({said}): a table pairs one recipe"
             )
+
+
+def model_recipes(runs, what):
+    """Each model's own recipe in a table of several models ({name: args.json}, a run each): {name:
+    {flag: value}} for the flags where their recipes differ. A model's own value comes from its
+    table in the preset the runs share (configs/cpu.toml's [fcn]), never from a command line: runs
+    that differ in a flag given to them, or made with different presets, are two commands, refused
+    in one line as same_recipe refuses them."""
+    recipes = {n: recipe_of(args) for n, args in runs.items()}
+    differ = [
+        k
+        for k in sorted(set().union(*recipes.values()))
+        if len({json.dumps(r.get(k), sort_keys=True) for r in recipes.values()}) > 1
+    ]
+    given = set().union(*(args.get("given") or () for args in runs.values()))
+    presets = {args.get("preset") for args in runs.values()}
+    if differ and (given & set(differ) or len(presets) > 1 or None in presets):
+        same_recipe(runs, what)
+    return {n: {"--" + k.replace("_", "-"): recipes[n].get(k) for k in differ} for n in runs}
 
 
 def as_json(value):

@@ -287,3 +287,54 @@ def test_versus_pairs_each_model_with_itself_in_another_folder(kind, request, tm
         assert (mine / "per-patient.csv").stat().st_mtime_ns == before  # refused before writing anything
     p = run(cmd[:-1] + [str(tmp_path / "nothing")], env)
     assert p.returncode == 2 and "no per-patient.csv" in p.stderr
+
+
+def runs_of_model(out, model):
+    """A model's run folders in a comparison: its folder, or its folds'."""
+    return sorted((out / model).glob("fold-*")) or [out / model]
+
+
+def edit_args(folder, **changes):
+    args = json.loads((folder / "args.json").read_text())
+    (folder / "args.json").write_text(json.dumps({**args, **changes}))
+
+
+@pytest.mark.parametrize("kind", ["comparison", "cross_validated"])
+def test_a_table_names_each_models_own_recipe_from_the_preset_and_refuses_two_commands(
+    kind, request, tmp_path
+):
+    """Runs of one preset may differ by model (its [fcn] table: lr, epochs): the table is made and
+    says each model's values. A difference given on a command line, presets that differ, or a
+    model's folds that differ are runs of two commands: refused in one line naming the flag."""
+    out, env = request.getfixturevalue(kind)
+    table = [sys.executable, "-m", "tools.compare", "--table", "--models", "unet,fcn"]
+    table += ["--folds", "2"] if kind == "cross_validated" else []
+
+    def copy_with(**fcn):
+        copy = tmp_path / f"cmp-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(out, copy)
+        for model in ("unet", "fcn", "segnet"):
+            for run_dir in runs_of_model(copy, model) if (copy / model).is_dir() else []:
+                edit_args(run_dir, preset="own.toml")
+        for run_dir in runs_of_model(copy, "fcn"):
+            edit_args(run_dir, **fcn)
+        return copy
+
+    copy = copy_with(fill_flair=0.5)
+    p = run([*table, "--output-dir", str(copy)], env)
+    assert p.returncode == 0, p.stderr
+    md = (copy / "comparison.md").read_text()
+    assert "\n- FCN-8s: --fill-flair 0.5\n" in md and "\n- U-Net: --fill-flair 0.0\n" in md, md
+
+    given = json.loads((runs_of_model(out, "fcn")[0] / "args.json").read_text())["given"]
+    for fcn, said in [
+        ({"fill_flair": 0.5, "given": [*given, "fill_flair"]}, "different --fill-flair"),
+        ({"fill_flair": 0.5, "preset": "other.toml"}, "different --fill-flair"),
+    ]:
+        p = run([*table, "--output-dir", str(copy_with(**fcn))], env)
+        assert p.returncode == 2 and said in p.stderr and "a table pairs one recipe" in p.stderr, p.stderr
+    if kind == "cross_validated":
+        copy = copy_with()
+        edit_args(runs_of_model(copy, "fcn")[1], fill_flair=0.5)
+        p = run([*table, "--output-dir", str(copy)], env)
+        assert p.returncode == 2 and "different --fill-flair (fcn fold 0: " in p.stderr, p.stderr

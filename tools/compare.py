@@ -1,4 +1,5 @@
-"""The comparison the project exists for: U-Net, FCN-8s and SegNet trained with one recipe on one
+"""The comparison the project exists for: U-Net, FCN-8s and SegNet trained by one command (each
+model at its own table of the preset, if it has one: comparison.md says where they differ) on one
 patient split, the best epoch of each chosen on the validation patients, each tested once on the
 test patients; intervals over patients and paired tests between the models.
 
