@@ -41,9 +41,12 @@ def unmake():
     """Each folder of `made` holding only what `made` names, removed with it, the deepest first."""
     mine = set(made)
     for folder in reversed(made):
+        if not folder.is_dir():
+            continue  # a record: removed with its folder, or kept with it
         try:
-            if folder.is_dir() and set(folder.iterdir()) <= mine:
-                for f in folder.iterdir():
+            inside = list(folder.iterdir())
+            if all(f in mine and f.is_file() for f in inside):  # a folder left in it keeps it
+                for f in inside:
                     f.unlink()
                 folder.rmdir()
         except OSError:

@@ -142,3 +142,22 @@ def test_a_command_that_fails_on_its_input_leaves_no_folder_it_made(finished, tm
     )
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: "), p.stderr
     assert not (tmp_path / "new").exists(), sorted(str(f) for f in (tmp_path / "new").rglob("*"))
+
+
+def test_a_failing_command_removes_what_it_made_only_where_nothing_else_was_written(tmp_path):
+    """Of the folders a failing command made, one holding a run (written by a child, say) is kept
+    with its record; one holding only its record or nothing is removed."""
+    from common.errors import UserError, contract
+    from common.folders import claim, make
+
+    def body(argv):
+        kept = claim(tmp_path / "a" / "cmp", "comparison", {"folds": 2})
+        (make(kept / "unet") / "args.json").write_text("{}\n")  # what its first run wrote
+        claim(tmp_path / "b" / "cmp", "comparison", {"folds": 2})
+        make(tmp_path / "c" / "out")
+        raise UserError("the second run's data folder is not there")
+
+    assert contract(body, []) == 2
+    assert (tmp_path / "a" / "cmp" / "folder.json").is_file()
+    assert (tmp_path / "a" / "cmp" / "unet" / "args.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
